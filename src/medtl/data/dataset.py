@@ -1,0 +1,221 @@
+"""The Dataset: labelled image records with splits and patients, and how to read them."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medtl.data.readers import read_image, to_rgb_uint8
+from medtl.errors import DataReadError, MedtlError
+
+SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
+
+NPZ_SEPARATOR = "::"
+"""Separates the .npz file from ``<split>/<index>`` in the path of an npz record."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image.
+
+    ``path`` is an absolute file path, or ``"<abs npz path>::<split>/<index>"`` for an image
+    stored in an .npz array (``<split>`` is the array it came from, which stays the same when the
+    record is moved to a carved ``val`` split).
+    """
+
+    path: str
+    label: int
+    split: str | None
+    patient_id: str | None = None
+
+
+class Dataset:
+    """Records, the class names their labels index, and the arrays of an .npz source.
+
+    Subsets made by :meth:`split`, :meth:`subset` and :meth:`drop` share the arrays and the
+    content-hash cache of the dataset they came from, so nothing is loaded or hashed twice.
+    """
+
+    def __init__(
+        self,
+        records: Iterable[Record],
+        classes: Sequence[str],
+        source: str = "",
+        *,
+        skipped: Iterable[tuple[str, str]] = (),
+        arrays: dict[str, np.ndarray] | None = None,
+        _key_cache: dict[str, str] | None = None,
+    ) -> None:
+        self.records: list[Record] = list(records)
+        self.classes: list[str] = list(classes)
+        self.source: str = str(source)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+        # Keyed by "<abs npz path>::<split>" (the record path up to its last "/").
+        self._arrays: dict[str, np.ndarray] = arrays if arrays is not None else {}
+        self._key_cache: dict[str, str] = _key_cache if _key_cache is not None else {}
+        n_classes = len(self.classes)
+        for r in self.records:
+            if not 0 <= r.label < n_classes:
+                raise ValueError(f"{r.path}: label {r.label} is not an index into {self.classes}")
+
+    # ---- structure ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={n}" for s, n in self._split_sizes().items())
+        return f"Dataset({self.source!r}, n={len(self)}, classes={self.classes}, {sizes})"
+
+    def _split_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for name in self.split_names():
+            sizes[name] = sum(1 for r in self.records if r.split == name)
+        return sizes
+
+    def _derive(self, records: Iterable[Record]) -> Dataset:
+        return Dataset(
+            records,
+            self.classes,
+            self.source,
+            skipped=self.skipped,
+            arrays=self._arrays,
+            _key_cache=self._key_cache,
+        )
+
+    def split(self, name: str) -> Dataset:
+        """The records of split ``name``, with the same classes; empty is a :class:`MedtlError`."""
+        chosen = [r for r in self.records if r.split == name]
+        if not chosen:
+            available = ", ".join(self.split_names()) or "none"
+            raise MedtlError(
+                f"{self.source}: split '{name}' is empty or missing (splits here: {available})"
+            )
+        return self._derive(chosen)
+
+    def split_names(self) -> list[str]:
+        """Splits that have records: train, val, test first, then any other name, sorted."""
+        present = {r.split for r in self.records if r.split is not None}
+        known = [s for s in SPLIT_ORDER if s in present]
+        return known + sorted(present - set(SPLIT_ORDER))
+
+    def subset(self, indices: Iterable[int]) -> Dataset:
+        """The records at ``indices``, in that order."""
+        return self._derive(self.records[int(i)] for i in indices)
+
+    def drop(self, indices: Iterable[int]) -> Dataset:
+        """All records except those at ``indices``."""
+        gone = {int(i) for i in indices}
+        return self._derive(r for i, r in enumerate(self.records) if i not in gone)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {class: n}}``, every class listed (with 0 where a split lacks it)."""
+        table: dict[str, dict[str, int]] = {
+            s: dict.fromkeys(self.classes, 0) for s in self.split_names()
+        }
+        for r in self.records:
+            if r.split is not None:
+                table[r.split][self.classes[r.label]] += 1
+        return table
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Class indices of the records, int64."""
+        return np.fromiter((r.label for r in self.records), dtype=np.int64, count=len(self))
+
+    @property
+    def patients(self) -> list[str | None]:
+        return [r.patient_id for r in self.records]
+
+    @property
+    def paths(self) -> list[str]:
+        return [r.path for r in self.records]
+
+    # ---- content -----------------------------------------------------------------------------
+
+    def _npz_ref(self, path: str) -> tuple[np.ndarray, int] | None:
+        key, sep, index = path.rpartition("/")
+        if sep and key in self._arrays:
+            return self._arrays[key], int(index)
+        return None
+
+    def read(self, i: int) -> np.ndarray:
+        """Image ``i`` as ``(H, W, 3)`` uint8 RGB; a bad file raises :class:`DataReadError`."""
+        record = self.records[i]
+        ref = self._npz_ref(record.path)
+        if ref is not None:
+            array, index = ref
+            return to_rgb_uint8(array[index])
+        return read_image(record.path)
+
+    def content_key(self, i: int) -> str:
+        """sha256 (hex) of image ``i``'s file bytes, or of an npz image's shape, dtype and bytes.
+
+        Identical images get identical keys whatever their path, which is what feature caches
+        and duplicate checks need. Memoised per path.
+        """
+        path = self.records[i].path
+        cached = self._key_cache.get(path)
+        if cached is not None:
+            return cached
+        ref = self._npz_ref(path)
+        if ref is not None:
+            array, index = ref
+            image = np.ascontiguousarray(array[index])
+            digest = hashlib.sha256(f"{image.shape}|{image.dtype.str}|".encode())
+            digest.update(image.tobytes())
+            key = digest.hexdigest()
+        else:
+            try:
+                with open(path, "rb") as fh:
+                    key = hashlib.file_digest(fh, "sha256").hexdigest()
+            except OSError as exc:
+                raise DataReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+        self._key_cache[path] = key
+        return key
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) over the sorted (content, class name, split) triples and the class list.
+
+        Independent of paths and record order, so a moved or re-listed copy of the same data has
+        the same fingerprint; any changed image, label or split assignment changes it.
+        """
+        rows = sorted(
+            (self.content_key(i), self.classes[r.label], r.split or "")
+            for i, r in enumerate(self.records)
+        )
+        digest = hashlib.sha256()
+        digest.update(("classes\t" + "\t".join(self.classes) + "\n").encode())
+        for key, label, split in rows:
+            digest.update(f"{key}\t{label}\t{split}\n".encode())
+        return digest.hexdigest()
+
+    def to_manifest(self, path: str | os.PathLike[str]) -> None:
+        """Write a CSV manifest ``path,label,patient_id,split`` that ``load_dataset`` reads back.
+
+        Paths under the manifest's folder are written relative to it (the pair can be moved
+        together), others absolute. Labels are class names. Images inside an .npz have no file
+        of their own and cannot be listed: that is a :class:`MedtlError`.
+        """
+        if self._arrays:
+            raise MedtlError(
+                f"{self.source}: images stored in an .npz cannot be listed in a CSV manifest"
+            )
+        out = Path(path)
+        base = Path(os.path.abspath(out)).parent
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "label", "patient_id", "split"])
+            for r in self.records:
+                p = Path(r.path)
+                try:
+                    shown = p.relative_to(base).as_posix()
+                except ValueError:
+                    shown = str(p)
+                writer.writerow([shown, self.classes[r.label], r.patient_id or "", r.split or ""])

@@ -1,0 +1,176 @@
+"""Decode image files to ``(H, W, 3)`` uint8 RGB arrays, the one format the rest of medtl sees.
+
+Every failure on a bad file is a :class:`~medtl.errors.DataReadError` naming the file, so a
+corrupt image in a folder of thousands is reported as one line instead of a Pillow traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medtl.errors import DataReadError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+"""File extensions (compared case-insensitively) that folder sources treat as images."""
+
+DICOM_EXTENSIONS: tuple[str, ...] = (".dcm",)
+
+# Pillow modes that hold more than 8 bits per sample; converting them with Image.convert("L")
+# clips instead of rescaling, which turns a 12-bit X-ray into a white square.
+_HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """Turn a 2-D grayscale or ``(H, W, C)`` array into a new ``(H, W, 3)`` uint8 array.
+
+    Grayscale is replicated to three channels (what ImageNet backbones expect); a fourth (alpha)
+    channel is dropped; anything that is not already uint8 is min-max scaled to 0..255, because
+    medical intensities (CT Hounsfield units, 12-bit X-ray) have no fixed 8-bit mapping.
+    """
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    elif a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
+        raise ValueError(
+            f"expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got {a.shape}"
+        )
+    if a.dtype != np.uint8:
+        a = _minmax_uint8(a)
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    return np.array(a, dtype=np.uint8, copy=True)
+
+
+def _minmax_uint8(a: np.ndarray) -> np.ndarray:
+    f = a.astype(np.float64)
+    lo, hi = float(f.min()), float(f.max())
+    if hi <= lo:
+        # A constant image carries no contrast; black is as good as any value and avoids 0/0.
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.rint((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def probe_image(path: str | os.PathLike[str]) -> str | None:
+    """Cheap load-time check: ``None`` when the file looks readable, else the reason it is not.
+
+    Only the header is parsed (``Image.open`` is lazy), so probing thousands of files is fast;
+    damage further into the file surfaces later in :func:`read_image`. DICOM files only need to
+    exist and be non-empty here.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot access file ({exc.strerror or exc})"
+    if size == 0:
+        return "file is empty"
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return None
+    try:
+        with Image.open(p):
+            pass
+    except UnidentifiedImageError:
+        return "cannot identify image file (not an image, or a format Pillow cannot read)"
+    except Image.DecompressionBombError as exc:
+        return f"image too large ({exc})"
+    except (OSError, ValueError, SyntaxError) as exc:
+        return f"cannot open image ({exc})"
+    return None
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode one image file to a ``(H, W, 3)`` uint8 RGB array.
+
+    - EXIF orientation is applied (phone photos of films are often stored rotated).
+    - 16-bit and float grayscale are min-max scaled to 8 bits.
+    - Transparency (RGBA, LA, palette with a transparent colour) is composited onto black, the
+      background of radiographs and scans, rather than exposing whatever colour hides under it.
+    - ``.dcm`` files are read with pydicom: modality LUT (RescaleSlope/Intercept), MONOCHROME1
+      inverted, min-max to uint8; a multi-frame file gives its middle frame.
+
+    Raises :class:`DataReadError` (and no other exception type) for a missing, empty, corrupt,
+    truncated or unsupported file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataReadError(str(p), "file not found")
+    if p.stat().st_size == 0:
+        raise DataReadError(str(p), "file is empty")
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return read_dicom(p)
+    try:
+        with Image.open(p) as img:
+            return _pil_to_rgb(img)
+    except UnidentifiedImageError as exc:
+        raise DataReadError(
+            str(p), "cannot identify image file (not an image, or a format Pillow cannot read)"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise DataReadError(str(p), f"image too large ({exc})") from exc
+    except OSError as exc:
+        # Pillow reports a cut-off file as OSError("image file is truncated ...").
+        msg = str(exc)
+        reason = msg if "truncated" in msg else f"cannot decode image ({msg})"
+        raise DataReadError(str(p), reason) from exc
+    except Exception as exc:
+        # Pillow's decoders raise a grab-bag of types on malformed data (ValueError, SyntaxError,
+        # struct.error, IndexError, EOFError, ...); callers must only ever see DataReadError.
+        raise DataReadError(str(p), f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _HIGH_DEPTH_MODES:
+        return to_rgb_uint8(np.asarray(img))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_dicom(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a DICOM file to ``(H, W, 3)`` uint8 (see :func:`read_image` for the rules)."""
+    p = Path(path)
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
+        raise DataReadError(str(p), "reading DICOM needs pydicom: pip install pydicom") from exc
+    try:
+        ds = pydicom.dcmread(p)
+        pixels = ds.pixel_array
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if frames > 1:
+            # One 2-D image per file is what a classifier takes; the middle slice of a stack is
+            # the most representative single frame.
+            pixels = pixels[frames // 2]
+        if samples == 1:
+            values = apply_modality_lut(pixels, ds).astype(np.float64)
+            if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+                # MONOCHROME1 means low values are white; flip so bone is bright as in MONOCHROME2.
+                values = -values
+            return to_rgb_uint8(values)
+        return to_rgb_uint8(pixels)
+    except DataReadError:
+        raise
+    except Exception as exc:
+        # pydicom raises InvalidDicomError, AttributeError (no pixel data), RuntimeError and
+        # NotImplementedError (no decoder for the transfer syntax), ...: all mean "cannot read".
+        raise DataReadError(str(p), f"cannot decode DICOM ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,399 @@
+"""``load_dataset``: turn what a user points at (folder, CSV manifest, .npz) into a Dataset.
+
+Splits after loading:
+
+- ``train``/``val``/``test`` given by the source are kept as they are.
+- Images with no split (a plain class folder, manifest rows with an empty ``split``) join
+  ``train``.
+- When there is no ``val``, one is carved from ``train`` (``val_fraction``), stratified by class
+  and grouped by patient when patients are known (manifest ``patient_id`` column, or
+  ``patient_regex`` on file names).
+- A ``test`` split is never invented: ``medtl train`` evaluates on ``test`` only when the source
+  has one, and holding data out is the user's decision.
+
+A source with no ``train`` split (say, only ``test/``) loads as is, for evaluating a trained model.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from medtl.data.dataset import NPZ_SEPARATOR, SPLIT_ORDER, Dataset, Record
+from medtl.data.readers import IMAGE_EXTENSIONS, is_image_file, probe_image
+from medtl.data.splits import (
+    KERMANY_PATIENT_REGEX,
+    carve_validation,
+    compile_patient_regex,
+    patient_from_name,
+)
+from medtl.errors import DataReadError, MedtlError
+
+__all__ = ["KERMANY_PATIENT_REGEX", "load_dataset"]
+
+_EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS)
+# Folders that zip tools and operating systems leave behind; never classes.
+_JUNK_DIRS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
+
+_Raw = tuple[list[Record], list[str], dict[str, np.ndarray]]
+
+
+def load_dataset(
+    source: str | os.PathLike[str],
+    *,
+    patient_regex: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    skip_bad: bool = False,
+) -> Dataset:
+    """Load DATA: a class-folder tree, a CSV manifest or a MedMNIST-style .npz.
+
+    Args:
+        source: a folder ``DATA/<class>/<image>`` or ``DATA/{train,val,test}/<class>/<image>``
+            (any subset of the split folders; images may sit in sub-folders of a class folder);
+            a ``.csv`` with columns ``path,label`` and optional ``patient_id,split`` (paths
+            relative to the manifest's folder unless absolute); or an ``.npz`` with
+            ``train_images``/``train_labels`` (and ``val_*``, ``test_*``).
+        patient_regex: pattern whose first group (or whole match) in each file name is the
+            patient, e.g. :data:`KERMANY_PATIENT_REGEX`. A manifest's ``patient_id`` wins.
+        val_fraction: share of ``train`` carved into ``val`` when the source has no ``val``;
+            0 carves none. Grouped splits approximate it by ``1/round(1/val_fraction)``.
+        seed: seeds the carved split.
+        skip_bad: drop files that fail the cheap load-time check (listed in ``Dataset.skipped``)
+            instead of raising :class:`DataReadError`.
+
+    Raises:
+        MedtlError: a one-line message naming the file or value at fault.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise MedtlError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise MedtlError(f"{source}: no such file or folder")
+    regex = compile_patient_regex(patient_regex) if patient_regex else None
+
+    if path.is_dir():
+        records, classes, arrays = _from_folder(path, regex)
+    elif path.suffix.lower() == ".csv":
+        records, classes, arrays = _from_manifest(path, regex)
+    elif path.suffix.lower() == ".npz":
+        if regex is not None:
+            raise MedtlError(
+                f"{source}: a patient regex needs file names; images in an .npz have none"
+            )
+        records, classes, arrays = _from_npz(path)
+    else:
+        raise MedtlError(
+            f"{source}: not a folder, a .csv manifest or an .npz file (suffix '{path.suffix}')"
+        )
+
+    skipped: list[tuple[str, str]] = []
+    if not arrays:
+        records, skipped = _probe_files(records, skip_bad)
+    _check_class_sizes(records, classes, str(source))
+    records = [replace(r, split="train") if r.split is None else r for r in records]
+    _check_labels_in_train(records, classes, str(source))
+    splits = {r.split for r in records}
+    if "train" in splits and "val" not in splits and val_fraction > 0:
+        records = _carve(records, classes, val_fraction, seed)
+    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays)
+
+
+# ---- folders ---------------------------------------------------------------------------------
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        d
+        for d in folder.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and d.name not in _JUNK_DIRS
+    )
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for f in folder.rglob("*"):
+        rel = f.relative_to(folder).parts
+        if any(part.startswith(".") or part in _JUNK_DIRS for part in rel):
+            continue
+        if f.is_file() and is_image_file(f):
+            found.append(f)
+    return sorted(found)
+
+
+def _from_folder(root: Path, regex: re.Pattern[str] | None) -> _Raw:
+    subdirs = _visible_dirs(root)
+    if not subdirs:
+        loose = sum(1 for f in root.iterdir() if f.is_file() and is_image_file(f))
+        hint = f" (found {loose} image(s) directly in it)" if loose else ""
+        raise MedtlError(
+            f"{root}: no class sub-folders{hint}; expected {root}/<class>/<image> or "
+            f"{root}/train/<class>/<image>"
+        )
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ORDER]
+    if split_dirs:
+        others = [d.name for d in subdirs if d not in split_dirs]
+        if others:
+            raise MedtlError(
+                f"{root}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other "
+                f"folders ({', '.join(others)}); put every class folder under train/, val/ or test/"
+            )
+        layout: list[tuple[str | None, Path]] = [(d.name.lower(), d) for d in split_dirs]
+    else:
+        layout = [(None, root)]
+
+    found: list[tuple[str | None, str, Path]] = []  # (split, class, file)
+    empty: list[Path] = []
+    for split, split_dir in layout:
+        class_dirs = _visible_dirs(split_dir)
+        if not class_dirs:
+            raise MedtlError(
+                f"{split_dir}: no class sub-folders; expected {split_dir}/<class>/<image>"
+            )
+        for class_dir in class_dirs:
+            files = _images_under(class_dir)
+            if not files:
+                empty.append(class_dir)
+            found.extend((split, class_dir.name, f) for f in files)
+    if not found:
+        raise MedtlError(
+            f"{root}: no images found in its class folders (extensions: {_EXTENSIONS_TEXT})"
+        )
+    if empty:
+        raise MedtlError(f"class folder {empty[0]} has no images ({_EXTENSIONS_TEXT})")
+
+    classes = _sort_classes({name for _, name, _ in found})
+    index = {name: i for i, name in enumerate(classes)}
+    records = []
+    for split, name, f in found:
+        path = os.path.abspath(f)
+        pid = patient_from_name(path, regex) if regex is not None else None
+        records.append(Record(path, index[name], split, pid))
+    return records, classes, {}
+
+
+def _sort_classes(names: set[str]) -> list[str]:
+    # Integer-like class names sort numerically so that "10" follows "9", not "1".
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+# ---- CSV manifests ---------------------------------------------------------------------------
+
+
+def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
+    base = Path(os.path.abspath(manifest)).parent
+    try:
+        # utf-8-sig: spreadsheets often save a byte-order mark that would corrupt the first header.
+        with open(manifest, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            missing = [c for c in ("path", "label") if c not in header]
+            if missing:
+                found = ", ".join(header) if header else "none"
+                raise MedtlError(
+                    f"{manifest}: no {' or '.join(repr(c) for c in missing)} column; a manifest "
+                    f"needs the header path,label[,patient_id,split] (found: {found})"
+                )
+            reader.fieldnames = header
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataReadError(str(manifest), f"cannot read manifest ({exc})") from exc
+    if not rows:
+        raise MedtlError(f"{manifest}: the manifest has a header but no rows")
+
+    entries: list[tuple[str, str, str | None, str | None]] = []  # (path, label, split, patient)
+    for line, row in rows:
+        where = f"{manifest}, line {line}"
+        raw_path = (row.get("path") or "").strip()
+        label = (row.get("label") or "").strip()
+        if not raw_path:
+            raise MedtlError(f"{where}: empty path")
+        if not label:
+            raise MedtlError(f"{where}: empty label for {raw_path}")
+        file = Path(raw_path).expanduser()
+        if not file.is_absolute():
+            file = base / file
+        if not file.is_file():
+            raise MedtlError(f"{where}: image not found: {raw_path} (looked for {file})")
+        split_value = (row.get("split") or "").strip().lower()
+        if split_value and split_value not in SPLIT_ORDER:
+            raise MedtlError(
+                f"{where}: split '{split_value}' is not one of train, val, test (or empty)"
+            )
+        patient = (row.get("patient_id") or "").strip() or None
+        if patient is None and regex is not None:
+            patient = patient_from_name(str(file), regex)
+        entries.append((os.path.abspath(file), label, split_value or None, patient))
+
+    classes = _sort_classes({label for _, label, _, _ in entries})
+    index = {name: i for i, name in enumerate(classes)}
+    records = [Record(p, index[label], split, pid) for p, label, split, pid in entries]
+    return records, classes, {}
+
+
+# ---- .npz (MedMNIST layout) ------------------------------------------------------------------
+
+
+def _from_npz(path: Path) -> _Raw:
+    abs_path = os.path.abspath(path)
+    try:
+        # allow_pickle=False: an .npz from the internet must not be able to run code.
+        npz = np.load(abs_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataReadError(abs_path, f"cannot read .npz ({exc})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise MedtlError(f"{path}: not an .npz archive (a single array, .npy?)")
+
+    arrays: dict[str, np.ndarray] = {}
+    labels_by_split: dict[str, np.ndarray] = {}
+    with npz:
+        keys = set(npz.files)
+        present = [s for s in SPLIT_ORDER if f"{s}_images" in keys or f"{s}_labels" in keys]
+        if not present:
+            raise MedtlError(
+                f"{path}: no MedMNIST keys; expected train_images and train_labels (and "
+                f"optionally val_*, test_*), found: {', '.join(sorted(keys)) or 'none'}"
+            )
+        for split in present:
+            img_key, lab_key = f"{split}_images", f"{split}_labels"
+            for key in (img_key, lab_key):
+                if key not in keys:
+                    raise MedtlError(f"{path}: has '{split}_*' arrays but no '{key}'")
+            try:
+                images = np.asarray(npz[img_key])
+                labels = np.asarray(npz[lab_key])
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                raise DataReadError(
+                    abs_path, f"cannot read '{img_key}'/'{lab_key}' ({exc})"
+                ) from exc
+            arrays[f"{abs_path}{NPZ_SEPARATOR}{split}"] = _check_npz_images(path, img_key, images)
+            labels_by_split[split] = _check_npz_labels(path, lab_key, labels, len(images))
+
+    n_classes = 1 + max(int(y.max(initial=-1)) for y in labels_by_split.values())
+    if n_classes < 1:
+        raise MedtlError(f"{path}: no images in {', '.join(labels_by_split)}")
+    classes = [str(i) for i in range(n_classes)]
+    records = [
+        Record(f"{abs_path}{NPZ_SEPARATOR}{split}/{i}", int(y), split, None)
+        for split, ys in labels_by_split.items()
+        for i, y in enumerate(ys)
+    ]
+    return records, classes, arrays
+
+
+def _check_npz_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    shape_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+    if not shape_ok:
+        raise MedtlError(
+            f"{path}: '{key}' has shape {images.shape}; expected (n, H, W) or (n, H, W, 3)"
+        )
+    if images.dtype != np.uint8:
+        raise MedtlError(f"{path}: '{key}' has dtype {images.dtype}; expected uint8")
+    return images
+
+
+def _check_npz_labels(path: Path, key: str, labels: np.ndarray, n_images: int) -> np.ndarray:
+    # MedMNIST stores labels as (n, 1); (n, k > 1) would be multi-label, which medtl does not do.
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise MedtlError(
+            f"{path}: '{key}' has shape {labels.shape}; expected (n,) or (n, 1) "
+            "(multi-label data is not supported)"
+        )
+    if len(labels) != n_images:
+        raise MedtlError(f"{path}: '{key}' has {len(labels)} labels for {n_images} images")
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and bool(np.all(labels == np.round(labels)))
+    )
+    if not integral:
+        raise MedtlError(f"{path}: '{key}' holds non-integer labels (dtype {labels.dtype})")
+    labels = labels.astype(np.int64)
+    if len(labels) and labels.min() < 0:
+        raise MedtlError(f"{path}: '{key}' holds a negative label ({labels.min()})")
+    return labels
+
+
+# ---- checks and the carved validation split --------------------------------------------------
+
+
+def _probe_files(
+    records: list[Record], skip_bad: bool
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    kept, skipped = [], []
+    for r in records:
+        reason = probe_image(r.path)
+        if reason is None:
+            kept.append(r)
+        elif skip_bad:
+            skipped.append((r.path, reason))
+        else:
+            raise DataReadError(r.path, f"{reason} (--skip-bad skips unreadable files)")
+    return kept, skipped
+
+
+def _check_class_sizes(records: list[Record], classes: list[str], source: str) -> None:
+    counts = Counter(r.label for r in records)
+    for i, name in enumerate(classes):
+        n = counts.get(i, 0)
+        if n < 2:
+            raise MedtlError(
+                f"{source}: class '{name}' has {n} image{'' if n == 1 else 's'}; "
+                "at least 2 are needed"
+            )
+
+
+def _check_labels_in_train(records: list[Record], classes: list[str], source: str) -> None:
+    in_train = {r.label for r in records if r.split == "train"}
+    if not in_train:
+        return  # an evaluation-only source (e.g. just test/): nothing to compare against
+    for r in records:
+        if r.split != "train" and r.label not in in_train:
+            raise MedtlError(
+                f"{source}: class '{classes[r.label]}' appears in {r.split} but not in train "
+                f"(e.g. {r.path})"
+            )
+
+
+def _carve(records: list[Record], classes: list[str], fraction: float, seed: int) -> list[Record]:
+    train_idx = [i for i, r in enumerate(records) if r.split == "train"]
+    labels = [records[i].label for i in train_idx]
+    groups = [records[i].patient_id for i in train_idx]
+    val_pos = carve_validation(labels, groups, fraction=fraction, seed=seed, class_names=classes)
+    to_val = {train_idx[int(p)] for p in val_pos}
+    return [replace(r, split="val") if i in to_val else r for i, r in enumerate(records)]
+
+
+def dataset_from_files(
+    inputs: Sequence[str | os.PathLike[str]], classes: Sequence[str]
+) -> Dataset:
+    """Unlabelled images to predict: files, and folders searched recursively for images.
+
+    Labels are unknown, so every record carries label 0 and the caller must not score them.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if not p.exists():
+            raise MedtlError(f"{item}: no such file or folder")
+        if p.is_dir():
+            found = _images_under(p)
+            if not found:
+                raise MedtlError(f"{item}: no images in this folder ({_EXTENSIONS_TEXT})")
+            paths.extend(found)
+        elif is_image_file(p):
+            paths.append(p)
+        else:
+            raise MedtlError(f"{item}: not an image file ({_EXTENSIONS_TEXT})")
+    records = [Record(str(p.resolve()), 0, None) for p in dict.fromkeys(paths)]
+    return Dataset(records, classes, ", ".join(str(i) for i in inputs))

@@ -1,0 +1,180 @@
+"""Patient-grouped, class-stratified splits.
+
+Several images of one patient in both training and validation (or test) make every metric
+optimistic: the model recognises the patient, not the disease. Whenever patients are known,
+splits here keep each patient on one side; scikit-learn does the splitting.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medtl.errors import MedtlError
+
+if TYPE_CHECKING:
+    from medtl.data.dataset import Dataset
+
+KERMANY_PATIENT_REGEX = r"(person\d+|IM-\d+)"
+"""Patient id in Kermany et al. chest X-ray file names.
+
+``person1946_bacteria_4874.jpeg`` -> ``person1946``; ``IM-0115-0001.jpeg`` -> ``IM-0115``;
+``NORMAL2-IM-1427-0001.jpeg`` -> ``IM-1427``. The ``NORMAL2-`` prefix is dropped, so
+``NORMAL2-IM-0383`` and ``IM-0383`` count as one patient: if they are in fact two, grouping them
+costs a little split balance and never leaks.
+"""
+
+
+def compile_patient_regex(regex: str | re.Pattern[str]) -> re.Pattern[str]:
+    """Compile a user's ``--patient-regex``; a bad pattern is a :class:`MedtlError`."""
+    if isinstance(regex, re.Pattern):
+        return regex
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise MedtlError(f"invalid patient regex {regex!r}: {exc}") from exc
+
+
+def patient_from_name(name: str, regex: str | re.Pattern[str]) -> str:
+    """Patient id in a file name: the first capture group of ``re.search``, else the whole match.
+
+    ``name`` may be a path; only its last component is searched, so folder names (``PATIENT``,
+    ``person``) cannot produce a false match. No match is a :class:`MedtlError` naming the file
+    and the pattern, because silently treating the file as its own patient would reopen the leak.
+    """
+    pattern = compile_patient_regex(regex)
+    base = re.split(r"[\\/]", str(name))[-1]
+    match = pattern.search(base)
+    if match is None:
+        raise MedtlError(f"{name}: patient regex '{pattern.pattern}' does not match the file name")
+    pid = match.group(1) if pattern.groups else match.group(0)
+    if not pid:
+        raise MedtlError(f"{name}: patient regex '{pattern.pattern}' matched an empty patient id")
+    return pid
+
+
+def _fill_groups(groups: Sequence[str | None]) -> np.ndarray:
+    # An image with no known patient is its own group: it can go anywhere without leaking.
+    return np.array(
+        [g if g is not None else f"\x00image-{i}" for i, g in enumerate(groups)], dtype=object
+    )
+
+
+def kfold_indices(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[str | None] | None = None,
+    *,
+    n_splits: int = 5,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, held_out)`` index pairs of a stratified k-fold, grouped by patient when known.
+
+    Uses :class:`~sklearn.model_selection.StratifiedGroupKFold` when any group is known and
+    :class:`~sklearn.model_selection.StratifiedKFold` otherwise, both shuffled with ``seed``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    y = np.asarray(labels)
+    n = len(y)
+    if n_splits < 2:
+        raise MedtlError(f"number of folds must be at least 2, got {n_splits}")
+    x = np.zeros((n, 1))
+    with warnings.catch_warnings():
+        # "The least populated class in y has only N members": a small class then sits in fewer
+        # folds, which is the best any split can do; the warning would only alarm users.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        if groups is not None and any(g is not None for g in groups):
+            g = _fill_groups(groups)
+            n_groups = len(set(g.tolist()))
+            if n_groups < n_splits:
+                raise MedtlError(
+                    f"cannot make {n_splits} patient-grouped folds from {n_groups} patients"
+                )
+            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            folds = splitter.split(x, y, g)
+        else:
+            splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            folds = splitter.split(x, y)
+        try:
+            return [(np.sort(tr), np.sort(te)) for tr, te in folds]
+        except ValueError as exc:  # e.g. more folds than images of every class
+            raise MedtlError(f"cannot make {n_splits} folds from {n} images: {exc}") from exc
+
+
+def carve_validation(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[str | None] | None = None,
+    *,
+    fraction: float = 0.2,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Sorted indices (into ``labels``) of a validation part carved from a training set.
+
+    With patients (``groups`` not all ``None``): the first fold of a shuffled
+    ``StratifiedGroupKFold`` with ``k = round(1 / fraction)`` folds, so the fraction is
+    approximately ``1/k`` (0.2 -> 5 folds) and no patient is on both sides. Without patients:
+    ``StratifiedShuffleSplit`` with exactly ``round(fraction * n)`` images (at least one per
+    class). Both are deterministic for a given ``seed``.
+    """
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    if not 0.0 < fraction < 1.0:
+        raise MedtlError(f"validation fraction must be between 0 and 1, got {fraction}")
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(y)
+    present, counts = np.unique(y, return_counts=True)
+
+    def name(label: int) -> str:
+        return class_names[label] if class_names is not None else str(label)
+
+    for label, count in zip(present, counts, strict=True):
+        if count < 2:
+            raise MedtlError(
+                f"class '{name(int(label))}' has {count} training image; at least 2 are needed to "
+                "carve a validation split (or provide a val split)"
+            )
+
+    if groups is not None and any(g is not None for g in groups):
+        g = _fill_groups(groups)
+        n_groups = len(set(g.tolist()))
+        if n_groups < 2:
+            raise MedtlError(
+                "cannot carve a validation split: all training images belong to one patient"
+            )
+        k = min(max(2, round(1.0 / fraction)), n_groups)
+        return kfold_indices(y, list(groups), n_splits=k, seed=seed)[0][1]
+
+    n_classes = len(present)
+    n_val = max(n_classes, round(fraction * n))
+    if n - n_val < n_classes:
+        raise MedtlError(
+            f"too few training images ({n}) to carve a {fraction:.0%} validation split that "
+            f"keeps each of the {n_classes} classes on both sides"
+        )
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    _, val = next(splitter.split(np.zeros((n, 1)), y))
+    return np.sort(val)
+
+
+def patient_overlap(dataset: Dataset, a: str = "train", b: str = "val") -> list[str]:
+    """Sorted patients with images in both split ``a`` and split ``b`` (empty if either is absent).
+
+    Images with no known patient are ignored: leakage by identical content is a separate check.
+    """
+    side_a = {r.patient_id for r in dataset.records if r.split == a and r.patient_id is not None}
+    side_b = {r.patient_id for r in dataset.records if r.split == b and r.patient_id is not None}
+    return sorted(side_a & side_b)
+
+
+def assert_no_patient_overlap(dataset: Dataset, a: str = "train", b: str = "val") -> None:
+    """Raise :class:`MedtlError` naming the patients that are in both split ``a`` and ``b``."""
+    shared = patient_overlap(dataset, a, b)
+    if shared:
+        shown = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+        where = dataset.source or "dataset"
+        raise MedtlError(f"{where}: {len(shared)} patient(s) in both {a} and {b}: {shown}")

@@ -1,0 +1,61 @@
+"""Preprocessing: decoded uint8 images to the normalised tensors a backbone's weights expect.
+
+The whole image is resized to a square (no centre crop): a crop can cut away the finding, and
+medical images are usually framed on purpose. Mean and std come from the weights' config, as
+timm derives them, so ImageNet and EfficientNet-Lite (mean = std = 0.5) weights both get theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "squash"          # whole image to size x size, aspect ratio not kept
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def for_spec(cls, spec, size: int | None = None) -> Preprocessing:
+        """The preprocessing of a registry entry's weights, optionally at another input size."""
+        return cls(size=int(size or spec.input_size), mean=tuple(spec.mean), std=tuple(spec.std))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=d.get("resize", "squash"),
+                   interpolation=d.get("interpolation", "bilinear"))
+
+    def key(self) -> str:
+        """Stable short hash, part of the feature-cache key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resize_uint8(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 to (size, size, 3) uint8, antialiased."""
+        if image.shape[0] == self.size and image.shape[1] == self.size:
+            return image
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                    "nearest": Image.NEAREST}[self.interpolation]
+        return np.asarray(Image.fromarray(image).resize((self.size, self.size), resample))
+
+    def normalise(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 to (N, 3, S, S) float32, normalised."""
+        x = batch_uint8.astype(np.float32) * np.float32(1 / 255)
+        x -= np.asarray(self.mean, dtype=np.float32)
+        x /= np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.normalise(np.stack([self.resize_uint8(im) for im in images]))
