@@ -1,0 +1,274 @@
+"""The ``medtl`` command: a thin typer layer over the Python API (one API call per command).
+
+User mistakes (MedtlError) print one line and exit 2; option errors exit 2 through click.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medtl.console import console
+from medtl.errors import MedtlError
+
+app = typer.Typer(
+    name="medtl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Transfer learning for medical image classification, evaluated the way journals ask.",
+    rich_markup_mode="rich",
+)
+# Tables and results go to stdout; when that is a file or pipe, rich's 80 columns would
+# truncate the tables, so give them room.
+out_console = Console() if sys.stdout.isatty() else Console(width=120)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted in "
+                                                          "the log) instead of stopping.")]
+PatientRegex = Annotated[str | None, typer.Option(
+    help="Regex whose first group is the patient id in a file name; validation is then carved "
+         "by patient. Kermany: '(person\\d+|IM-\\d+)'.")]
+
+
+def _metrics_table(title: str, metrics: dict) -> Table:
+    t = Table(title=title)
+    t.add_column("split")
+    for name in ("n", "AUC", "accuracy", "sensitivity", "specificity"):
+        t.add_column(name, justify="right")
+    for split, m in metrics.items():
+        if not isinstance(m, dict) or "accuracy" not in m:
+            continue
+        t.add_row(split, str(m["n"]), *(("–" if m.get(k) is None else f"{m[k]:.3f}")
+                                        for k in ("auc", "accuracy", "sensitivity",
+                                                  "specificity")))
+    return t
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("runs/demo"),
+    quiet: Quiet = False,
+) -> None:
+    """Run the main job on the embedded chest X-ray sample and print its test metrics.
+
+    Frozen ImageNet MobileNetV2 features + logistic regression on 400 Kermany paediatric chest
+    X-rays (CC BY 4.0), validation carved by patient, scored on held-out test patients.
+
+    Example: [bold]medtl demo --out runs/demo[/bold]
+    """
+    from medtl.workflow import demo as run_demo
+
+    run = run_demo(out, quiet=quiet)
+    out_console.print(_metrics_table("medtl demo: mobilenet_v2 + logistic regression",
+                                     run.metrics))
+    out_console.print(f"run: {run.path}")
+
+
+@app.command()
+def models(
+    available: Annotated[bool, typer.Option("--available",
+                                            help="Only backbones whose ImageNet weights "
+                                                 "resolve on this machine.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the backbones: group, parameters, feature size, input size, ImageNet weights.
+
+    Example: [bold]medtl models --available[/bold]
+    """
+    from medtl.models import imagenet_available, list_specs
+
+    rows = []
+    for spec in list_specs():
+        ok, how = imagenet_available(spec)
+        if available and not ok:
+            continue
+        rows.append({"name": spec.name, "group": spec.group, "year": spec.year,
+                     "params_total": spec.params_total, "params_features": spec.params_features,
+                     "feature_dim": spec.feature_dim, "input_size": spec.input_size,
+                     "imagenet_weights": ok, "weights_source" if ok else "how_to_provide": how,
+                     "weights_file": spec.weight_files[0] if spec.weight_files else None})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title="medtl backbones (groups of Kim et al. 2022)",
+              caption="extractor M: parameters without the classifier (millions)")
+    for col, just in (("name", "left"), ("group", "left"), ("year", "right"),
+                      ("params M", "right"), ("extractor M", "right"), ("dim", "right"),
+                      ("input", "right"), ("ImageNet", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
+    for r in rows:
+        ok = r["imagenet_weights"]
+        t.add_row(r["name"], r["group"], str(r["year"]), f"{r['params_total'] / 1e6:.1f}",
+                  f"{r['params_features'] / 1e6:.1f}", str(r["feature_dim"]),
+                  str(r["input_size"]),
+                  f"[green]yes[/green] ({r['weights_source'].split(':')[0]})" if ok else "no")
+    out_console.print(t)
+    missing = [r for r in rows if not r["imagenet_weights"]]
+    if missing:
+        out_console.print("Weights that do not resolve here: put the file in "
+                          "MEDTL_WEIGHTS_DIR, or pass --weights PATH (docs/weights.md):")
+        for r in missing:
+            out_console.print(f"  {r['name']}: {r['weights_file']}", soft_wrap=True)
+
+
+@app.command()
+def info(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
+    patient_regex: PatientRegex = None,
+    skip_bad: SkipBad = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Summarise a dataset: classes, counts per split, patients, image sizes, problems.
+
+    Every image is decoded once, so unreadable files are found here rather than mid-training.
+
+    Example: [bold]medtl info data/chest_xray --patient-regex '(person\\d+|IM-\\d+)'[/bold]
+    """
+    from medtl.data import dataset_summary
+
+    summary = dataset_summary(data, patient_regex=patient_regex, skip_bad=skip_bad, quiet=quiet)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"{data}")
+    t.add_column("split")
+    for c in summary["classes"]:
+        t.add_column(c, justify="right")
+    t.add_column("patients", justify="right")
+    for split, counts in summary["counts"].items():
+        t.add_row(split, *(str(counts.get(c, 0)) for c in summary["classes"]),
+                  str(summary["patients"].get(split, "–")))
+    out_console.print(t)
+    out_console.print(f"image sizes: {summary['image_sizes']}")
+    bad = summary["unreadable"]
+    out_console.print(f"unreadable images: {len(bad)}")
+    for line in bad[:20]:
+        out_console.print(f"  {line}")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
+    = "mobilenet_v2",
+    strategy: Annotated[str, typer.Option(help="feature-extractor | hybrid.")] = "hybrid",
+    head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn.")] = "logreg",
+    weights: Annotated[str, typer.Option(help="imagenet | random | PATH to a weights file.")]
+    = "imagenet",
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels "
+                                                        "(default: the backbone's).")] = None,
+    in_chans: Annotated[int, typer.Option(help="3 replicates grey images; 1 adapts the first "
+                                                "convolution.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs of the linear head.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images per backbone batch.")] = 64,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATA-BACKBONE-"
+                                                  "STRATEGY).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
+    device: Device = "auto",
+    engine: Annotated[str, typer.Option(help="Frozen features: auto (ONNX Runtime on CPU) | "
+                                             "onnx | torch.")] = "auto",
+    patient_regex: PatientRegex = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of train carved as validation "
+                                                     "when DATA has no val split.")] = 0.2,
+    skip_bad: SkipBad = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the "
+                                                              "feature cache.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a transfer-learned classifier and write a run directory.
+
+    Example: [bold]medtl train data/chest_xray --backbone mobilenet_v2 --strategy hybrid
+    --head svm --patient-regex '(person\\d+|IM-\\d+)' --out runs/cxr[/bold]
+    """
+    from medtl.workflow import train as run_train
+
+    run = run_train(data, backbone=backbone, strategy=strategy, head=head, weights=weights,
+                    image_size=image_size, in_chans=in_chans, epochs=epochs,
+                    batch_size=batch_size, out=out, overwrite=overwrite, seed=seed,
+                    device=device, engine=engine, patient_regex=patient_regex,
+                    val_fraction=val_fraction, skip_bad=skip_bad, cache=not no_cache,
+                    quiet=quiet)
+    out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
+    out_console.print(f"run: {run.path}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    data: Annotated[str | None, typer.Argument(help="Data to score (default: the run's "
+                                                    "own).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    output: Annotated[Path | None, typer.Option(help="Write predictions to this CSV.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+) -> None:
+    """Score a saved run on a split (default test) of its data or of other data.
+
+    Example: [bold]medtl evaluate runs/cxr --split test --output test_predictions.csv[/bold]
+    """
+    from medtl.run import write_csv
+    from medtl.workflow import evaluate as run_evaluate
+
+    result = run_evaluate(run, data, split=split, device=device, skip_bad=skip_bad,
+                          quiet=quiet)
+    if output:
+        write_csv(output, result["rows"])
+    if as_json:
+        print(json.dumps(result["metrics"], indent=2))
+    else:
+        out_console.print(_metrics_table(f"{run}", {split: result["metrics"]}))
+
+
+@app.command()
+def predict(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    output: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV "
+                                                     "(default: print them).")] = None,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+) -> None:
+    """Predict class probabilities for new images with a saved run.
+
+    Example: [bold]medtl predict runs/cxr scans/*.jpeg --output predictions.csv[/bold]
+    """
+    from medtl.workflow import predict as run_predict
+
+    rows = run_predict(run, inputs, output=output, device=device, skip_bad=skip_bad,
+                       quiet=quiet)
+    if output:
+        out_console.print(f"{len(rows)} predictions written to {output}")
+        return
+    t = Table()
+    for col in rows[0] if rows else ["path"]:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
+    out_console.print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a MedtlError becomes one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except MedtlError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished feature batches are kept in the cache")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Transfer strategies behind one scikit-learn-style estimator, ``TransferClassifier``.
+
+``__init__`` stores parameters; ``fit`` returns self; learned attributes end in ``_``.
+Strategies of Kim et al. 2022 (design.md, "Transfer strategies"). This module trains the
+frozen-feature ones: ``feature-extractor`` (a torch linear head) and ``hybrid`` (a scikit-learn
+classifier); the trainable strategies arrive with the fine-tuning engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtl.data.transforms import Preprocessing
+from medtl.errors import MedtlError, check_choice
+from medtl.models import create_backbone, get_spec
+from medtl.training.features import ENGINES, FeatureExtractor
+from medtl.transfer.heads import SKLEARN_HEADS, LinearHead, SklearnHead, TorchHeadTrainer
+
+log = logging.getLogger("medtl")
+
+STRATEGIES = ("feature-extractor", "hybrid", "fine-tune", "full", "scratch", "truncated", "auto")
+FROZEN_STRATEGIES = ("feature-extractor", "hybrid")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedtlError("--device cuda: no CUDA GPU is available to PyTorch here")
+    return device
+
+
+class TransferClassifier:
+    """An ImageNet backbone transferred to a medical classification task."""
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        strategy: str = "hybrid",
+        head: str = "logreg",
+        weights: str = "imagenet",
+        image_size: int | None = None,
+        in_chans: int = 3,
+        epochs: int = 200,
+        batch_size: int = 64,
+        seed: int = 0,
+        device: str = "auto",
+        engine: str = "auto",
+        cache: bool = True,
+        skip_bad: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.strategy = strategy
+        self.head = head
+        self.weights = weights
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.engine = engine
+        self.cache = cache
+        self.skip_bad = skip_bad
+        self.quiet = quiet
+
+    # ------------------------------------------------------------------------------ fitting
+    def _validate(self) -> None:
+        get_spec(self.backbone)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        if self.strategy not in FROZEN_STRATEGIES:
+            raise MedtlError(f"strategy '{self.strategy}' is not available yet in this version; "
+                             f"available: {', '.join(FROZEN_STRATEGIES)}")
+        if self.strategy == "hybrid":
+            check_choice("head", self.head, SKLEARN_HEADS)
+        check_choice("engine", self.engine, ENGINES)
+        if self.in_chans not in (1, 3):
+            raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
+
+    def _build(self) -> None:
+        torch.manual_seed(self.seed)
+        self.device_ = resolve_device(self.device)
+        self.backbone_ = create_backbone(self.backbone, weights=self.weights,
+                                         in_chans=self.in_chans)
+        self.preprocessing_ = Preprocessing.for_spec(self.backbone_.spec, self.image_size)
+        self._make_extractor()
+
+    def _make_extractor(self) -> None:
+        self.extractor_ = FeatureExtractor(
+            self.backbone_, self.preprocessing_, engine=self.engine, device=self.device_,
+            batch_size=self.batch_size, cache=self.cache, quiet=self.quiet)
+
+    def fit(self, train, val=None) -> TransferClassifier:
+        """Train on ``train``; ``val`` chooses hyper-parameters and the early-stopping epoch."""
+        self._validate()
+        if val is None or len(val) == 0:
+            raise MedtlError("a validation split is needed to choose the head; "
+                             "load_dataset carves one from train when none exists")
+        t0 = time.perf_counter()
+        self._build()
+        self.classes_ = list(train.classes)
+        self.skipped_: list[str] = []
+        w = self.backbone_.weights_info
+        log.info("backbone %s, weights %s (%s), sha256 %s", self.backbone, w.kind, w.source,
+                 w.sha256)
+        x, y = self._xy(train)
+        xv, yv = self._xy(val)
+        self.feature_s_ = time.perf_counter() - t0
+        log.info("features: %d train + %d val images, %d dims, engine %s, %d computed "
+                 "(the rest from the cache), %.1f s", len(x), len(xv), x.shape[1],
+                 self.extractor_.engine_used or "cache", self.extractor_.n_computed,
+                 self.feature_s_)
+        if self.strategy == "hybrid":
+            self.head_ = SklearnHead(self.head, seed=self.seed).fit(x, y, xv, yv)
+            for row in self.head_.search_:
+                log.info("hybrid %s %s", self.head, row)
+            log.info("hybrid %s: chose %s on validation AUC", self.head, self.head_.params_)
+            self.history_ = [{"stage": "hybrid", **r} for r in self.head_.search_]
+        else:
+            trainer = TorchHeadTrainer(epochs=self.epochs, seed=self.seed)
+            from medtl.console import progress_bar
+            with progress_bar("train head", self.epochs, quiet=self.quiet) as advance:
+                self.head_ = trainer.fit(x, y, xv, yv, len(self.classes_), progress=advance)
+            self.history_ = trainer.history_
+            log.info("feature-extractor head: best validation AUC at epoch %d of %d",
+                     trainer.best_epoch_, len(trainer.history_))
+        self.train_s_ = time.perf_counter() - t0
+        return self
+
+    def _xy(self, data) -> tuple[np.ndarray, np.ndarray]:
+        x = self.extractor_.transform(data, skip_bad=self.skip_bad)
+        y = data.labels
+        if self.extractor_.bad_:
+            for reason in self.extractor_.bad_.values():
+                log.warning("skipped unreadable image %s", reason)
+            self.skipped_.extend(self.extractor_.bad_.values())
+            keep = np.isfinite(x).all(axis=1)
+            x, y = x[keep], y[keep]
+        return x, y
+
+    # ------------------------------------------------------------------------------ predicting
+    def transform(self, data) -> np.ndarray:
+        """Frozen features (n, feature_dim); rows of unreadable images are NaN with skip_bad."""
+        return self.extractor_.transform(data, skip_bad=self.skip_bad)
+
+    def predict_proba_features(self, x: np.ndarray) -> np.ndarray:
+        out = np.full((len(x), len(self.classes_)), np.nan)
+        ok = np.isfinite(x).all(axis=1)
+        if ok.any():
+            if isinstance(self.head_, SklearnHead):
+                out[ok] = self.head_.predict_proba(x[ok])
+            else:
+                with torch.no_grad():
+                    logits = self.head_(torch.from_numpy(x[ok]).float())
+                    out[ok] = torch.softmax(logits, 1).double().numpy()
+        return out
+
+    def predict_proba(self, data) -> np.ndarray:
+        """(n, n_classes) probabilities; NaN rows for images skipped as unreadable."""
+        return self.predict_proba_features(self.transform(data))
+
+    def predict(self, data) -> np.ndarray:
+        return np.nanargmax(self.predict_proba(data), axis=1)
+
+    @property
+    def n_trainable_(self) -> int:
+        if isinstance(self.head_, SklearnHead):
+            return self.head_.n_parameters
+        return sum(p.numel() for p in self.head_.parameters() if p.requires_grad)
+
+    @property
+    def n_total_(self) -> int:
+        return sum(p.numel() for p in self.backbone_.parameters()) + self.n_trainable_
+
+    # ------------------------------------------------------------------------------ persistence
+    def get_params(self) -> dict[str, Any]:
+        keys = ("backbone", "strategy", "head", "weights", "image_size", "in_chans", "epochs",
+                "batch_size", "seed", "device", "engine", "cache", "skip_bad", "quiet")
+        return {k: getattr(self, k) for k in keys}
+
+    def save_model(self, model_dir: Path) -> None:
+        """Write ``model/``: backbone and head, enough to predict with no other file."""
+        from safetensors.torch import save_model
+
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.backbone_, str(model_dir / "backbone.safetensors"))
+        if isinstance(self.head_, SklearnHead):
+            self.head_.save(model_dir / "head.skops")
+        else:
+            save_model(self.head_, str(model_dir / "head.safetensors"))
+        w = self.backbone_.weights_info
+        meta = {
+            "params": {k: v for k, v in self.get_params().items() if k != "quiet"},
+            "classes": self.classes_,
+            "preprocessing": self.preprocessing_.to_dict(),
+            "feature_dim": int(self.backbone_.num_features),
+            "head_params": getattr(self.head_, "params_", None),
+            "weights_info": {"kind": w.kind, "source": w.source, "sha256": w.sha256,
+                             "path": str(w.path) if w.path else None},
+        }
+        (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load_model(cls, model_dir: Path, *, device: str = "auto", quiet: bool = False,
+                   skip_bad: bool = False) -> TransferClassifier:
+        from safetensors.torch import load_model
+
+        from medtl.models.weights import ResolvedWeights
+
+        model_dir = Path(model_dir)
+        meta_path = model_dir / "model.json"
+        if not meta_path.is_file():
+            raise MedtlError(f"{model_dir}: not a medtl model directory (no model.json)")
+        meta = json.loads(meta_path.read_text())
+        params = {**meta["params"], "device": device, "quiet": quiet, "skip_bad": skip_bad}
+        clf = cls(**params)
+        clf.device_ = resolve_device(device)
+        clf.classes_ = meta["classes"]
+        clf.backbone_ = create_backbone(clf.backbone, weights="random", in_chans=clf.in_chans)
+        load_model(clf.backbone_, str(model_dir / "backbone.safetensors"))
+        wi = meta["weights_info"]
+        # Same identity as at training time, so the feature cache (and its exactness) carries.
+        clf.backbone_.weights_info = ResolvedWeights(
+            kind=wi["kind"], source=wi["source"], sha256=wi["sha256"],
+            path=Path(wi["path"]) if wi["path"] else None, state_dict=None)
+        clf.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+        if (model_dir / "head.skops").exists():
+            clf.head_ = SklearnHead.load(model_dir / "head.skops", clf.head)
+        else:
+            clf.head_ = LinearHead(meta["feature_dim"], len(clf.classes_))
+            load_model(clf.head_, str(model_dir / "head.safetensors"))
+            clf.head_.eval()
+        clf._make_extractor()
+        return clf

@@ -1,0 +1,247 @@
+"""The jobs behind the CLI, one function each: train, evaluate, predict, demo.
+
+The CLI only parses options and prints; everything it does is callable from Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtl.errors import MedtlError
+from medtl.evaluation.metrics import classification_metrics
+from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
+
+log = logging.getLogger("medtl")
+
+
+@contextmanager
+def run_logging(out: Path, quiet: bool) -> Iterator[None]:
+    """Everything logged under ``medtl`` goes to RUN/log.txt, and to the terminal unless quiet."""
+    from rich.logging import RichHandler
+
+    from medtl.console import console
+
+    out.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(out / "log.txt", mode="w", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handlers: list[logging.Handler] = [file_handler]
+    if not quiet:
+        term = RichHandler(console=console, show_path=False, show_time=False)
+        term.setLevel(logging.INFO)
+        handlers.append(term)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    for h in handlers:
+        log.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(old_level)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise MedtlError(f"{out}: already exists and is not empty; "
+                             "pass --overwrite or choose another --out")
+        if not (out / "config.json").exists() and not (out / "log.txt").exists():
+            raise MedtlError(f"{out}: refusing to overwrite a directory that is not a medtl run")
+        shutil.rmtree(out)
+
+
+def _throughput(clf, data, n: int = 64) -> float | None:
+    """Images per second for the whole prediction path (decode, backbone, head), uncached."""
+    if len(data) == 0:
+        return None
+    subset = data.subset(range(min(n, len(data))))
+    t0 = time.perf_counter()
+    x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False)
+    clf.predict_proba_features(x)
+    return len(subset) / (time.perf_counter() - t0)
+
+
+def _split_metrics(clf, data, split: str, positive: int | None):
+    proba = clf.predict_proba(data)
+    ok = np.isfinite(proba).all(axis=1)
+    metrics = classification_metrics(data.labels[ok], proba[ok], positive=positive)
+    rows = prediction_rows([r.path for r in data.records], data.labels, proba, clf.classes_,
+                           split)
+    return metrics, rows, proba
+
+
+def train(
+    data: str | Path,
+    *,
+    backbone: str = "mobilenet_v2",
+    strategy: str = "hybrid",
+    head: str = "logreg",
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    in_chans: int = 3,
+    epochs: int = 200,
+    batch_size: int = 64,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    engine: str = "auto",
+    patient_regex: str | None = None,
+    val_fraction: float = 0.2,
+    skip_bad: bool = False,
+    cache: bool = True,
+    quiet: bool = False,
+) -> Run:
+    """Load DATA, fit a TransferClassifier, score val and test, write a run directory."""
+    import medtl
+    from medtl.data import load_dataset
+    from medtl.reporting.html import write_run_report
+    from medtl.transfer.strategies import TransferClassifier
+
+    clf = TransferClassifier(
+        backbone=backbone, strategy=strategy, head=head, weights=weights,
+        image_size=image_size, in_chans=in_chans, epochs=epochs, batch_size=batch_size,
+        seed=seed, device=device, engine=engine, cache=cache, skip_bad=skip_bad, quiet=quiet)
+    clf._validate()  # option mistakes before any slow work
+    if out is None:
+        out = Path("runs") / f"{Path(str(data)).stem}-{backbone}-{strategy}"
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    t_start = time.perf_counter()
+    with run_logging(out, quiet):
+        ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
+                          seed=seed, skip_bad=skip_bad)
+        for path, reason in ds.skipped:
+            log.warning("skipped unreadable image %s: %s", path, reason)
+        counts = ds.counts()
+        log.info("data %s: classes %s; %s", data, ds.classes,
+                 "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()))
+        train_ds, val_ds = ds.split("train"), ds.split("val")
+        clf.fit(train_ds, val_ds)
+        positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
+
+        metrics: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        eval_splits = ["val"] + (["test"] if "test" in ds.split_names() else [])
+        for split in eval_splits:
+            m, r, _ = _split_metrics(clf, ds.split(split), split, positive)
+            metrics[split] = m
+            rows.extend(r)
+            log.info("%s: AUC %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
+                     split, _f(m["auc"]), m["accuracy"], _f(m["sensitivity"]),
+                     _f(m["specificity"]), m["n"])
+        if "test" not in eval_splits:
+            log.warning("no test split in %s: only validation figures are reported", data)
+        throughput = _throughput(clf, ds.split(eval_splits[-1]))
+        metrics["timing"] = {"train_s": clf.train_s_, "feature_s": clf.feature_s_,
+                             "predict_images_per_s": throughput,
+                             "total_s": time.perf_counter() - t_start,
+                             "engine": clf.extractor_.engine_used}
+        metrics["params"] = {"total": clf.n_total_, "trainable": clf.n_trainable_}
+        skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
+        if skipped:
+            metrics["skipped_unreadable"] = len(skipped)
+            log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
+
+        clf.save_model(out / "model")
+        w = clf.backbone_.weights_info
+        config = {
+            "backbone": backbone, "strategy": strategy,
+            "head": head if strategy == "hybrid" else "linear",
+            "head_params": getattr(clf.head_, "params_", None),
+            "weights": {"requested": weights, "kind": w.kind, "source": w.source,
+                        "sha256": w.sha256},
+            "preprocessing": clf.preprocessing_.to_dict(), "in_chans": in_chans,
+            "classes": ds.classes, "positive_class": None if positive is None
+            else ds.classes[positive],
+            "seed": seed, "epochs": epochs, "device": clf.device_,
+            "engine": clf.extractor_.engine_used,
+            "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
+                     "counts": counts, "patient_regex": patient_regex,
+                     "val_fraction": val_fraction, "skipped": skipped},
+            "medtl_version": medtl.__version__,
+            "environment": {"python": platform.python_version(), "torch": _torch_version(),
+                            "machine": platform.machine()},
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json(out / "metrics.json", metrics)
+        write_csv(out / "predictions.csv", rows)
+        write_csv(out / "history.csv", clf.history_)
+        write_run_report(out, config, metrics)
+        # config.json last: its presence marks a complete run that load_run may trust.
+        write_json(out / "config.json", config)
+        log.info("run written to %s", out)
+    return Run(out)
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: str = "test",
+             device: str = "auto", skip_bad: bool = False, quiet: bool = False,
+             ) -> dict[str, Any]:
+    """Re-score a saved run on a split of DATA (by default the data it was trained on).
+
+    Returns ``{"metrics": ..., "rows": ...}``; rows are predictions.csv rows.
+    """
+    from medtl.data import load_dataset
+
+    run = run if isinstance(run, Run) else load_run(run)
+    cfg = run.config
+    d = cfg["data"]
+    source = data if data is not None else d["source"]
+    ds = load_dataset(source, patient_regex=d.get("patient_regex"),
+                      val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),
+                      skip_bad=skip_bad)
+    if list(ds.classes) != list(cfg["classes"]):
+        raise MedtlError(f"{source}: classes {ds.classes} differ from the run's {cfg['classes']}")
+    if split not in ds.split_names():
+        raise MedtlError(f"{source}: no '{split}' split (has: {', '.join(ds.split_names())})")
+    clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
+    positive = cfg["classes"].index(cfg["positive_class"]) if cfg.get("positive_class") else None
+    metrics, rows, _ = _split_metrics(clf, ds.split(split), split, positive)
+    return {"metrics": metrics, "rows": rows}
+
+
+def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
+            output: str | Path | None = None, device: str = "auto", skip_bad: bool = False,
+            quiet: bool = False) -> list[dict[str, Any]]:
+    """Class probabilities for image files (or folders of them) with a saved run."""
+    from medtl.data import dataset_from_files
+
+    run = run if isinstance(run, Run) else load_run(run)
+    clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
+    ds = dataset_from_files(inputs, classes=clf.classes_)
+    proba = clf.predict_proba(ds)
+    rows = prediction_rows([r.path for r in ds.records], None, proba, clf.classes_, None)
+    if output is not None:
+        write_csv(Path(output), rows)
+    return rows
+
+
+def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:
+    """The main job on the embedded Kermany sample: frozen ImageNet MobileNetV2 + logistic
+    regression, validation carved by patient, scored on the sample's held-out test images."""
+    from medtl.data.samples import DEMO_PATIENT_REGEX, demo_data_path
+
+    return train(demo_data_path(), backbone="mobilenet_v2", strategy="hybrid", head="logreg",
+                 patient_regex=DEMO_PATIENT_REGEX, out=out, overwrite=True, quiet=quiet)
