@@ -68,7 +68,7 @@ def _throughput(clf, data, n: int = 64) -> float | None:
         return None
     subset = data.subset(range(min(n, len(data))))
     t0 = time.perf_counter()
-    x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False)
+    x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False, progress=False)
     clf.predict_proba_features(x)
     return len(subset) / (time.perf_counter() - t0)
 
@@ -161,6 +161,7 @@ def train(
             "backbone": backbone, "strategy": strategy,
             "head": head if strategy == "hybrid" else "linear",
             "head_params": getattr(clf.head_, "params_", None),
+            "class_weight": "balanced" if clf.balanced_ else None,
             "weights": {"requested": weights, "kind": w.kind, "source": w.source,
                         "sha256": w.sha256},
             "preprocessing": clf.preprocessing_.to_dict(), "in_chans": in_chans,

@@ -156,7 +156,7 @@ class FeatureExtractor:
 
     # -- public -------------------------------------------------------------------------------
     def transform(self, dataset, *, skip_bad: bool = False, use_cache: bool = True,
-                  ) -> np.ndarray:
+                  progress: bool = True) -> np.ndarray:
         """(len(dataset), feature_dim) float32 features, in the dataset's order.
 
         ``use_cache=False`` neither reads nor writes the cache for this call (timing probes).
@@ -175,17 +175,18 @@ class FeatureExtractor:
                 todo.setdefault(k, []).append(i)
         self.bad_ = {}
         if todo:
-            self._compute(dataset, todo, out, skip_bad, self.cache and use_cache)
+            self._compute(dataset, todo, out, skip_bad, self.cache and use_cache,
+                          quiet=self.quiet or not progress)
         return out
 
     # -- internals ----------------------------------------------------------------------------
     def _compute(self, dataset, todo: dict[str, list[int]], out: np.ndarray, skip_bad: bool,
-                 write_cache: bool) -> None:
+                 write_cache: bool, quiet: bool) -> None:
         run = self._runner()
         unique = list(todo.items())
         batches = [unique[i:i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
         with progress_bar(f"features {self.backbone.spec.name}", len(unique),
-                          quiet=self.quiet) as advance:
+                          quiet=quiet) as advance:
             for batch, pixels, bad in self._prefetch(dataset, batches, skip_bad):
                 good = [item for item in batch if item[0] not in bad]
                 for k, reason in bad.items():

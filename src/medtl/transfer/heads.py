@@ -46,6 +46,17 @@ _SKOPS_TRUSTED = [
 ]
 
 
+IMBALANCE_RATIO = 0.5
+
+
+def needs_balancing(y: np.ndarray) -> bool:
+    """Minority/majority class ratio below 0.5: weight classes so the head does not simply
+    learn the prevalence (Kermany's train split is 74 % pneumonia, for instance)."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64))
+    counts = counts[counts > 0]
+    return bool(len(counts) > 1 and counts.min() / counts.max() < IMBALANCE_RATIO)
+
+
 def _score(y: np.ndarray, proba: np.ndarray) -> float:
     """Validation criterion: AUC, falling back to accuracy when AUC is undefined."""
     m = classification_metrics(y, proba)
@@ -53,18 +64,21 @@ def _score(y: np.ndarray, proba: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- scikit-learn heads (hybrid)
-def _grid(head: str, seed: int) -> list[tuple[dict[str, Any], ClassifierMixin]]:
+def _grid(head: str, seed: int, class_weight: str | None,
+          ) -> list[tuple[dict[str, Any], ClassifierMixin]]:
+    cw = class_weight
     if head == "logreg":
-        return [({"C": c}, make_pipeline(StandardScaler(),
-                                         LogisticRegression(C=c, max_iter=2000)))
+        return [({"C": c}, make_pipeline(StandardScaler(), LogisticRegression(
+                    C=c, max_iter=2000, class_weight=cw)))
                 for c in (0.001, 0.01, 0.1, 1.0)]
     if head == "svm":
-        return [({"C": c}, make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf")))
+        return [({"C": c}, make_pipeline(StandardScaler(),
+                                         SVC(C=c, kernel="rbf", class_weight=cw)))
                 for c in (0.3, 1.0, 3.0, 10.0)]
     if head == "rf":
         return [({"min_samples_leaf": leaf, "max_features": mf},
                  RandomForestClassifier(n_estimators=300, min_samples_leaf=leaf, max_features=mf,
-                                        n_jobs=-1, random_state=seed))
+                                        class_weight=cw, n_jobs=-1, random_state=seed))
                 for leaf, mf in itertools.product((1, 3), ("sqrt", 0.1))]
     if head == "knn":
         # L2-normalised CNN features: Euclidean distance then ranks like cosine similarity.
@@ -80,6 +94,7 @@ class SklearnHead:
 
     head: str = "logreg"
     seed: int = 0
+    class_weight: str | None = None
     estimator_: Any = None
     params_: dict[str, Any] = field(default_factory=dict)
     search_: list[dict[str, Any]] = field(default_factory=list)
@@ -88,7 +103,7 @@ class SklearnHead:
             ) -> SklearnHead:
         check_choice("head", self.head, SKLEARN_HEADS)
         best = None
-        for params, est in _grid(self.head, self.seed):
+        for params, est in _grid(self.head, self.seed, self.class_weight):
             k = params.get("n_neighbors")
             if k is not None and k > len(x):
                 continue
@@ -167,6 +182,7 @@ class TorchHeadTrainer:
     batch_size: int = 256
     patience: int = 20
     seed: int = 0
+    balanced: bool = False
     history_: list[dict[str, Any]] = field(default_factory=list)
     best_epoch_: int = 0
 
@@ -183,9 +199,11 @@ class TorchHeadTrainer:
         std = xt.std(0)
         head.std.copy_(torch.where(std > 1e-3 * std.mean(), std, torch.ones_like(std)))
         opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        # Balanced loss: a frozen-feature head otherwise drifts toward the majority class.
-        counts = torch.bincount(yt, minlength=num_classes).float().clamp_min(1)
-        loss_fn = nn.CrossEntropyLoss(weight=counts.sum() / (num_classes * counts))
+        weight = None
+        if self.balanced:  # scikit-learn's "balanced": n / (n_classes * count)
+            counts = torch.bincount(yt, minlength=num_classes).float().clamp_min(1)
+            weight = counts.sum() / (num_classes * counts)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
         best_score, best_state, waited = -math.inf, None, 0
         for epoch in range(1, self.epochs + 1):
             head.train()

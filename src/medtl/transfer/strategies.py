@@ -21,7 +21,14 @@ from medtl.data.transforms import Preprocessing
 from medtl.errors import MedtlError, check_choice
 from medtl.models import create_backbone, get_spec
 from medtl.training.features import ENGINES, FeatureExtractor
-from medtl.transfer.heads import SKLEARN_HEADS, LinearHead, SklearnHead, TorchHeadTrainer
+from medtl.transfer.heads import (
+    IMBALANCE_RATIO,
+    SKLEARN_HEADS,
+    LinearHead,
+    SklearnHead,
+    TorchHeadTrainer,
+    needs_balancing,
+)
 
 log = logging.getLogger("medtl")
 
@@ -120,14 +127,23 @@ class TransferClassifier:
                  "(the rest from the cache), %.1f s", len(x), len(xv), x.shape[1],
                  self.extractor_.engine_used or "cache", self.extractor_.n_computed,
                  self.feature_s_)
+        self.balanced_ = needs_balancing(y)
+        if self.balanced_:
+            counts = np.bincount(y, minlength=len(self.classes_))
+            log.info("class imbalance %s (minority/majority %.2f < %.1f): classes weighted "
+                     "'balanced'", dict(zip(self.classes_, counts.tolist(), strict=True)),
+                     counts[counts > 0].min() / counts.max(), IMBALANCE_RATIO)
         if self.strategy == "hybrid":
-            self.head_ = SklearnHead(self.head, seed=self.seed).fit(x, y, xv, yv)
+            self.head_ = SklearnHead(self.head, seed=self.seed,
+                                     class_weight="balanced" if self.balanced_ else None
+                                     ).fit(x, y, xv, yv)
             for row in self.head_.search_:
                 log.info("hybrid %s %s", self.head, row)
             log.info("hybrid %s: chose %s on validation AUC", self.head, self.head_.params_)
             self.history_ = [{"stage": "hybrid", **r} for r in self.head_.search_]
         else:
-            trainer = TorchHeadTrainer(epochs=self.epochs, seed=self.seed)
+            trainer = TorchHeadTrainer(epochs=self.epochs, seed=self.seed,
+                                       balanced=self.balanced_)
             from medtl.console import progress_bar
             with progress_bar("train head", self.epochs, quiet=self.quiet) as advance:
                 self.head_ = trainer.fit(x, y, xv, yv, len(self.classes_), progress=advance)
