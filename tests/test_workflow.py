@@ -133,3 +133,26 @@ def test_quiet_silences_progress(tmp_path, capsys):
     assert err.strip() == ""
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["accuracy"])
+
+
+def test_python_api_fit_save_load_predict(tmp_path):
+    """The design's API sketch: fit returns self, save gives a Run that predicts alone."""
+    from .conftest import write_blob_images
+
+    data = write_blob_images(tmp_path / "d", n_per_class=12)
+    ds = medtl.load_dataset(data)
+    clf = medtl.TransferClassifier(backbone="mobilenet_v2", strategy="hybrid", head="logreg",
+                                   image_size=64, quiet=True)
+    assert clf.fit(ds.split("train"), val=ds.split("val")) is clf
+    proba = clf.predict_proba(ds.split("test"))
+    assert proba.shape == (len(ds.split("test")), 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    # The ImageNet classifier is dropped: the bundle holds only what predicts.
+    assert clf.n_total_ == 2_223_872 + clf.n_trainable_
+    run = clf.save(tmp_path / "saved")
+    loaded = medtl.load_run(run.path).load_model(quiet=True)
+    np.testing.assert_array_equal(loaded.predict_proba(ds.split("test")), proba)
+    with pytest.raises(medtl.MedtlError, match="pass DATA"):
+        medtl.evaluate(run.path, quiet=True)
+    result = medtl.evaluate(run.path, data, quiet=True)
+    assert result["metrics"]["n"] == len(ds.split("test"))

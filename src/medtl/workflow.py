@@ -208,7 +208,9 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
 
     run = run if isinstance(run, Run) else load_run(run)
     cfg = run.config
-    d = cfg["data"]
+    d = cfg.get("data", {})
+    if data is None and "source" not in d:
+        raise MedtlError(f"{run.path}: this run does not record its data; pass DATA")
     source = data if data is not None else d["source"]
     ds = load_dataset(source, patient_regex=d.get("patient_regex"),
                       val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),

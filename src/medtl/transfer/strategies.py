@@ -20,6 +20,7 @@ import torch
 from medtl.data.transforms import Preprocessing
 from medtl.errors import MedtlError, check_choice
 from medtl.models import create_backbone, get_spec
+from medtl.run import Run
 from medtl.training.features import ENGINES, FeatureExtractor
 from medtl.transfer.heads import (
     IMBALANCE_RATIO,
@@ -99,6 +100,9 @@ class TransferClassifier:
         self.device_ = resolve_device(self.device)
         self.backbone_ = create_backbone(self.backbone, weights=self.weights,
                                          in_chans=self.in_chans)
+        # The ImageNet classifier is not part of the transferred model: drop it, so the saved
+        # bundle and the parameter counts hold only what predicts.
+        self.backbone_.reset_classifier(0)
         self.preprocessing_ = Preprocessing.for_spec(self.backbone_.spec, self.image_size)
         self._make_extractor()
 
@@ -204,6 +208,25 @@ class TransferClassifier:
                 "batch_size", "seed", "device", "engine", "cache", "skip_bad", "quiet")
         return {k: getattr(self, k) for k in keys}
 
+    def save(self, path: str | Path) -> Run:
+        """Write a run directory holding the model and its configuration; returns the Run.
+
+        ``medtl.train`` writes a complete run (metrics, predictions, report); this writes what
+        a model trained from Python needs to be loaded and used again.
+        """
+        import medtl
+        from medtl.run import write_json
+
+        path = Path(path)
+        self.save_model(path / "model")
+        write_json(path / "config.json", {
+            "backbone": self.backbone, "strategy": self.strategy, "head": self.head,
+            "weights": self.backbone_.weights_info.to_dict(), "seed": self.seed,
+            "classes": self.classes_, "preprocessing": self.preprocessing_.to_dict(),
+            "positive_class": self.classes_[-1] if len(self.classes_) == 2 else None,
+            "medtl_version": medtl.__version__})
+        return Run(path)
+
     def save_model(self, model_dir: Path) -> None:
         """Write ``model/``: backbone and head, enough to predict with no other file."""
         from safetensors.torch import save_model
@@ -222,8 +245,7 @@ class TransferClassifier:
             "preprocessing": self.preprocessing_.to_dict(),
             "feature_dim": int(self.backbone_.num_features),
             "head_params": getattr(self.head_, "params_", None),
-            "weights_info": {"kind": w.kind, "source": w.source, "sha256": w.sha256,
-                             "path": str(w.path) if w.path else None},
+            "weights_info": w.to_dict(),
         }
         (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
@@ -232,7 +254,7 @@ class TransferClassifier:
                    skip_bad: bool = False) -> TransferClassifier:
         from safetensors.torch import load_model
 
-        from medtl.models.weights import ResolvedWeights
+        from medtl.models.weights import WeightsInfo
 
         model_dir = Path(model_dir)
         meta_path = model_dir / "model.json"
@@ -244,12 +266,13 @@ class TransferClassifier:
         clf.device_ = resolve_device(device)
         clf.classes_ = meta["classes"]
         clf.backbone_ = create_backbone(clf.backbone, weights="random", in_chans=clf.in_chans)
+        clf.backbone_.reset_classifier(0)
         load_model(clf.backbone_, str(model_dir / "backbone.safetensors"))
-        wi = meta["weights_info"]
         # Same identity as at training time, so the feature cache (and its exactness) carries.
-        clf.backbone_.weights_info = ResolvedWeights(
+        wi = meta["weights_info"]
+        clf.backbone_.weights_info = WeightsInfo(
             kind=wi["kind"], source=wi["source"], sha256=wi["sha256"],
-            path=Path(wi["path"]) if wi["path"] else None, state_dict=None)
+            path=Path(wi["path"]) if wi["path"] else None)
         clf.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
         if (model_dir / "head.skops").exists():
             clf.head_ = SklearnHead.load(model_dir / "head.skops", clf.head)
