@@ -156,3 +156,17 @@ def test_python_api_fit_save_load_predict(tmp_path):
         medtl.evaluate(run.path, quiet=True)
     result = medtl.evaluate(run.path, data, quiet=True)
     assert result["metrics"]["n"] == len(ds.split("test"))
+
+
+def test_a_damaged_model_file_is_a_one_line_error(hybrid_run, tmp_path, capsys):
+    import shutil
+
+    _, run = hybrid_run
+    copy = tmp_path / "damaged"
+    shutil.copytree(run.path, copy)
+    (copy / "model" / "backbone.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(copy), str(run.predictions()[0]["path"]), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert "backbone.safetensors" in err and "Traceback" not in err and len(err.splitlines()) == 1

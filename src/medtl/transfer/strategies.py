@@ -252,8 +252,6 @@ class TransferClassifier:
     @classmethod
     def load_model(cls, model_dir: Path, *, device: str = "auto", quiet: bool = False,
                    skip_bad: bool = False) -> TransferClassifier:
-        from safetensors.torch import load_model
-
         from medtl.models.weights import WeightsInfo
 
         model_dir = Path(model_dir)
@@ -267,7 +265,7 @@ class TransferClassifier:
         clf.classes_ = meta["classes"]
         clf.backbone_ = create_backbone(clf.backbone, weights="random", in_chans=clf.in_chans)
         clf.backbone_.reset_classifier(0)
-        load_model(clf.backbone_, str(model_dir / "backbone.safetensors"))
+        _load_weights(clf.backbone_, model_dir / "backbone.safetensors")
         # Same identity as at training time, so the feature cache (and its exactness) carries.
         wi = meta["weights_info"]
         clf.backbone_.weights_info = WeightsInfo(
@@ -278,7 +276,27 @@ class TransferClassifier:
             clf.head_ = SklearnHead.load(model_dir / "head.skops", clf.head)
         else:
             clf.head_ = LinearHead(meta["feature_dim"], len(clf.classes_))
-            load_model(clf.head_, str(model_dir / "head.safetensors"))
+            _load_weights(clf.head_, model_dir / "head.safetensors")
             clf.head_.eval()
         clf._make_extractor()
         return clf
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a bundle's safetensors file; a mismatch is the user's file, not a crash.
+
+    Bundles written before frozen runs dropped the ImageNet classifier still load: their
+    ``classifier.*`` tensors are ignored, since nothing in a frozen run uses them.
+    """
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise MedtlError(f"{path}: missing from the run's model directory")
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except Exception as exc:  # a corrupt or foreign file: safetensors raises several types
+        raise MedtlError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
+    unexpected = [k for k in unexpected if not k.startswith(("classifier.", "imagenet_pool."))]
+    if missing or unexpected:
+        raise MedtlError(f"{path}: does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); was it written by another medtl?")
