@@ -157,7 +157,8 @@ def train(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
     backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
     = "mobilenet_v2",
-    strategy: Annotated[str, typer.Option(help="feature-extractor | hybrid.")] = "hybrid",
+    strategy: Annotated[str, typer.Option(help="feature-extractor | hybrid | fine-tune | full | "
+                                               "scratch | truncated.")] = "hybrid",
     head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn.")] = "logreg",
     weights: Annotated[str, typer.Option(help="imagenet | random | PATH to a weights file.")]
     = "imagenet",
@@ -165,8 +166,25 @@ def train(
                                                         "(default: the backbone's).")] = None,
     in_chans: Annotated[int, typer.Option(help="3 replicates grey images; 1 adapts the first "
                                                 "convolution.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs of the linear head.")] = 200,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: 200 for the "
+                                                    "linear head, 20 when the backbone "
+                                                    "trains).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone batch.")] = 64,
+    unfreeze: Annotated[int, typer.Option(help="fine-tune: how many top blocks train.")] = 1,
+    keep: Annotated[int | None, typer.Option(help="truncated: how many lower blocks to keep "
+                                                  "(default: half).")] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head when the backbone "
+                                           "trains.")] = 1e-3,
+    lr_decay: Annotated[float, typer.Option(help="Each lower block trains at this times the "
+                                                 "rate of the block above.")] = 0.5,
+    augment: Annotated[str, typer.Option(help="none | basic | strong (docs/augmentation.md)."
+                                         )] = "basic",
+    no_hflip: Annotated[bool, typer.Option("--no-hflip", help="No horizontal flips: "
+                                           "laterality matters (chest X-rays).")] = False,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation AUC "
+                                               "before stopping.")] = 5,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its "
+                                              "last checkpoint.")] = False,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATA-BACKBONE-"
                                                   "STRATEGY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
@@ -191,7 +209,9 @@ def train(
 
     run = run_train(data, backbone=backbone, strategy=strategy, head=head, weights=weights,
                     image_size=image_size, in_chans=in_chans, epochs=epochs,
-                    batch_size=batch_size, out=out, overwrite=overwrite, seed=seed,
+                    batch_size=batch_size, unfreeze=unfreeze, keep=keep, lr=lr,
+                    lr_decay=lr_decay, augment=augment, hflip=not no_hflip, patience=patience,
+                    out=out, overwrite=overwrite, resume=resume, seed=seed,
                     device=device, engine=engine, patient_regex=patient_regex,
                     val_fraction=val_fraction, skip_bad=skip_bad, cache=not no_cache,
                     quiet=quiet)

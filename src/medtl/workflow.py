@@ -25,14 +25,15 @@ log = logging.getLogger("medtl")
 
 
 @contextmanager
-def run_logging(out: Path, quiet: bool) -> Iterator[None]:
+def run_logging(out: Path, quiet: bool, append: bool = False) -> Iterator[None]:
     """Everything logged under ``medtl`` goes to RUN/log.txt, and to the terminal unless quiet."""
     from rich.logging import RichHandler
 
     from medtl.console import console
 
     out.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(out / "log.txt", mode="w", encoding="utf-8")
+    file_handler = logging.FileHandler(out / "log.txt", mode="a" if append else "w",
+                                       encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handlers: list[logging.Handler] = [file_handler]
     if not quiet:
@@ -68,8 +69,13 @@ def _throughput(clf, data, n: int = 64) -> float | None:
         return None
     subset = data.subset(range(min(n, len(data))))
     t0 = time.perf_counter()
-    x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False, progress=False)
-    clf.predict_proba_features(x)
+    if clf.trainable_:
+        quiet, clf.quiet = clf.quiet, True
+        clf.predict_proba(subset)
+        clf.quiet = quiet
+    else:
+        x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False, progress=False)
+        clf.predict_proba_features(x)
     return len(subset) / (time.perf_counter() - t0)
 
 
@@ -91,10 +97,18 @@ def train(
     weights: str = "imagenet",
     image_size: int | None = None,
     in_chans: int = 3,
-    epochs: int = 200,
+    epochs: int | None = None,
     batch_size: int = 64,
+    unfreeze: int = 1,
+    keep: int | None = None,
+    lr: float = 1e-3,
+    lr_decay: float = 0.5,
+    augment: str = "basic",
+    hflip: bool = True,
+    patience: int = 5,
     out: str | Path | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     seed: int = 0,
     device: str = "auto",
     engine: str = "auto",
@@ -113,14 +127,21 @@ def train(
     clf = TransferClassifier(
         backbone=backbone, strategy=strategy, head=head, weights=weights,
         image_size=image_size, in_chans=in_chans, epochs=epochs, batch_size=batch_size,
-        seed=seed, device=device, engine=engine, cache=cache, skip_bad=skip_bad, quiet=quiet)
+        unfreeze=unfreeze, keep=keep, lr=lr, lr_decay=lr_decay, augment=augment, hflip=hflip,
+        patience=patience, seed=seed, device=device, engine=engine, cache=cache,
+        skip_bad=skip_bad, quiet=quiet)
     clf._validate()  # option mistakes before any slow work
     if out is None:
         out = Path("runs") / f"{Path(str(data)).stem}-{backbone}-{strategy}"
     out = Path(out)
-    _prepare_out(out, overwrite)
+    checkpoints = out / "checkpoints"
+    if resume:
+        if not (checkpoints / "checkpoint.pt").is_file():
+            raise MedtlError(f"{out}: nothing to resume (no checkpoints/checkpoint.pt)")
+    else:
+        _prepare_out(out, overwrite)
     t_start = time.perf_counter()
-    with run_logging(out, quiet):
+    with run_logging(out, quiet, append=resume):
         ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
                           seed=seed, skip_bad=skip_bad)
         for path, reason in ds.skipped:
@@ -129,7 +150,7 @@ def train(
         log.info("data %s: classes %s; %s", data, ds.classes,
                  "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()))
         train_ds, val_ds = ds.split("train"), ds.split("val")
-        clf.fit(train_ds, val_ds)
+        clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
         positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
 
         metrics: dict[str, Any] = {}
@@ -148,7 +169,7 @@ def train(
         metrics["timing"] = {"train_s": clf.train_s_, "feature_s": clf.feature_s_,
                              "predict_images_per_s": throughput,
                              "total_s": time.perf_counter() - t_start,
-                             "engine": clf.extractor_.engine_used}
+                             "engine": _engine(clf)}
         metrics["params"] = {"total": clf.n_total_, "trainable": clf.n_trainable_}
         skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
         if skipped:
@@ -168,7 +189,10 @@ def train(
             "classes": ds.classes, "positive_class": None if positive is None
             else ds.classes[positive],
             "seed": seed, "epochs": epochs, "device": clf.device_,
-            "engine": clf.extractor_.engine_used,
+            "engine": _engine(clf),
+            "strategy_params": {k: getattr(clf, k) for k in (
+                "unfreeze", "keep", "lr", "lr_decay", "augment", "hflip", "patience")}
+            if clf.trainable_ else None,
             "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
                      "counts": counts, "patient_regex": patient_regex,
                      "val_fraction": val_fraction, "skipped": skipped},
@@ -183,8 +207,16 @@ def train(
         write_run_report(out, config, metrics)
         # config.json last: its presence marks a complete run that load_run may trust.
         write_json(out / "config.json", config)
+        # The best weights are in model/; the last-epoch checkpoint only served resumption.
+        shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("run written to %s", out)
     return Run(out)
+
+
+def _engine(clf) -> str | None:
+    if clf.trainable_:
+        return f"torch-{clf.device_}"
+    return clf.extractor_.engine_used
 
 
 def _f(v: float | None) -> str:

@@ -75,5 +75,5 @@ def test_frozen_blocks_stay_in_eval_mode_and_learning_rates_decay_downwards():
     assert bb.blocks["layer3"].training
     assert not bb.blocks["layer2"].training and not bb.blocks["stem"].training
     groups = param_groups(bb, lr=1e-3, decay=0.5)
-    assert [g["name"] for g in groups] == ["head", "layer4", "layer3"]
+    assert [g["name"] for g in groups] == ["classifier", "layer4", "layer3"]
     assert [g["lr"] for g in groups] == [1e-3, 5e-4, 2.5e-4]

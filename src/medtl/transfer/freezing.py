@@ -70,7 +70,7 @@ def param_groups(model: nn.Module, lr: float, decay: float = 0.5) -> list[dict]:
 
     Parameters of ``pool`` (a ViT's final norm) go with the top block.
     """
-    groups = [{"name": "head", "params": [p for p in model.classifier.parameters()
+    groups = [{"name": "classifier", "params": [p for p in model.classifier.parameters()
                                           if p.requires_grad], "lr": lr}]
     pool_params = [p for p in model.pool.parameters() if p.requires_grad]
     rate = lr

@@ -22,6 +22,14 @@ from medtl.errors import MedtlError, check_choice
 from medtl.models import create_backbone, get_spec
 from medtl.run import Run
 from medtl.training.features import ENGINES, FeatureExtractor
+from medtl.transfer.freezing import (
+    TRAINABLE_STRATEGIES,
+    TruncatedBackbone,
+    frozen_blocks,
+    param_groups,
+    set_trainable,
+    train_mode_hook,
+)
 from medtl.transfer.heads import (
     IMBALANCE_RATIO,
     SKLEARN_HEADS,
@@ -58,8 +66,15 @@ class TransferClassifier:
         weights: str = "imagenet",
         image_size: int | None = None,
         in_chans: int = 3,
-        epochs: int = 200,
+        epochs: int | None = None,
         batch_size: int = 64,
+        unfreeze: int = 1,
+        keep: int | None = None,
+        lr: float = 1e-3,
+        lr_decay: float = 0.5,
+        augment: str = "basic",
+        hflip: bool = True,
+        patience: int = 5,
         seed: int = 0,
         device: str = "auto",
         engine: str = "auto",
@@ -75,6 +90,13 @@ class TransferClassifier:
         self.in_chans = in_chans
         self.epochs = epochs
         self.batch_size = batch_size
+        self.unfreeze = unfreeze
+        self.keep = keep
+        self.lr = lr
+        self.lr_decay = lr_decay
+        self.augment = augment
+        self.hflip = hflip
+        self.patience = patience
         self.seed = seed
         self.device = device
         self.engine = engine
@@ -86,9 +108,15 @@ class TransferClassifier:
     def _validate(self) -> None:
         get_spec(self.backbone)
         check_choice("strategy", self.strategy, STRATEGIES)
-        if self.strategy not in FROZEN_STRATEGIES:
+        if self.strategy not in FROZEN_STRATEGIES + TRAINABLE_STRATEGIES:
             raise MedtlError(f"strategy '{self.strategy}' is not available yet in this version; "
-                             f"available: {', '.join(FROZEN_STRATEGIES)}")
+                             f"available: {', '.join(FROZEN_STRATEGIES + TRAINABLE_STRATEGIES)}")
+        if self.strategy in TRAINABLE_STRATEGIES:
+            from medtl.data.augment import AUGMENT_PRESETS
+
+            check_choice("augment", self.augment, AUGMENT_PRESETS)
+            if self.in_chans != 3:
+                raise MedtlError("--in-chans 1 is available for frozen strategies only so far")
         if self.strategy == "hybrid":
             check_choice("head", self.head, SKLEARN_HEADS)
         check_choice("engine", self.engine, ENGINES)
@@ -111,12 +139,23 @@ class TransferClassifier:
             self.backbone_, self.preprocessing_, engine=self.engine, device=self.device_,
             batch_size=self.batch_size, cache=self.cache, quiet=self.quiet)
 
-    def fit(self, train, val=None) -> TransferClassifier:
-        """Train on ``train``; ``val`` chooses hyper-parameters and the early-stopping epoch."""
+    @property
+    def trainable_(self) -> bool:
+        return self.strategy in TRAINABLE_STRATEGIES
+
+    def fit(self, train, val=None, *, checkpoint_dir: Path | None = None,
+            resume: bool = False) -> TransferClassifier:
+        """Train on ``train``; ``val`` chooses hyper-parameters and the early-stopping epoch.
+
+        Trainable strategies checkpoint every epoch into ``checkpoint_dir`` when given, and
+        ``resume`` continues from the last checkpoint there.
+        """
         self._validate()
         if val is None or len(val) == 0:
             raise MedtlError("a validation split is needed to choose the head; "
                              "load_dataset carves one from train when none exists")
+        if self.trainable_:
+            return self._fit_trainable(train, val, checkpoint_dir, resume)
         t0 = time.perf_counter()
         self._build()
         self.classes_ = list(train.classes)
@@ -146,16 +185,112 @@ class TransferClassifier:
             log.info("hybrid %s: chose %s on validation AUC", self.head, self.head_.params_)
             self.history_ = [{"stage": "hybrid", **r} for r in self.head_.search_]
         else:
-            trainer = TorchHeadTrainer(epochs=self.epochs, seed=self.seed,
+            trainer = TorchHeadTrainer(epochs=self.epochs or 200, seed=self.seed,
                                        balanced=self.balanced_)
             from medtl.console import progress_bar
-            with progress_bar("train head", self.epochs, quiet=self.quiet) as advance:
+            with progress_bar("train head", trainer.epochs, quiet=self.quiet) as advance:
                 self.head_ = trainer.fit(x, y, xv, yv, len(self.classes_), progress=advance)
             self.history_ = trainer.history_
             log.info("feature-extractor head: best validation AUC at epoch %d of %d",
                      trainer.best_epoch_, len(trainer.history_))
         self.train_s_ = time.perf_counter() - t0
         return self
+
+    # ------------------------------------------------------------------ trainable strategies
+    def _build_trainable(self, num_classes: int, weights: str) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        bb = create_backbone(self.backbone, weights=weights, in_chans=self.in_chans)
+        bb.reset_classifier(num_classes)
+        if self.strategy == "truncated":
+            keep = self.keep if self.keep is not None else max(1, len(bb.blocks) // 2)
+            model = TruncatedBackbone(bb, keep, num_classes)
+        else:
+            model = bb
+        set_trainable(model, self.strategy, unfreeze=self.unfreeze)
+        return model
+
+    def _train_config(self):
+        from medtl.training.loop import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs or 20, batch_size=min(self.batch_size, 32),
+            patience=self.patience, seed=self.seed, device=self.device_,
+            class_weight="balanced" if self.balanced_ else None,
+            mean=tuple(self.preprocessing_.mean), std=tuple(self.preprocessing_.std),
+            quiet=self.quiet)
+
+    def _decode(self, data) -> tuple[torch.Tensor, np.ndarray]:
+        """Decode and resize once into uint8 (N, S, S, 3): no epoch decodes a JPEG again."""
+        from medtl.console import progress_bar
+        from medtl.errors import DataReadError
+
+        images, keep = [], []
+        with progress_bar("decoding images", len(data), quiet=self.quiet) as advance:
+            for i in range(len(data)):
+                try:
+                    images.append(self.preprocessing_.resize_uint8(data.read(i)))
+                    keep.append(i)
+                except DataReadError as exc:
+                    if not self.skip_bad:
+                        raise
+                    log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+                    self.skipped_.append(f"{exc.path}: {exc.reason}")
+                advance(1)
+        size = self.preprocessing_.size
+        x = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+        return torch.from_numpy(x), np.asarray(keep, dtype=np.int64)
+
+    def _fit_trainable(self, train, val, checkpoint_dir, resume) -> TransferClassifier:
+        from medtl.data.augment import make_augment
+        from medtl.training.loop import fit as fit_loop
+
+        t0 = time.perf_counter()
+        self.device_ = resolve_device(self.device)
+        self.classes_ = list(train.classes)
+        self.skipped_ = []
+        weights = "random" if self.strategy == "scratch" else self.weights
+        self.model_ = self._build_trainable(len(self.classes_), weights)
+        self.backbone_ = self.model_
+        self.preprocessing_ = Preprocessing.for_spec(self.model_.spec, self.image_size)
+        w = self.model_.weights_info
+        log.info("backbone %s, weights %s (%s), sha256 %s; strategy %s", self.backbone, w.kind,
+                 w.source, w.sha256, self.strategy)
+        x, keep = self._decode(train)
+        xv, keep_v = self._decode(val)
+        y = torch.from_numpy(train.labels[keep])
+        yv = torch.from_numpy(val.labels[keep_v])
+        self.feature_s_ = time.perf_counter() - t0
+        self.balanced_ = needs_balancing(y.numpy())
+        if self.balanced_:
+            log.info("class imbalance (minority/majority < %.1f): classes weighted 'balanced'",
+                     IMBALANCE_RATIO)
+        # From random weights no block holds knowledge to protect: one rate for all.
+        decay = 1.0 if self.strategy == "scratch" else self.lr_decay
+        groups = param_groups(self.model_, self.lr, decay)
+        log.info("training %s of %d blocks (%s) + head, %d parameters; learning rates %s",
+                 self.strategy, len(self.model_.blocks) - len(frozen_blocks(self.model_)),
+                 ", ".join(b for b in self.model_.blocks if b not in frozen_blocks(self.model_)),
+                 self.n_trainable_, {g["name"]: f"{g['lr']:.2g}" for g in groups})
+        augment = make_augment(self.augment, hflip=self.hflip)
+        result = fit_loop(self.model_, groups, x, y, xv, yv, self._train_config(),
+                          checkpoint_dir=checkpoint_dir, resume=resume, augment=augment,
+                          train_mode=train_mode_hook(self.model_))
+        self.history_ = result.history
+        log.info("best validation AUC %.4f at epoch %d of %d%s", result.best_val_auc,
+                 result.best_epoch, len(result.history),
+                 " (stopped early)" if result.stopped_early else "")
+        self.head_ = None
+        self.train_s_ = time.perf_counter() - t0
+        return self
+
+    def _predict_trainable(self, data) -> np.ndarray:
+        from medtl.training.loop import predict_proba
+
+        x, keep = self._decode(data)
+        out = np.full((len(data), len(self.classes_)), np.nan)
+        if len(keep):
+            out[keep] = predict_proba(self.model_, x, self._train_config())
+        return out
 
     def _xy(self, data) -> tuple[np.ndarray, np.ndarray]:
         x = self.extractor_.transform(data, skip_bad=self.skip_bad)
@@ -187,6 +322,8 @@ class TransferClassifier:
 
     def predict_proba(self, data) -> np.ndarray:
         """(n, n_classes) probabilities; NaN rows for images skipped as unreadable."""
+        if self.trainable_:
+            return self._predict_trainable(data)
         return self.predict_proba_features(self.transform(data))
 
     def predict(self, data) -> np.ndarray:
@@ -194,18 +331,23 @@ class TransferClassifier:
 
     @property
     def n_trainable_(self) -> int:
+        if self.trainable_:
+            return sum(p.numel() for p in self.model_.parameters() if p.requires_grad)
         if isinstance(self.head_, SklearnHead):
             return self.head_.n_parameters
         return sum(p.numel() for p in self.head_.parameters() if p.requires_grad)
 
     @property
     def n_total_(self) -> int:
+        if self.trainable_:
+            return sum(p.numel() for p in self.model_.parameters())
         return sum(p.numel() for p in self.backbone_.parameters()) + self.n_trainable_
 
     # ------------------------------------------------------------------------------ persistence
     def get_params(self) -> dict[str, Any]:
         keys = ("backbone", "strategy", "head", "weights", "image_size", "in_chans", "epochs",
-                "batch_size", "seed", "device", "engine", "cache", "skip_bad", "quiet")
+                "batch_size", "unfreeze", "keep", "lr", "lr_decay", "augment", "hflip",
+                "patience", "seed", "device", "engine", "cache", "skip_bad", "quiet")
         return {k: getattr(self, k) for k in keys}
 
     def save(self, path: str | Path) -> Run:
@@ -233,8 +375,13 @@ class TransferClassifier:
 
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        save_model(self.backbone_, str(model_dir / "backbone.safetensors"))
-        if isinstance(self.head_, SklearnHead):
+        if self.trainable_:
+            save_model(self.model_, str(model_dir / "model.safetensors"))
+        else:
+            save_model(self.backbone_, str(model_dir / "backbone.safetensors"))
+        if self.head_ is None:
+            pass
+        elif isinstance(self.head_, SklearnHead):
             self.head_.save(model_dir / "head.skops")
         else:
             save_model(self.head_, str(model_dir / "head.safetensors"))
@@ -244,6 +391,7 @@ class TransferClassifier:
             "classes": self.classes_,
             "preprocessing": self.preprocessing_.to_dict(),
             "feature_dim": int(self.backbone_.num_features),
+            "num_classes": len(self.classes_),
             "head_params": getattr(self.head_, "params_", None),
             "weights_info": w.to_dict(),
         }
@@ -263,6 +411,14 @@ class TransferClassifier:
         clf = cls(**params)
         clf.device_ = resolve_device(device)
         clf.classes_ = meta["classes"]
+        if clf.trainable_:
+            clf.model_ = clf.backbone_ = clf._build_trainable(len(clf.classes_), "random")
+            _load_weights(clf.model_, model_dir / "model.safetensors")
+            clf.model_.eval()
+            clf.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])
+            clf.balanced_ = False
+            clf.head_ = None
+            return clf
         clf.backbone_ = create_backbone(clf.backbone, weights="random", in_chans=clf.in_chans)
         clf.backbone_.reset_classifier(0)
         _load_weights(clf.backbone_, model_dir / "backbone.safetensors")
