@@ -267,7 +267,7 @@ class TransferClassifier:
         # From random weights no block holds knowledge to protect: one rate for all.
         decay = 1.0 if self.strategy == "scratch" else self.lr_decay
         groups = param_groups(self.model_, self.lr, decay)
-        log.info("training %s of %d blocks (%s) + head, %d parameters; learning rates %s",
+        log.info("training %s: %d blocks (%s) + classifier, %d parameters; learning rates %s",
                  self.strategy, len(self.model_.blocks) - len(frozen_blocks(self.model_)),
                  ", ".join(b for b in self.model_.blocks if b not in frozen_blocks(self.model_)),
                  self.n_trainable_, {g["name"]: f"{g['lr']:.2g}" for g in groups})
