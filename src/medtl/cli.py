@@ -157,20 +157,28 @@ def train(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
     backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
     = "mobilenet_v2",
-    strategy: Annotated[str, typer.Option(help="feature-extractor | hybrid | fine-tune | full | "
-                                               "scratch | truncated.")] = "hybrid",
+    strategy: Annotated[str, typer.Option(help="auto | feature-extractor | hybrid | fine-tune | "
+                                               "full | scratch | truncated (docs/usage.md).")]
+    = "auto",
     head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn.")] = "logreg",
     weights: Annotated[str, typer.Option(help="imagenet | random | PATH to a weights file.")]
     = "imagenet",
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels "
                                                         "(default: the backbone's).")] = None,
-    in_chans: Annotated[int, typer.Option(help="3 replicates grey images; 1 adapts the first "
-                                                "convolution.")] = 3,
+    in_chans: Annotated[int, typer.Option(help="3 replicates grey images; 1 sums the first "
+                                                "convolution's filters (timm's method).")] = 3,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: 200 for the "
                                                     "linear head, 20 when the backbone "
-                                                    "trains).")] = None,
+                                                    "trains, 5 per stage of auto and "
+                                                    "--gradual).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone batch.")] = 64,
-    unfreeze: Annotated[int, typer.Option(help="fine-tune: how many top blocks train.")] = 1,
+    unfreeze: Annotated[int | None, typer.Option(help="fine-tune: how many top blocks train "
+                                                      "(default 1); with --gradual or auto: "
+                                                      "the most that may (default all).")]
+    = None,
+    gradual: Annotated[bool, typer.Option("--gradual", help="fine-tune: frozen features "
+                                          "first, then one more top block per stage while "
+                                          "validation AUC improves.")] = False,
     keep: Annotated[int | None, typer.Option(help="truncated: how many lower blocks to keep "
                                                   "(default: half).")] = None,
     lr: Annotated[float, typer.Option(help="Learning rate of the head when the backbone "
@@ -183,6 +191,10 @@ def train(
                                            "laterality matters (chest X-rays).")] = False,
     patience: Annotated[int, typer.Option(help="Epochs without a better validation AUC "
                                                "before stopping.")] = 5,
+    class_weight: Annotated[str, typer.Option(help="auto (balanced when minority/majority < "
+                                                   "0.5) | balanced | none.")] = "auto",
+    sampler: Annotated[str, typer.Option(help="none | balanced (each class drawn equally "
+                                              "often; replaces class weights).")] = "none",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its "
                                               "last checkpoint.")] = False,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATA-BACKBONE-"
@@ -209,7 +221,8 @@ def train(
 
     run = run_train(data, backbone=backbone, strategy=strategy, head=head, weights=weights,
                     image_size=image_size, in_chans=in_chans, epochs=epochs,
-                    batch_size=batch_size, unfreeze=unfreeze, keep=keep, lr=lr,
+                    batch_size=batch_size, unfreeze=unfreeze, gradual=gradual, keep=keep,
+                    class_weight=class_weight, sampler=sampler, lr=lr,
                     lr_decay=lr_decay, augment=augment, hflip=not no_hflip, patience=patience,
                     out=out, overwrite=overwrite, resume=resume, seed=seed,
                     device=device, engine=engine, patient_regex=patient_regex,

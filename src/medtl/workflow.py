@@ -92,20 +92,23 @@ def train(
     data: str | Path,
     *,
     backbone: str = "mobilenet_v2",
-    strategy: str = "hybrid",
+    strategy: str = "auto",
     head: str = "logreg",
     weights: str = "imagenet",
     image_size: int | None = None,
     in_chans: int = 3,
     epochs: int | None = None,
     batch_size: int = 64,
-    unfreeze: int = 1,
+    unfreeze: int | None = None,
+    gradual: bool = False,
     keep: int | None = None,
     lr: float = 1e-3,
     lr_decay: float = 0.5,
     augment: str = "basic",
     hflip: bool = True,
     patience: int = 5,
+    class_weight: str = "auto",
+    sampler: str = "none",
     out: str | Path | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -127,7 +130,8 @@ def train(
     clf = TransferClassifier(
         backbone=backbone, strategy=strategy, head=head, weights=weights,
         image_size=image_size, in_chans=in_chans, epochs=epochs, batch_size=batch_size,
-        unfreeze=unfreeze, keep=keep, lr=lr, lr_decay=lr_decay, augment=augment, hflip=hflip,
+        unfreeze=unfreeze, gradual=gradual, keep=keep, class_weight=class_weight,
+        sampler=sampler, lr=lr, lr_decay=lr_decay, augment=augment, hflip=hflip,
         patience=patience, seed=seed, device=device, engine=engine, cache=cache,
         skip_bad=skip_bad, quiet=quiet)
     clf._validate()  # option mistakes before any slow work
@@ -136,8 +140,8 @@ def train(
     out = Path(out)
     checkpoints = out / "checkpoints"
     if resume:
-        if not (checkpoints / "checkpoint.pt").is_file():
-            raise MedtlError(f"{out}: nothing to resume (no checkpoints/checkpoint.pt)")
+        if not any(checkpoints.rglob("*.pt")):
+            raise MedtlError(f"{out}: nothing to resume (no checkpoint in {checkpoints})")
     else:
         _prepare_out(out, overwrite)
     t_start = time.perf_counter()
@@ -183,6 +187,7 @@ def train(
             "head": head if strategy == "hybrid" else "linear",
             "head_params": getattr(clf.head_, "params_", None),
             "class_weight": "balanced" if clf.balanced_ else None,
+            "stages": getattr(clf, "stages_", None),
             "weights": {"requested": weights, "kind": w.kind, "source": w.source,
                         "sha256": w.sha256},
             "preprocessing": clf.preprocessing_.to_dict(), "in_chans": in_chans,
@@ -191,7 +196,8 @@ def train(
             "seed": seed, "epochs": epochs, "device": clf.device_,
             "engine": _engine(clf),
             "strategy_params": {k: getattr(clf, k) for k in (
-                "unfreeze", "keep", "lr", "lr_decay", "augment", "hflip", "patience")}
+                "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment", "hflip", "patience",
+                "sampler")}
             if clf.trainable_ else None,
             "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
                      "counts": counts, "patient_regex": patient_regex,

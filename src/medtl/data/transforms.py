@@ -22,11 +22,23 @@ class Preprocessing:
     std: tuple[float, float, float]
     resize: str = "squash"          # whole image to size x size, aspect ratio not kept
     interpolation: str = "bilinear"
+    # 1: the model's first convolution takes one grey channel (``--in-chans 1``).
+    channels: int = 3
 
     @classmethod
-    def for_spec(cls, spec, size: int | None = None) -> Preprocessing:
+    def for_spec(cls, spec, size: int | None = None, channels: int = 3) -> Preprocessing:
         """The preprocessing of a registry entry's weights, optionally at another input size."""
-        return cls(size=int(size or spec.input_size), mean=tuple(spec.mean), std=tuple(spec.std))
+        return cls(size=int(size or spec.input_size), mean=tuple(spec.mean), std=tuple(spec.std),
+                   channels=channels)
+
+    @property
+    def model_mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the model's input: one averaged value for a grey model."""
+        return (sum(self.mean) / 3,) if self.channels == 1 else tuple(self.mean)
+
+    @property
+    def model_std(self) -> tuple[float, ...]:
+        return (sum(self.std) / 3,) if self.channels == 1 else tuple(self.std)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,11 +47,15 @@ class Preprocessing:
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    resize=d.get("resize", "squash"),
-                   interpolation=d.get("interpolation", "bilinear"))
+                   interpolation=d.get("interpolation", "bilinear"),
+                   channels=int(d.get("channels", 3)))
 
     def key(self) -> str:
         """Stable short hash, part of the feature-cache key."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        d = self.to_dict()
+        if d["channels"] == 3:  # keys of caches written before grey models existed stay valid
+            del d["channels"]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def resize_uint8(self, image: np.ndarray) -> np.ndarray:
@@ -51,10 +67,12 @@ class Preprocessing:
         return np.asarray(Image.fromarray(image).resize((self.size, self.size), resample))
 
     def normalise(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 to (N, 3, S, S) float32, normalised."""
+        """(N, S, S, 3) uint8 to (N, C, S, S) float32, normalised; C is ``channels``."""
         x = batch_uint8.astype(np.float32) * np.float32(1 / 255)
-        x -= np.asarray(self.mean, dtype=np.float32)
-        x /= np.asarray(self.std, dtype=np.float32)
+        if self.channels == 1:
+            x = x.mean(axis=-1, keepdims=True)
+        x -= np.asarray(self.model_mean, dtype=np.float32)
+        x /= np.asarray(self.model_std, dtype=np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "cpu"
     class_weight: str | None = None
     sampler: str | None = None
+    # One value each for a grey (in_chans=1) model: batches are then averaged to one channel.
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     quiet: bool = True
@@ -182,7 +183,7 @@ def fit(
                 xb = _to_float(x_train[idx], device)
                 if augment is not None:
                     xb = augment(xb, aug_gen)
-                xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+                xb = _normalise(xb, mean, std)
                 yb = y_train[idx].to(device)
                 with _autocast(device):
                     logits = model(xb)
@@ -235,6 +236,8 @@ def fit(
 def predict_proba(model: nn.Module, x_uint8: torch.Tensor, config: TrainConfig) -> np.ndarray:
     """Class probabilities (n, n_classes), float64, in eval mode and in batches."""
     device = torch.device(config.device)
+    # The layout training used: a reloaded model must run the same kernels to give the same bits.
+    model.to(device=device, memory_format=torch.channels_last)
     return _evaluate(model, x_uint8, None, config, device)[0]
 
 
@@ -321,6 +324,13 @@ def _to_float(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def _normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RGB [0, 1] to the model's input; a one-channel ``mean`` means a grey model."""
+    if mean.shape[1] == 1:
+        xb = xb.mean(dim=1, keepdim=True)
+    return ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: TrainConfig,
               device: torch.device) -> tuple[np.ndarray, float | None]:
@@ -329,9 +339,9 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config:
     std = torch.tensor(config.std, device=device).view(1, -1, 1, 1)
     probas, loss_sum = [], 0.0
     for start in range(0, len(x), config.batch_size):
-        xb = ((_to_float(x[start:start + config.batch_size], device) - mean) / std)
+        xb = _normalise(_to_float(x[start:start + config.batch_size], device), mean, std)
         with _autocast(device):
-            logits = model(xb.contiguous(memory_format=torch.channels_last))
+            logits = model(xb)
         logits = logits.float()
         if y is not None:
             yb = y[start:start + config.batch_size].to(device)

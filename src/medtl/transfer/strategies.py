@@ -1,13 +1,16 @@
 """Transfer strategies behind one scikit-learn-style estimator, ``TransferClassifier``.
 
 ``__init__`` stores parameters; ``fit`` returns self; learned attributes end in ``_``.
-Strategies of Kim et al. 2022 (design.md, "Transfer strategies"). This module trains the
-frozen-feature ones: ``feature-extractor`` (a torch linear head) and ``hybrid`` (a scikit-learn
-classifier); the trainable strategies arrive with the fine-tuning engine.
+Strategies of Kim et al. 2022 (design.md, "Transfer strategies"): the frozen-feature ones,
+``feature-extractor`` (a torch linear head) and ``hybrid`` (a scikit-learn classifier), train on
+cached features; ``fine-tune``, ``full``, ``scratch`` and ``truncated`` train the backbone through
+``medtl.training.loop``; ``auto`` and ``fine-tune --gradual`` climb from the frozen features one
+block at a time (``medtl.transfer.gradual``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -44,6 +47,9 @@ log = logging.getLogger("medtl")
 STRATEGIES = ("feature-extractor", "hybrid", "fine-tune", "full", "scratch", "truncated", "auto")
 FROZEN_STRATEGIES = ("feature-extractor", "hybrid")
 DEVICES = ("auto", "cpu", "cuda")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+SAMPLERS = ("none", "balanced")
+DEFAULT_STAGE_EPOCHS = 5
 
 
 def resolve_device(device: str) -> str:
@@ -61,20 +67,23 @@ class TransferClassifier:
     def __init__(
         self,
         backbone: str = "mobilenet_v2",
-        strategy: str = "hybrid",
+        strategy: str = "auto",
         head: str = "logreg",
         weights: str = "imagenet",
         image_size: int | None = None,
         in_chans: int = 3,
         epochs: int | None = None,
         batch_size: int = 64,
-        unfreeze: int = 1,
+        unfreeze: int | None = None,
+        gradual: bool = False,
         keep: int | None = None,
         lr: float = 1e-3,
         lr_decay: float = 0.5,
         augment: str = "basic",
         hflip: bool = True,
         patience: int = 5,
+        class_weight: str = "auto",
+        sampler: str = "none",
         seed: int = 0,
         device: str = "auto",
         engine: str = "auto",
@@ -91,12 +100,15 @@ class TransferClassifier:
         self.epochs = epochs
         self.batch_size = batch_size
         self.unfreeze = unfreeze
+        self.gradual = gradual
         self.keep = keep
         self.lr = lr
         self.lr_decay = lr_decay
         self.augment = augment
         self.hflip = hflip
         self.patience = patience
+        self.class_weight = class_weight
+        self.sampler = sampler
         self.seed = seed
         self.device = device
         self.engine = engine
@@ -108,15 +120,18 @@ class TransferClassifier:
     def _validate(self) -> None:
         get_spec(self.backbone)
         check_choice("strategy", self.strategy, STRATEGIES)
-        if self.strategy not in FROZEN_STRATEGIES + TRAINABLE_STRATEGIES:
-            raise MedtlError(f"strategy '{self.strategy}' is not available yet in this version; "
-                             f"available: {', '.join(FROZEN_STRATEGIES + TRAINABLE_STRATEGIES)}")
-        if self.strategy in TRAINABLE_STRATEGIES:
+        check_choice("class weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        if self.gradual and self.strategy != "fine-tune":
+            raise MedtlError(f"--gradual applies to --strategy fine-tune, not '{self.strategy}' "
+                             "(auto always climbs gradually)")
+        if self.trainable_:
             from medtl.data.augment import AUGMENT_PRESETS
 
             check_choice("augment", self.augment, AUGMENT_PRESETS)
-            if self.in_chans != 3:
-                raise MedtlError("--in-chans 1 is available for frozen strategies only so far")
+        elif self.sampler != "none":
+            raise MedtlError(f"--sampler {self.sampler}: frozen strategies see each feature "
+                             "vector once per fit; use --class-weight balanced")
         if self.strategy == "hybrid":
             check_choice("head", self.head, SKLEARN_HEADS)
         check_choice("engine", self.engine, ENGINES)
@@ -131,7 +146,8 @@ class TransferClassifier:
         # The ImageNet classifier is not part of the transferred model: drop it, so the saved
         # bundle and the parameter counts hold only what predicts.
         self.backbone_.reset_classifier(0)
-        self.preprocessing_ = Preprocessing.for_spec(self.backbone_.spec, self.image_size)
+        self.preprocessing_ = Preprocessing.for_spec(self.backbone_.spec, self.image_size,
+                                                     channels=self.in_chans)
         self._make_extractor()
 
     def _make_extractor(self) -> None:
@@ -141,7 +157,28 @@ class TransferClassifier:
 
     @property
     def trainable_(self) -> bool:
-        return self.strategy in TRAINABLE_STRATEGIES
+        """Whether the backbone itself may train (and the model is saved whole)."""
+        return self.strategy in TRAINABLE_STRATEGIES or self.strategy == "auto"
+
+    @property
+    def climbs_(self) -> bool:
+        return self.strategy == "auto" or (self.strategy == "fine-tune" and self.gradual)
+
+    def _use_class_weights(self, y: np.ndarray) -> bool:
+        """Whether the loss weights classes 'balanced' (the sampler, when chosen, instead)."""
+        counts = np.bincount(y, minlength=len(self.classes_))
+        ratio = counts[counts > 0].min() / counts.max()
+        summary = dict(zip(self.classes_, counts.tolist(), strict=True))
+        if self.sampler == "balanced":
+            log.info("class counts %s: balanced sampler, so no class weights", summary)
+            return False
+        if self.class_weight == "auto":
+            if needs_balancing(y):
+                log.info("class imbalance %s (minority/majority %.2f < %.1f): classes weighted "
+                         "'balanced'", summary, ratio, IMBALANCE_RATIO)
+                return True
+            return False
+        return self.class_weight == "balanced"
 
     def fit(self, train, val=None, *, checkpoint_dir: Path | None = None,
             resume: bool = False) -> TransferClassifier:
@@ -170,12 +207,7 @@ class TransferClassifier:
                  "(the rest from the cache), %.1f s", len(x), len(xv), x.shape[1],
                  self.extractor_.engine_used or "cache", self.extractor_.n_computed,
                  self.feature_s_)
-        self.balanced_ = needs_balancing(y)
-        if self.balanced_:
-            counts = np.bincount(y, minlength=len(self.classes_))
-            log.info("class imbalance %s (minority/majority %.2f < %.1f): classes weighted "
-                     "'balanced'", dict(zip(self.classes_, counts.tolist(), strict=True)),
-                     counts[counts > 0].min() / counts.max(), IMBALANCE_RATIO)
+        self.balanced_ = self._use_class_weights(y)
         if self.strategy == "hybrid":
             self.head_ = SklearnHead(self.head, seed=self.seed,
                                      class_weight="balanced" if self.balanced_ else None
@@ -206,17 +238,23 @@ class TransferClassifier:
             model = TruncatedBackbone(bb, keep, num_classes)
         else:
             model = bb
-        set_trainable(model, self.strategy, unfreeze=self.unfreeze)
+        if self.climbs_:
+            set_trainable(model, "fine-tune", unfreeze=0)  # the climb starts frozen
+        else:
+            unfreeze = 1 if self.unfreeze is None else self.unfreeze
+            set_trainable(model, self.strategy, unfreeze=unfreeze)
         return model
 
-    def _train_config(self):
+    def _train_config(self, *, epochs: int | None = None, seed: int | None = None):
         from medtl.training.loop import TrainConfig
 
+        default = DEFAULT_STAGE_EPOCHS if self.climbs_ else 20
         return TrainConfig(
-            epochs=self.epochs or 20, batch_size=min(self.batch_size, 32),
-            patience=self.patience, seed=self.seed, device=self.device_,
-            class_weight="balanced" if self.balanced_ else None,
-            mean=tuple(self.preprocessing_.mean), std=tuple(self.preprocessing_.std),
+            epochs=epochs or self.epochs or default, batch_size=min(self.batch_size, 32),
+            patience=self.patience, seed=self.seed if seed is None else seed,
+            device=self.device_, class_weight="balanced" if self.balanced_ else None,
+            sampler="balanced" if self.sampler == "balanced" else None,
+            mean=self.preprocessing_.model_mean, std=self.preprocessing_.model_std,
             quiet=self.quiet)
 
     def _decode(self, data) -> tuple[torch.Tensor, np.ndarray]:
@@ -241,9 +279,6 @@ class TransferClassifier:
         return torch.from_numpy(x), np.asarray(keep, dtype=np.int64)
 
     def _fit_trainable(self, train, val, checkpoint_dir, resume) -> TransferClassifier:
-        from medtl.data.augment import make_augment
-        from medtl.training.loop import fit as fit_loop
-
         t0 = time.perf_counter()
         self.device_ = resolve_device(self.device)
         self.classes_ = list(train.classes)
@@ -251,37 +286,161 @@ class TransferClassifier:
         weights = "random" if self.strategy == "scratch" else self.weights
         self.model_ = self._build_trainable(len(self.classes_), weights)
         self.backbone_ = self.model_
-        self.preprocessing_ = Preprocessing.for_spec(self.model_.spec, self.image_size)
+        self.preprocessing_ = Preprocessing.for_spec(self.model_.spec, self.image_size,
+                                                     channels=self.in_chans)
         w = self.model_.weights_info
-        log.info("backbone %s, weights %s (%s), sha256 %s; strategy %s", self.backbone, w.kind,
-                 w.source, w.sha256, self.strategy)
+        log.info("backbone %s, weights %s (%s), sha256 %s; strategy %s%s", self.backbone,
+                 w.kind, w.source, w.sha256, self.strategy, " --gradual" if self.gradual else "")
         x, keep = self._decode(train)
         xv, keep_v = self._decode(val)
         y = torch.from_numpy(train.labels[keep])
         yv = torch.from_numpy(val.labels[keep_v])
         self.feature_s_ = time.perf_counter() - t0
-        self.balanced_ = needs_balancing(y.numpy())
-        if self.balanced_:
-            log.info("class imbalance (minority/majority < %.1f): classes weighted 'balanced'",
-                     IMBALANCE_RATIO)
-        # From random weights no block holds knowledge to protect: one rate for all.
-        decay = 1.0 if self.strategy == "scratch" else self.lr_decay
-        groups = param_groups(self.model_, self.lr, decay)
-        log.info("training %s: %d blocks (%s) + classifier, %d parameters; learning rates %s",
-                 self.strategy, len(self.model_.blocks) - len(frozen_blocks(self.model_)),
-                 ", ".join(b for b in self.model_.blocks if b not in frozen_blocks(self.model_)),
-                 self.n_trainable_, {g["name"]: f"{g['lr']:.2g}" for g in groups})
-        augment = make_augment(self.augment, hflip=self.hflip)
-        result = fit_loop(self.model_, groups, x, y, xv, yv, self._train_config(),
-                          checkpoint_dir=checkpoint_dir, resume=resume, augment=augment,
-                          train_mode=train_mode_hook(self.model_))
-        self.history_ = result.history
-        log.info("best validation AUC %.4f at epoch %d of %d%s", result.best_val_auc,
-                 result.best_epoch, len(result.history),
-                 " (stopped early)" if result.stopped_early else "")
+        self.balanced_ = self._use_class_weights(y.numpy())
+        if self.climbs_:
+            self._climb(train, val, (x, y, xv, yv), checkpoint_dir, resume)
+        else:
+            self.history_ = self._train_stage(x, y, xv, yv, self.strategy,
+                                              checkpoint_dir, resume).history
         self.head_ = None
         self.train_s_ = time.perf_counter() - t0
         return self
+
+    def _train_stage(self, x, y, xv, yv, label: str, checkpoint_dir, resume, *,
+                     seed: int | None = None):
+        """One run of the training loop with the model's current trainable blocks."""
+        from medtl.data.augment import make_augment
+        from medtl.training.loop import fit as fit_loop
+
+        # From random weights no block holds knowledge to protect: one rate for all.
+        decay = 1.0 if self.strategy == "scratch" else self.lr_decay
+        groups = param_groups(self.model_, self.lr, decay)
+        frozen = set(frozen_blocks(self.model_))
+        log.info("training %s: %d blocks (%s) + classifier, %d parameters; learning rates %s",
+                 label, len(self.model_.blocks) - len(frozen),
+                 ", ".join(b for b in self.model_.blocks if b not in frozen) or "none",
+                 self.n_trainable_, {g["name"]: f"{g['lr']:.2g}" for g in groups})
+        result = fit_loop(self.model_, groups, x, y, xv, yv, self._train_config(seed=seed),
+                          checkpoint_dir=checkpoint_dir, resume=resume,
+                          augment=make_augment(self.augment, hflip=self.hflip),
+                          train_mode=train_mode_hook(self.model_))
+        log.info("%s: best validation AUC %.4f at epoch %d of %d%s", label, result.best_val_auc,
+                 result.best_epoch, len(result.history),
+                 " (stopped early)" if result.stopped_early else "")
+        return result
+
+    def _climb(self, train, val, tensors, checkpoint_dir, resume) -> None:
+        """``auto`` / ``fine-tune --gradual``: frozen features first, then one block at a time.
+
+        The state after each finished stage is saved atomically in ``climb.pt`` under
+        ``checkpoint_dir`` (best weights, results, history), and each stage checkpoints its
+        epochs in ``stage-K/``, so ``resume`` loses at most one epoch.
+        """
+        from medtl.training.loop import load_checkpoint, save_checkpoint
+        from medtl.transfer.gradual import StageResult, climb, plan_stages
+
+        x, y, xv, yv = tensors
+        stages = plan_stages(self.strategy, list(self.model_.blocks), self.unfreeze)
+        state_path = Path(checkpoint_dir) / "climb.pt" if checkpoint_dir is not None else None
+        done: list[StageResult] = []
+        self.history_ = []
+        best_state = None
+        if resume and state_path is not None and state_path.is_file():
+            saved = load_checkpoint(state_path)
+            done = [StageResult(**r) for r in saved["results"]]
+            self.history_ = saved["history"]
+            best_state = saved["model"]
+            self.model_.load_state_dict(best_state)
+            log.info("resuming the climb after stage '%s'", done[-1].stage)
+        log.info("%s: stages %s; each must raise validation AUC to be kept", self.strategy,
+                 " -> ".join(f"'{s.name}'" for s in stages))
+
+        def train_stage(stage) -> StageResult:
+            t0 = time.perf_counter()
+            set_trainable(self.model_, "fine-tune", unfreeze=stage.unfreeze)
+            if stage.unfreeze == 0:
+                history, best_epoch = self._fit_linear_probe(train, val)
+                auc = self._val_auc(xv, yv)
+                epochs = len(history)
+            else:
+                sub = Path(checkpoint_dir) / f"stage-{stage.index}" if checkpoint_dir else None
+                r = self._train_stage(x, y, xv, yv, f"stage '{stage.name}'", sub, resume,
+                                      seed=self.seed + stage.index)
+                history, best_epoch, auc, epochs = (r.history, r.best_epoch, r.best_val_auc,
+                                                    len(r.history))
+            self.history_.extend({"stage": stage.name, **row} for row in history)
+            return StageResult(stage=stage.name, unfreeze=stage.unfreeze, val_auc=float(auc),
+                               epochs=epochs, best_epoch=best_epoch,
+                               seconds=time.perf_counter() - t0,
+                               trainable_params=self.n_trainable_)
+
+        def report(stage, result) -> None:
+            log.info("stage %d/%d '%s' (%s + classifier): validation AUC %.4f, %d epochs, "
+                     "%.1f s -> %s", stage.index + 1, len(stages), stage.name,
+                     ", ".join(list(self.model_.blocks)[len(self.model_.blocks)
+                                                        - stage.unfreeze:]) or "no block",
+                     result.val_auc, result.epochs, result.seconds, result.decision)
+
+        def persist(results) -> None:
+            if state_path is not None:
+                save_checkpoint(state_path, {
+                    "format": 1, "model": best_state, "history": self.history_,
+                    "results": [r.to_dict() for r in results]})
+
+        results = list(done)
+
+        def accept(stage, result) -> None:
+            nonlocal best_state
+            report(stage, result)
+            best_state = copy.deepcopy(self.model_.state_dict())
+            results.append(result)
+            persist(results)
+
+        def reject(stage, result, best) -> None:
+            report(stage, result)
+            self.model_.load_state_dict(best_state)
+            set_trainable(self.model_, "fine-tune", unfreeze=best.unfreeze)
+            results.append(result)
+            persist(results)
+
+        final = climb(stages, train_stage, accept=accept, reject=reject, done=done)
+        chosen = [r for r in final if r.accepted][-1]
+        set_trainable(self.model_, "fine-tune", unfreeze=chosen.unfreeze)
+        self.model_.eval()
+        self.stages_ = [r.to_dict() for r in final]
+        log.info("%s chose '%s': validation AUC %.4f with %d trainable parameters",
+                 self.strategy, chosen.stage, chosen.val_auc, chosen.trainable_params)
+
+    def _fit_linear_probe(self, train, val) -> tuple[list[dict], int]:
+        """Stage 'feature-extractor': a linear head on cached frozen features, folded into the
+        model's classifier, so the next stage starts from a trained head (linear probing then
+        fine-tuning, Kumar et al. 2022) and the features' speed-ups (ONNX, cache) apply."""
+        from medtl.console import progress_bar
+
+        extractor = FeatureExtractor(self.model_, self.preprocessing_, engine=self.engine,
+                                     device=self.device_, batch_size=self.batch_size,
+                                     cache=self.cache, quiet=self.quiet)
+        x = extractor.transform(train, skip_bad=True)
+        xv = extractor.transform(val, skip_bad=True)
+        ok, ok_v = np.isfinite(x).all(axis=1), np.isfinite(xv).all(axis=1)
+        trainer = TorchHeadTrainer(epochs=200, seed=self.seed, balanced=self.balanced_)
+        with progress_bar("train head", trainer.epochs, quiet=self.quiet) as advance:
+            head = trainer.fit(x[ok], train.labels[ok], xv[ok_v], val.labels[ok_v],
+                               len(self.classes_), progress=advance)
+        with torch.no_grad():  # (f - mean) / std @ W.T + b  ==  f @ (W / std).T + b'
+            weight = head.fc.weight / head.std
+            bias = head.fc.bias - weight @ head.mean
+            self.model_.classifier.weight.copy_(weight)
+            self.model_.classifier.bias.copy_(bias)
+        return trainer.history_, trainer.best_epoch_
+
+    def _val_auc(self, xv: torch.Tensor, yv: torch.Tensor) -> float:
+        from medtl.evaluation.metrics import classification_metrics
+        from medtl.training.loop import predict_proba
+
+        m = classification_metrics(yv.numpy(), predict_proba(self.model_, xv,
+                                                              self._train_config()))
+        return m["auc"] if m["auc"] is not None else m["accuracy"]
 
     def _predict_trainable(self, data) -> np.ndarray:
         from medtl.training.loop import predict_proba
@@ -346,8 +505,9 @@ class TransferClassifier:
     # ------------------------------------------------------------------------------ persistence
     def get_params(self) -> dict[str, Any]:
         keys = ("backbone", "strategy", "head", "weights", "image_size", "in_chans", "epochs",
-                "batch_size", "unfreeze", "keep", "lr", "lr_decay", "augment", "hflip",
-                "patience", "seed", "device", "engine", "cache", "skip_bad", "quiet")
+                "batch_size", "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment",
+                "hflip", "patience", "class_weight", "sampler", "seed", "device", "engine",
+                "cache", "skip_bad", "quiet")
         return {k: getattr(self, k) for k in keys}
 
     def save(self, path: str | Path) -> Run:
