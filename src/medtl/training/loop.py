@@ -17,6 +17,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -170,6 +171,7 @@ def fit(
     std = torch.tensor(config.std, device=device).view(1, -1, 1, 1)
     epoch = start_epoch
     while epoch <= config.epochs and not stopped_early:
+        t_epoch = time.perf_counter()
         train_mode(model)
         order = epoch_indices(y_train, seed=config.seed, epoch=epoch,
                               balanced=config.sampler == "balanced")
@@ -206,6 +208,9 @@ def fit(
             "val_auc": auc, "val_accuracy": metrics["accuracy"], **lrs,
             "trainable_params": trainable,
         })
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f s", epoch,
+                 config.epochs, history[-1]["train_loss"], val_loss,
+                 "n/a" if auc is None else f"{auc:.4f}", time.perf_counter() - t_epoch)
         if score > best["score"]:
             best.update(score=score, epoch=epoch, state=copy.deepcopy(model.state_dict()),
                         bad_epochs=0)
