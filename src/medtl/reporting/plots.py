@@ -1,0 +1,459 @@
+"""Figures for reports: each function returns PNG bytes, ready to write or embed as a data URI.
+
+Every figure is a fresh :class:`matplotlib.figure.Figure` drawn by its own Agg canvas. Pyplot is
+never touched, so no global figure registry fills up, no window opens, and calls from several
+threads do not share state.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import auc as _trapezoid_auc
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from medtl.errors import MedtlError
+
+__all__ = [
+    "confusion_png",
+    "png_to_data_uri",
+    "pr_png",
+    "reliability_png",
+    "roc_band",
+    "roc_png",
+    "scatter_cost_png",
+    "training_curves_png",
+]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_DPI = 100
+_SIZE = (5.0, 4.0)
+_MAX_CLASSES = 10
+# Plain names for the keys that reports use; anything else is shown as its key.
+_AXIS_NAMES = {
+    "train_s": "training time (s)",
+    "feature_s": "feature extraction time (s)",
+    "auc": "AUC",
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "trainable_params": "trainable parameters",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _figure(size: tuple[float, float] = _SIZE) -> Figure:
+    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" chunk: identical inputs give identical bytes across matplotlib versions.
+    fig.canvas.print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def png_to_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` for an ``<img src=...>`` in a self-contained HTML page."""
+    if bytes(png[:8]) != PNG_SIGNATURE:
+        raise ValueError("not PNG bytes (the PNG signature is missing)")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _binary_inputs(y_true: Any, score: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validated 0/1 labels and finite positive-class scores, with messages a user can act on."""
+    y = np.asarray(y_true)
+    s = np.asarray(score, dtype=float)
+    if y.ndim != 1 or s.ndim != 1:
+        raise MedtlError(f"{what} needs 1-D labels and 1-D scores for the positive class "
+                         f"(got shapes {y.shape} and {s.shape}; for probabilities of shape "
+                         "(n, 2) pass proba[:, 1])")
+    if len(y) != len(s):
+        raise MedtlError(f"{what}: {len(y)} labels but {len(s)} scores")
+    values = set(np.unique(y).tolist())
+    if not values <= {0, 1}:
+        raise MedtlError(f"{what} needs binary labels 0/1 (1 = positive class); "
+                         f"got values {sorted(values, key=str)[:5]}")
+    if len(values) < 2:
+        only = next(iter(values)) if values else "none"
+        raise MedtlError(f"{what} needs both classes in y_true, but all {len(y)} labels are "
+                         f"{only}: the curve is undefined (evaluate on a split with both "
+                         "positive and negative cases)")
+    if not np.isfinite(s).all():
+        raise MedtlError(f"{what}: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    return y.astype(int), s
+
+
+def _num(v: Any) -> float | None:
+    """A finite float, or None for missing values (None, '', NaN, text) as read from a CSV."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _note(ax: Any, text: str) -> None:
+    """An empty-plot message: a report with a blank panel explains itself instead of failing."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --------------------------------------------------------------------------- ROC / PR
+
+
+def _tpr_on_grid(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    # A vertical segment has several TPRs at one FPR and np.interp needs a function: keep the
+    # top of each segment (what a threshold at that FPR can reach).
+    last = np.r_[fpr[1:] != fpr[:-1], True]
+    return np.interp(grid, fpr[last], tpr[last])
+
+
+def roc_band(y_true: Any, score: Any, *, n_resamples: int = 500, seed: int = 0,
+             level: float = 0.95, grid: int = 101) -> dict[str, Any]:
+    """Pointwise bootstrap confidence band of the ROC curve, for ``roc_png(band=...)``.
+
+    Resamples within each class (stratified), so every resample keeps the observed prevalence
+    and has both classes. Each resample's TPR is interpolated on a fixed FPR grid and the band
+    is the central ``level`` percentile interval at each grid point.
+    Returns ``{"fpr", "tpr_low", "tpr_high"}`` arrays of length ``grid`` plus ``level`` and
+    ``n_resamples``.
+    """
+    y, s = _binary_inputs(y_true, score, "ROC band")
+    if n_resamples < 2:
+        raise MedtlError(f"ROC band needs n_resamples >= 2, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise MedtlError(f"ROC band level must be between 0 and 1, got {level}")
+    if grid < 2:
+        raise MedtlError(f"ROC band grid needs at least 2 points, got {grid}")
+    pos, neg = s[y == 1], s[y == 0]
+    labels = np.r_[np.ones(len(pos), dtype=int), np.zeros(len(neg), dtype=int)]
+    fpr_grid = np.linspace(0.0, 1.0, grid)
+    rng = np.random.default_rng(seed)
+    pos_idx = rng.integers(0, len(pos), size=(n_resamples, len(pos)))
+    neg_idx = rng.integers(0, len(neg), size=(n_resamples, len(neg)))
+    tprs = np.empty((n_resamples, grid))
+    for b in range(n_resamples):
+        fpr, tpr, _ = roc_curve(labels, np.r_[pos[pos_idx[b]], neg[neg_idx[b]]])
+        tprs[b] = _tpr_on_grid(fpr, tpr, fpr_grid)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(tprs, [alpha, 1.0 - alpha], axis=0)
+    return {"fpr": fpr_grid, "tpr_low": np.clip(low, 0.0, 1.0),
+            "tpr_high": np.clip(high, 0.0, 1.0), "level": float(level),
+            "n_resamples": int(n_resamples)}
+
+
+def roc_png(y_true: Any, score: Any, *, auc: float | None = None,
+            auc_ci: tuple[float, float] | None = None, band: Mapping[str, Any] | None = None,
+            title: str = "ROC curve") -> bytes:
+    """ROC curve of binary labels (1 = positive) against the positive-class score.
+
+    ``auc`` defaults to the area under the plotted curve; ``auc_ci`` is ``(low, high)``;
+    ``band`` is a :func:`roc_band` result, shaded behind the curve.
+    """
+    y, s = _binary_inputs(y_true, score, "ROC curve")
+    fpr, tpr, _ = roc_curve(y, s)
+    if auc is None:
+        auc = float(_trapezoid_auc(fpr, tpr))
+    label = f"AUC {auc:.3f}"
+    if auc_ci is not None:
+        label += f" (95% CI {auc_ci[0]:.2f}–{auc_ci[1]:.2f})"
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    if band is not None:
+        level = band.get("level", 0.95)
+        ax.fill_between(band["fpr"], band["tpr_low"], band["tpr_high"], color="C0", alpha=0.2,
+                        linewidth=0, label=f"{level:.0%} bootstrap band")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    ax.plot(fpr, tpr, color="C0", linewidth=2, label=label)
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=title,
+           xlabel="1 − specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def pr_png(y_true: Any, score: Any, *, title: str = "Precision-recall") -> bytes:
+    """Precision-recall curve with average precision, and prevalence as the chance baseline."""
+    y, s = _binary_inputs(y_true, score, "Precision-recall curve")
+    precision, recall, _ = precision_recall_curve(y, s)
+    ap = float(average_precision_score(y, s))
+    prevalence = float(y.mean())
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    # Average precision is the area under the step curve, so draw steps, not interpolation.
+    ax.plot(recall, precision, drawstyle="steps-post", color="C0", linewidth=2,
+            label=f"AP {ap:.3f}")
+    ax.axhline(prevalence, linestyle="--", color="0.6", linewidth=1,
+               label=f"prevalence {prevalence:.2f} (chance)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=title,
+           xlabel="recall (sensitivity)", ylabel="precision (positive predictive value)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- confusion matrix
+
+
+def confusion_png(cm: Any, class_names: Sequence[str], *,
+                  title: str = "Confusion matrix") -> bytes:
+    """Confusion matrix (rows true, columns predicted): counts and row percentages per cell.
+
+    Cells are coloured by row percentage (recall per class), so a rare class's errors are as
+    visible as a common one's.
+    """
+    m = np.asarray(cm, dtype=float)
+    k = len(class_names)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise MedtlError(f"confusion matrix must be square, got shape {m.shape}")
+    if m.shape[0] != k:
+        raise MedtlError(f"confusion matrix is {m.shape[0]}x{m.shape[0]} but {k} class names "
+                         "were given")
+    if not 2 <= k <= _MAX_CLASSES:
+        raise MedtlError(f"confusion matrix plot supports 2 to {_MAX_CLASSES} classes, got {k}")
+    if (m < 0).any() or not np.isfinite(m).all():
+        raise MedtlError("confusion matrix counts must be finite and non-negative")
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(rows > 0, m / rows, np.nan)
+
+    fig = _figure(_SIZE if k <= 5 else (6.0, 5.0))
+    ax = fig.add_subplot()
+    cmap = colormaps["Blues"]
+    norm = Normalize(0.0, 1.0)
+    im = ax.imshow(np.nan_to_num(frac), cmap=cmap, norm=norm)
+    fontsize = 10 if k <= 3 else 8 if k <= 6 else 6
+    for i in range(k):
+        for j in range(k):
+            pct = "–" if np.isnan(frac[i, j]) else f"{100 * frac[i, j]:.1f}%"
+            r, g, b, _ = cmap(norm(np.nan_to_num(frac[i, j])))
+            # Relative luminance decides the text colour, so it stays readable on any cell.
+            dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
+            ax.text(j, i, f"{int(round(m[i, j]))}\n{pct}", ha="center", va="center",
+                    fontsize=fontsize, color="white" if dark else "black")
+    rotate = k > 3 or max(len(str(c)) for c in class_names) > 8
+    ax.set_xticks(range(k), [str(c) for c in class_names], rotation=45 if rotate else 0,
+                  ha="right" if rotate else "center", fontsize=fontsize)
+    ax.set_yticks(range(k), [str(c) for c in class_names], fontsize=fontsize)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.8)
+    cbar.set_label("% of true class (row)")
+    cbar.ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def reliability_png(curve: Mapping[str, Sequence[Any]], *, ece: float | None = None,
+                    title: str = "Reliability diagram") -> bytes:
+    """Accuracy against mean confidence per bin, with the diagonal and a count histogram below.
+
+    ``curve`` is ``{"confidence", "accuracy", "count"}``, one entry per bin; empty bins may be
+    NaN/None or left out. The key names of ``medtl.evaluation.stats.reliability_curve``
+    (``mean_confidence``, ``counts``, and ``bin_edges`` for true-width bars) work as well.
+    """
+    def column(*keys: str) -> np.ndarray:
+        for key in keys:
+            if key in curve:
+                return np.array([_num(v) for v in curve[key]], dtype=float)
+        raise MedtlError(f"reliability curve lacks {keys[0]!r}; it needs 'confidence', "
+                         "'accuracy' and 'count'")
+
+    conf = column("confidence", "mean_confidence")
+    acc = column("accuracy")
+    count = column("count", "counts")
+    if not len(conf) == len(acc) == len(count):
+        raise MedtlError(f"reliability curve lists differ in length: confidence {len(conf)}, "
+                         f"accuracy {len(acc)}, count {len(count)}")
+    edges = np.array([_num(v) for v in curve.get("bin_edges") or []], dtype=float)
+    if len(edges) != len(count) + 1 or not np.isfinite(edges).all():
+        edges = None
+    all_counts = np.nan_to_num(count)
+    n_bins = max(len(conf), 1)
+    keep = np.isfinite(conf) & np.isfinite(acc) & (np.nan_to_num(count, nan=1.0) > 0)
+    conf, acc, count = conf[keep], acc[keep], np.nan_to_num(count[keep])
+    if ece is not None:
+        title = f"{title} (ECE {ece:.3f})"
+
+    fig = _figure()
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1,
+             label="perfect calibration")
+    if len(conf):
+        # Gaps from the diagonal are what calibration error measures: make them visible.
+        top.vlines(conf, conf, acc, color="C3", alpha=0.5, linewidth=2, label="gap")
+        top.plot(conf, acc, marker="o", color="C0", linewidth=1.5, label="model")
+    else:
+        top.text(0.5, 0.5, "no non-empty bins", ha="center", va="center", color="0.4")
+    if edges is not None:
+        bottom.bar(edges[:-1], all_counts, width=np.diff(edges), align="edge", color="C0",
+                   alpha=0.7, edgecolor="white")
+    elif len(conf):
+        # Without edges only the mean confidence is known: narrow bars centred on it.
+        bottom.bar(conf, count, width=min(0.05, 0.9 / n_bins), color="C0", alpha=0.7)
+    top.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="observed accuracy", title=title)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set(xlabel="predicted confidence", ylabel="cases")
+    bottom.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- training history
+
+_LOSSES = (("train_loss", "train loss", "C0"), ("val_loss", "validation loss", "C1"))
+_SCORES = (("val_auc", "validation AUC", "C2", "-"),
+           ("val_accuracy", "validation accuracy", "C4", ":"))
+
+
+def training_curves_png(history: Sequence[Mapping[str, Any]], *,
+                        title: str = "Training") -> bytes:
+    """Losses (left axis) and validation AUC/accuracy (right axis) per epoch.
+
+    ``history`` is a list of history.csv rows. The x axis counts rows 1..n, so stages whose
+    epochs restart at 1 follow one another; with a ``stage`` key each stage is separated and
+    named. Missing values (None, '', NaN) are skipped.
+    """
+    rows = list(history)
+    steps = np.arange(1, len(rows) + 1)
+    stages = [r.get("stage") for r in rows]
+    has_stages = any(s not in (None, "") for s in stages)
+    starts = [i for i in range(len(rows)) if i == 0 or stages[i] != stages[i - 1]]
+    breaks = np.array([i + 0.5 for i in starts[1:]])
+    marker = {"marker": "o", "markersize": 3 if len(rows) < 40 else 1.5}
+
+    def series(key: str) -> tuple[np.ndarray, np.ndarray]:
+        vals = [_num(r.get(key)) for r in rows]
+        ok = np.array([v is not None for v in vals], dtype=bool)
+        xs, ys = steps[ok].astype(float), np.array([v for v in vals if v is not None], float)
+        if has_stages and len(xs):
+            # A NaN at each stage boundary breaks the line: a new stage restarts from the best
+            # weights, so joining its first epoch to the last stage's final one would mislead.
+            at = np.searchsorted(xs, breaks)
+            xs, ys = np.insert(xs, at, breaks), np.insert(ys, at, np.nan)
+        return xs, ys
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    handles = []
+    for key, name, colour in _LOSSES:
+        xs, ys = series(key)
+        if np.isfinite(ys).any():
+            handles += ax.plot(xs, ys, color=colour, label=name, **marker)
+    scores = [(name, colour, ls, *series(key)) for key, name, colour, ls in _SCORES]
+    scores = [s for s in scores if np.isfinite(s[4]).any()]
+    # Headroom at the top for the stage names, so they do not cover the curves.
+    headroom = 0.3 if has_stages else 0.0
+    if scores:
+        right = ax.twinx()
+        for name, colour, ls, xs, ys in scores:
+            handles += right.plot(xs, ys, color=colour, linestyle=ls, label=name, **marker)
+        low = min(0.5, float(min(np.nanmin(s[4]) for s in scores))) - 0.02
+        right.set_ylim(low, 1.0 + max(0.02, headroom * (1.0 - low)))
+        # Ticks stop at 1: an AUC axis labelled 1.1 would puzzle a reader.
+        right.set_yticks([t for t in MaxNLocator(nbins=6).tick_values(low, 1.0)
+                          if low <= t <= 1.0 + 1e-9])
+        right.set_ylabel(" / ".join(s[0] for s in scores))
+    if not handles:
+        _note(ax, "no loss or validation scores recorded")
+        return _png(fig)
+
+    has_loss = bool(ax.lines)
+    if has_loss:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + headroom * (hi - lo))
+    else:
+        ax.set_yticks([])
+    if has_stages:
+        for i in starts:
+            if i > 0:
+                ax.axvline(i + 0.5, color="0.5", linewidth=1, alpha=0.7)
+            # Placed in axes coordinates vertically: at the top whatever the data range.
+            ax.text(i + 0.6, 0.98, str(stages[i]), transform=ax.get_xaxis_transform(),
+                    ha="left", va="top", fontsize=7, color="0.2", rotation=90, zorder=5,
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
+    ax.set_xlim(0.5, len(rows) + 0.5)
+    ax.set_xlabel("epoch (all stages, in order)" if has_stages else "epoch")
+    if has_loss:
+        ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    # Outside the axes: a legend inside would hide part of a curve whatever its corner.
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    # Whole epochs only: fractional ticks on a count axis confuse.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+def _pareto(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs that no cheaper run beats: the best score money (time) can buy."""
+    order = np.lexsort((-ys, xs))
+    fx, fy, best = [], [], -np.inf
+    for i in order:
+        if ys[i] > best:
+            fx.append(xs[i])
+            fy.append(ys[i])
+            best = ys[i]
+    return np.array(fx), np.array(fy)
+
+
+def scatter_cost_png(points: Sequence[Mapping[str, Any]], *, x: str = "train_s", y: str = "auc",
+                     label: str = "run", title: str | None = None) -> bytes:
+    """Performance (``y``) against training cost (``x``, log scale), each point labelled.
+
+    Points lacking a value, or with a non-positive cost (no place on a log axis), are left
+    out. The dashed line joins the runs no cheaper run beats.
+    """
+    xname, yname = _AXIS_NAMES.get(x, x), _AXIS_NAMES.get(y, y)
+    if title is None:
+        title = f"{yname} against {xname}"
+    kept = [(cx, cy, str(p.get(label, ""))) for p in points
+            if (cx := _num(p.get(x))) is not None and cx > 0 and (cy := _num(p.get(y))) is not None]
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    if not kept:
+        _note(ax, f"no runs with both {x} > 0 and {y}")
+        return _png(fig)
+    xs = np.array([k[0] for k in kept])
+    ys = np.array([k[1] for k in kept])
+    ax.set_xscale("log")
+    fx, fy = _pareto(xs, ys)
+    if len(fx) > 1:
+        ax.plot(fx, fy, drawstyle="steps-post", linestyle="--", color="0.6", linewidth=1,
+                label="best at this cost")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.scatter(xs, ys, color="C0", zorder=3)
+    for cx, cy, name in kept:
+        ax.annotate(name, (cx, cy), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    # Room for the labels at the right and top edges.
+    ax.margins(x=0.15, y=0.1)
+    ax.set(xlabel=f"{xname}, log scale", ylabel=yname)
+    ax.grid(alpha=0.3)
+    return _png(fig)
