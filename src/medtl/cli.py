@@ -152,6 +152,24 @@ def info(
         out_console.print(f"  {line}")
 
 
+def _cv_table(title: str, cv: dict) -> Table:
+    from medtl.workflow import CV_FIGURES
+
+    t = Table(title=title)
+    t.add_column("fold")
+    for f in CV_FIGURES:
+        t.add_column(f, justify="right")
+
+    def cell(v) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    for row in cv["per_fold"]:
+        t.add_row(str(row["fold"]), *(cell(row[f]) for f in CV_FIGURES))
+    t.add_row("mean ± sd", *(f"{cell(cv['mean'][f])} ± {cell(cv['sd'][f])}"
+                             for f in CV_FIGURES))
+    return t
+
+
 @app.command()
 def train(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
@@ -197,6 +215,9 @@ def train(
                                               "often; replaces class weights).")] = "none",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its "
                                               "last checkpoint.")] = False,
+    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over train + val "
+                                                   "(grouped by patient); test untouched.")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATA-BACKBONE-"
                                                   "STRATEGY).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
@@ -214,8 +235,13 @@ def train(
 ) -> None:
     """Train a transfer-learned classifier and write a run directory.
 
-    Example: [bold]medtl train data/chest_xray --backbone mobilenet_v2 --strategy hybrid
-    --head svm --patient-regex '(person\\d+|IM-\\d+)' --out runs/cxr[/bold]
+    The default strategy, auto, starts from frozen features and unfreezes one more block per
+    stage while validation AUC improves.
+
+    Example: [bold]medtl train data/chest_xray --patient-regex '(person\\d+|IM-\\d+)' --no-hflip
+    --image-size 160 --out runs/cxr[/bold]
+
+    Example: [bold]medtl train data/chest_xray --strategy hybrid --head svm --out runs/svm[/bold]
     """
     from medtl.workflow import train as run_train
 
@@ -227,8 +253,12 @@ def train(
                     out=out, overwrite=overwrite, resume=resume, seed=seed,
                     device=device, engine=engine, patient_regex=patient_regex,
                     val_fraction=val_fraction, skip_bad=skip_bad, cache=not no_cache,
-                    quiet=quiet)
-    out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
+                    folds=folds, quiet=quiet)
+    if folds is not None:
+        out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",
+                                    run.metrics["cv"]))
+    else:
+        out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
     out_console.print(f"run: {run.path}")
 
 

@@ -111,6 +111,9 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     if not p.exists():
         raise MedtlError(f"{p}: no such run directory")
+    if (p / "folds").is_dir() and not (p / "model").exists():
+        raise MedtlError(f"{p}: a cross-validation run has one model per fold; use "
+                         f"{p / 'folds' / 'fold-1'} (or another fold)")
     if not (p / "config.json").is_file() or not (p / "model" / "model.json").is_file():
         raise MedtlError(f"{p}: not a medtl run directory (config.json or model/ missing)")
     return Run(p)

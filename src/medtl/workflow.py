@@ -119,12 +119,14 @@ def train(
     val_fraction: float = 0.2,
     skip_bad: bool = False,
     cache: bool = True,
+    folds: int | None = None,
     quiet: bool = False,
 ) -> Run:
-    """Load DATA, fit a TransferClassifier, score val and test, write a run directory."""
-    import medtl
+    """Load DATA, fit a TransferClassifier, score val and test, write a run directory.
+
+    With ``folds``: K-fold cross-validation over train + val instead (see _cross_validate).
+    """
     from medtl.data import load_dataset
-    from medtl.reporting.html import write_run_report
     from medtl.transfer.strategies import TransferClassifier
 
     clf = TransferClassifier(
@@ -135,15 +137,22 @@ def train(
         patience=patience, seed=seed, device=device, engine=engine, cache=cache,
         skip_bad=skip_bad, quiet=quiet)
     clf._validate()  # option mistakes before any slow work
+    if folds is not None and folds < 2:
+        raise MedtlError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if out is None:
         out = Path("runs") / f"{Path(str(data)).stem}-{backbone}-{strategy}"
     out = Path(out)
     checkpoints = out / "checkpoints"
     if resume:
-        if not any(checkpoints.rglob("*.pt")):
+        if not any(out.rglob("*.pt")) and not (out / "folds").is_dir():
             raise MedtlError(f"{out}: nothing to resume (no checkpoint in {checkpoints})")
     else:
         _prepare_out(out, overwrite)
+    request = {
+        "data": data, "backbone": backbone, "strategy": strategy, "head": head,
+        "weights": weights, "in_chans": in_chans, "seed": seed, "epochs": epochs,
+        "patient_regex": patient_regex, "val_fraction": val_fraction,
+    }
     t_start = time.perf_counter()
     with run_logging(out, quiet, append=resume):
         ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
@@ -153,69 +162,146 @@ def train(
         counts = ds.counts()
         log.info("data %s: classes %s; %s", data, ds.classes,
                  "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()))
-        train_ds, val_ds = ds.split("train"), ds.split("val")
-        clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
-        positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
+        if folds is not None:
+            return _cross_validate(clf, ds, folds, out, request, resume=resume)
+        _fit_and_write(clf, ds, out, request, resume=resume, t_start=t_start)
+    return Run(out)
 
-        metrics: dict[str, Any] = {}
-        rows: list[dict[str, Any]] = []
-        eval_splits = ["val"] + (["test"] if "test" in ds.split_names() else [])
-        for split in eval_splits:
-            m, r, _ = _split_metrics(clf, ds.split(split), split, positive)
-            metrics[split] = m
-            rows.extend(r)
-            log.info("%s: AUC %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
-                     split, _f(m["auc"]), m["accuracy"], _f(m["sensitivity"]),
-                     _f(m["specificity"]), m["n"])
-        if "test" not in eval_splits:
-            log.warning("no test split in %s: only validation figures are reported", data)
-        throughput = _throughput(clf, ds.split(eval_splits[-1]))
-        metrics["timing"] = {"train_s": clf.train_s_, "feature_s": clf.feature_s_,
-                             "predict_images_per_s": throughput,
-                             "total_s": time.perf_counter() - t_start,
-                             "engine": _engine(clf)}
-        metrics["params"] = {"total": clf.n_total_, "trainable": clf.n_trainable_}
-        skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
-        if skipped:
-            metrics["skipped_unreadable"] = len(skipped)
-            log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
 
-        clf.save_model(out / "model")
-        w = clf.backbone_.weights_info
-        config = {
-            "backbone": backbone, "strategy": strategy,
-            "head": head if strategy == "hybrid" else "linear",
-            "head_params": getattr(clf.head_, "params_", None),
-            "class_weight": "balanced" if clf.balanced_ else None,
-            "stages": getattr(clf, "stages_", None),
-            "weights": {"requested": weights, "kind": w.kind, "source": w.source,
-                        "sha256": w.sha256},
-            "preprocessing": clf.preprocessing_.to_dict(), "in_chans": in_chans,
-            "classes": ds.classes, "positive_class": None if positive is None
-            else ds.classes[positive],
-            "seed": seed, "epochs": epochs, "device": clf.device_,
-            "engine": _engine(clf),
-            "strategy_params": {k: getattr(clf, k) for k in (
-                "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment", "hflip", "patience",
-                "sampler")}
-            if clf.trainable_ else None,
-            "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
-                     "counts": counts, "patient_regex": patient_regex,
-                     "val_fraction": val_fraction, "skipped": skipped},
-            "medtl_version": medtl.__version__,
-            "environment": {"python": platform.python_version(), "torch": _torch_version(),
-                            "machine": platform.machine()},
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        write_json(out / "metrics.json", metrics)
-        write_csv(out / "predictions.csv", rows)
-        write_csv(out / "history.csv", clf.history_)
-        write_run_report(out, config, metrics)
-        # config.json last: its presence marks a complete run that load_run may trust.
-        write_json(out / "config.json", config)
-        # The best weights are in model/; the last-epoch checkpoint only served resumption.
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        log.info("run written to %s", out)
+def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
+                   t_start: float, eval_names: Sequence[str] = ("val", "test")) -> None:
+    """Fit ``clf`` on ds's train (val for choices), score ``eval_names``, write the run."""
+    import medtl
+    from medtl.reporting.html import write_run_report
+
+    checkpoints = out / "checkpoints"
+    train_ds, val_ds = ds.split("train"), ds.split("val")
+    clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
+    positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
+
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    eval_splits = [s for s in eval_names if s in ds.split_names()]
+    for split in eval_splits:
+        m, r, _ = _split_metrics(clf, ds.split(split), split, positive)
+        metrics[split] = m
+        rows.extend(r)
+        log.info("%s: AUC %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
+                 split, _f(m["auc"]), m["accuracy"], _f(m["sensitivity"]),
+                 _f(m["specificity"]), m["n"])
+    if eval_splits[-1] == "val":
+        log.warning("no test split in %s: only validation figures are reported",
+                    request["data"])
+    throughput = _throughput(clf, ds.split(eval_splits[-1]))
+    metrics["timing"] = {"train_s": clf.train_s_, "feature_s": clf.feature_s_,
+                         "predict_images_per_s": throughput,
+                         "total_s": time.perf_counter() - t_start,
+                         "engine": _engine(clf)}
+    metrics["params"] = {"total": clf.n_total_, "trainable": clf.n_trainable_}
+    skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
+    if skipped:
+        metrics["skipped_unreadable"] = len(skipped)
+        log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
+
+    clf.save_model(out / "model")
+    w = clf.backbone_.weights_info
+    strategy, data = request["strategy"], request["data"]
+    config = {
+        "backbone": request["backbone"], "strategy": strategy,
+        "head": request["head"] if strategy == "hybrid" else "linear",
+        "head_params": getattr(clf.head_, "params_", None),
+        "class_weight": "balanced" if clf.balanced_ else None,
+        "stages": getattr(clf, "stages_", None),
+        "weights": {"requested": request["weights"], "kind": w.kind, "source": w.source,
+                    "sha256": w.sha256},
+        "preprocessing": clf.preprocessing_.to_dict(), "in_chans": request["in_chans"],
+        "classes": ds.classes, "positive_class": None if positive is None
+        else ds.classes[positive],
+        "seed": request["seed"], "epochs": request["epochs"], "device": clf.device_,
+        "engine": _engine(clf),
+        "strategy_params": {k: getattr(clf, k) for k in (
+            "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment", "hflip", "patience",
+            "sampler")}
+        if clf.trainable_ else None,
+        "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
+                 "counts": ds.counts(), "patient_regex": request["patient_regex"],
+                 "val_fraction": request["val_fraction"], "skipped": skipped},
+        "medtl_version": medtl.__version__,
+        "environment": {"python": platform.python_version(), "torch": _torch_version(),
+                        "machine": platform.machine()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    config.update(request.get("config_extra", {}))
+    write_json(out / "metrics.json", metrics)
+    write_csv(out / "predictions.csv", rows)
+    write_csv(out / "history.csv", clf.history_)
+    write_run_report(out, config, metrics)
+    # config.json last: its presence marks a complete run that load_run may trust.
+    write_json(out / "config.json", config)
+    # The best weights are in model/; the last-epoch checkpoint only served resumption.
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("run written to %s", out)
+
+
+CV_FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+
+
+def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
+                    resume: bool) -> Run:
+    """K folds over train + val, grouped by patient when known; the test split is not used.
+
+    Each fold is a complete run in ``out/folds/fold-K`` (its held-out fold scored as
+    ``heldout``, a validation part carved from the rest for early stopping and choices); a
+    finished fold is kept by ``--resume``. ``out`` gets cv.csv, metrics.json (``cv``: per-fold
+    figures, mean and sd) and the out-of-fold predictions.
+    """
+    from medtl.data.splits import cross_validation_folds
+    from medtl.run import load_run as _load
+
+    fold_sets = cross_validation_folds(ds, folds, seed=request["seed"],
+                                       val_fraction=request["val_fraction"] or 0.2)
+    log.info("cross-validation: %d folds over train + val (%d images), grouped by %s; the "
+             "test split is not used", folds, sum(len(f.split("heldout")) for f in fold_sets),
+             "patient" if any(ds.patients) else "image")
+    per_fold, rows = [], []
+    for k, fold_ds in enumerate(fold_sets, 1):
+        fold_dir = out / "folds" / f"fold-{k}"
+        if resume and (fold_dir / "config.json").is_file():
+            log.info("fold %d/%d: finished before, kept", k, folds)
+        else:
+            if fold_dir.exists() and not resume:
+                shutil.rmtree(fold_dir)
+            log.info("fold %d/%d: %s", k, folds, "; ".join(
+                f"{s} {sum(c.values())}" for s, c in fold_ds.counts().items()))
+            fold_clf = type(clf)(**clf.get_params())
+            with run_logging(fold_dir, quiet=True, append=resume):
+                _fit_and_write(fold_clf, fold_ds, fold_dir,
+                               {**request, "config_extra": {"fold": k, "folds": folds}},
+                               resume=resume, t_start=time.perf_counter(),
+                               eval_names=("val", "heldout"))
+        fold_run = _load(fold_dir)
+        m = fold_run.metrics["heldout"]
+        per_fold.append({"fold": k, **{f: m.get(f) for f in ("n", *CV_FIGURES)}})
+        rows.extend({"fold": k, **r} for r in fold_run.predictions() if r["split"] == "heldout")
+        log.info("fold %d/%d held out: AUC %s, accuracy %.3f", k, folds, _f(m["auc"]),
+                 m["accuracy"])
+    summary = {"folds": folds, "per_fold": per_fold, "mean": {}, "sd": {}}
+    for f in CV_FIGURES:
+        values = [r[f] for r in per_fold if r[f] is not None]
+        summary["mean"][f] = float(np.mean(values)) if values else None
+        summary["sd"][f] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        if values:
+            log.info("cv %s: %.3f +- %.3f", f, summary["mean"][f], summary["sd"][f] or 0.0)
+    write_csv(out / "cv.csv", per_fold)
+    write_csv(out / "predictions.csv", rows)
+    write_json(out / "metrics.json", {"cv": summary})
+    write_json(out / "config.json", {
+        **{k: v for k, v in request.items() if k != "data"},
+        "data": {"source": str(Path(str(request["data"])).resolve()),
+                 "fingerprint": ds.fingerprint(), "counts": ds.counts()},
+        "folds": folds, "classes": ds.classes, "params": clf.get_params(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds")})
+    log.info("cross-validation written to %s", out)
     return Run(out)
 
 

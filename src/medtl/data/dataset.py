@@ -99,6 +99,15 @@ class Dataset:
             )
         return self._derive(chosen)
 
+    def with_splits(self, splits: Sequence[str]) -> Dataset:
+        """The same records, each moved to the split given at its position."""
+        from dataclasses import replace
+
+        if len(splits) != len(self.records):
+            raise ValueError(f"{len(splits)} split names for {len(self.records)} records")
+        return self._derive(replace(r, split=s) for r, s in zip(self.records, splits,
+                                                                    strict=True))
+
     def split_names(self) -> list[str]:
         """Splits that have records: train, val, test first, then any other name, sorted."""
         present = {r.split for r in self.records if r.split is not None}

@@ -161,6 +161,28 @@ def carve_validation(
     return np.sort(val)
 
 
+def cross_validation_folds(dataset: Dataset, n_splits: int, *, seed: int = 0,
+                           val_fraction: float = 0.2) -> list[Dataset]:
+    """One dataset per fold over the train and val records: the fold as ``heldout``, a
+    validation part carved from the rest as ``val`` (for early stopping and choices), the
+    remainder ``train``. Stratified, and grouped by patient when patients are known, so no
+    patient is in two folds nor on both sides of a fold. Test records take no part.
+    """
+    pool = dataset.subset(i for i, r in enumerate(dataset.records)
+                          if r.split in ("train", "val"))
+    folds = []
+    for train_idx, held_idx in kfold_indices(pool.labels, pool.patients, n_splits=n_splits,
+                                             seed=seed):
+        rest = pool.subset(train_idx)
+        val = set(carve_validation(rest.labels, rest.patients, fraction=val_fraction,
+                                   seed=seed, class_names=dataset.classes).tolist())
+        names = ["val" if i in val else "train" for i in range(len(rest))]
+        fold = pool.subset([*train_idx, *held_idx]).with_splits(
+            names + ["heldout"] * len(held_idx))
+        folds.append(fold)
+    return folds
+
+
 def patient_overlap(dataset: Dataset, a: str = "train", b: str = "val") -> list[str]:
     """Sorted patients with images in both split ``a`` and split ``b`` (empty if either is absent).
 
