@@ -62,11 +62,9 @@ def _auc(y_true: np.ndarray, proba: np.ndarray) -> float | None:
         return None
     if proba.shape[1] == 2:
         return float(skm.roc_auc_score(y_true, proba[:, 1]))
-    # Macro one-vs-rest over the classes present; sklearn needs rows renormalised to those.
-    return float(
-        skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro",
-                          labels=list(range(proba.shape[1])))
-    )
+    # Macro one-vs-rest, as sklearn's multi_class="ovr" computes it, but over the classes the
+    # labels hold: a class absent from a small test split has no AUC and must not be averaged.
+    return float(np.mean([skm.roc_auc_score(y_true == c, proba[:, c]) for c in present]))
 
 
 def _balanced_accuracy(cm: np.ndarray) -> float:

@@ -186,7 +186,9 @@ def _resampled_metrics(
         if k == 2:
             out["auc"] = _weighted_auc(p[:, 1], y == 1, weights)
         else:
-            per_class = [_weighted_auc(p[:, c], y == c, weights) for c in range(k)]
+            # Over the classes the labels hold, as metrics._auc does; stratified resamples keep
+            # the same classes present.
+            per_class = [_weighted_auc(p[:, c], y == c, weights) for c in np.unique(y)]
             out["auc"] = np.mean(per_class, axis=0)
 
     cell = y * k + p.argmax(axis=1)
