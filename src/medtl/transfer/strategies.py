@@ -84,6 +84,7 @@ class TransferClassifier:
         patience: int = 5,
         class_weight: str = "auto",
         sampler: str = "none",
+        calibrate: bool = False,
         seed: int = 0,
         device: str = "auto",
         engine: str = "auto",
@@ -109,6 +110,7 @@ class TransferClassifier:
         self.patience = patience
         self.class_weight = class_weight
         self.sampler = sampler
+        self.calibrate = calibrate
         self.seed = seed
         self.device = device
         self.engine = engine
@@ -191,8 +193,30 @@ class TransferClassifier:
         if val is None or len(val) == 0:
             raise MedtlError("a validation split is needed to choose the head; "
                              "load_dataset carves one from train when none exists")
+        self.temperature_: float | None = None
         if self.trainable_:
-            return self._fit_trainable(train, val, checkpoint_dir, resume)
+            self._fit_trainable(train, val, checkpoint_dir, resume)
+        else:
+            self._fit_frozen(train, val)
+        if self.calibrate:
+            self._fit_temperature(val)
+        return self
+
+    def _fit_temperature(self, val) -> None:
+        """Temperature scaling on validation (Guo et al. 2017): fixes over-confidence, keeps
+        every arg-max, so accuracy, AUC and the confusion matrix do not move."""
+        from medtl.evaluation.stats import TemperatureScaler, logits_from_proba
+
+        quiet, self.quiet = self.quiet, True
+        proba = self.predict_proba(val, calibrated=False)
+        self.quiet = quiet
+        ok = np.isfinite(proba).all(axis=1)
+        self.temperature_ = TemperatureScaler().fit(logits_from_proba(proba[ok]),
+                                                    val.labels[ok]).temperature_
+        log.info("calibration: temperature %.3f fitted on %d validation images",
+                 self.temperature_, int(ok.sum()))
+
+    def _fit_frozen(self, train, val) -> None:
         t0 = time.perf_counter()
         self._build()
         self.classes_ = list(train.classes)
@@ -226,7 +250,6 @@ class TransferClassifier:
             log.info("feature-extractor head: best validation AUC at epoch %d of %d",
                      trainer.best_epoch_, len(trainer.history_))
         self.train_s_ = time.perf_counter() - t0
-        return self
 
     # ------------------------------------------------------------------ trainable strategies
     def _build_trainable(self, num_classes: int, weights: str) -> torch.nn.Module:
@@ -467,7 +490,25 @@ class TransferClassifier:
         """Frozen features (n, feature_dim); rows of unreadable images are NaN with skip_bad."""
         return self.extractor_.transform(data, skip_bad=self.skip_bad)
 
-    def predict_proba_features(self, x: np.ndarray) -> np.ndarray:
+    def predict_proba_features(self, x: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
+        """Probabilities from frozen features (the output of ``transform``)."""
+        out = self._head_proba(x)
+        return self._apply_temperature(out) if calibrated else out
+
+    def _apply_temperature(self, proba: np.ndarray) -> np.ndarray:
+        t = getattr(self, "temperature_", None)
+        if t is None:
+            return proba
+        from scipy.special import softmax
+
+        from medtl.evaluation.stats import logits_from_proba
+
+        out = np.full_like(proba, np.nan)
+        ok = np.isfinite(proba).all(axis=1)
+        out[ok] = softmax(logits_from_proba(proba[ok]) / t, axis=1)
+        return out
+
+    def _head_proba(self, x: np.ndarray) -> np.ndarray:
         out = np.full((len(x), len(self.classes_)), np.nan)
         ok = np.isfinite(x).all(axis=1)
         if ok.any():
@@ -479,11 +520,17 @@ class TransferClassifier:
                     out[ok] = torch.softmax(logits, 1).double().numpy()
         return out
 
-    def predict_proba(self, data) -> np.ndarray:
-        """(n, n_classes) probabilities; NaN rows for images skipped as unreadable."""
+    def predict_proba(self, data, *, calibrated: bool = True) -> np.ndarray:
+        """(n, n_classes) probabilities; NaN rows for images skipped as unreadable.
+
+        With ``calibrate=True`` at fit time they are temperature-scaled unless
+        ``calibrated=False``.
+        """
         if self.trainable_:
-            return self._predict_trainable(data)
-        return self.predict_proba_features(self.transform(data))
+            out = self._predict_trainable(data)
+        else:
+            out = self._head_proba(self.transform(data))
+        return self._apply_temperature(out) if calibrated else out
 
     def predict(self, data) -> np.ndarray:
         return np.nanargmax(self.predict_proba(data), axis=1)
@@ -506,8 +553,8 @@ class TransferClassifier:
     def get_params(self) -> dict[str, Any]:
         keys = ("backbone", "strategy", "head", "weights", "image_size", "in_chans", "epochs",
                 "batch_size", "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment",
-                "hflip", "patience", "class_weight", "sampler", "seed", "device", "engine",
-                "cache", "skip_bad", "quiet")
+                "hflip", "patience", "class_weight", "sampler", "calibrate", "seed", "device",
+                "engine", "cache", "skip_bad", "quiet")
         return {k: getattr(self, k) for k in keys}
 
     def save(self, path: str | Path) -> Run:
@@ -554,6 +601,7 @@ class TransferClassifier:
             "num_classes": len(self.classes_),
             "head_params": getattr(self.head_, "params_", None),
             "weights_info": w.to_dict(),
+            "temperature": getattr(self, "temperature_", None),
         }
         (model_dir / "model.json").write_text(json.dumps(meta, indent=2))
 
@@ -571,6 +619,7 @@ class TransferClassifier:
         clf = cls(**params)
         clf.device_ = resolve_device(device)
         clf.classes_ = meta["classes"]
+        clf.temperature_ = meta.get("temperature")
         if clf.trainable_:
             clf.model_ = clf.backbone_ = clf._build_trainable(len(clf.classes_), "random")
             _load_weights(clf.model_, model_dir / "model.safetensors")
