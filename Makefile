@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtl-installed
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all lint bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,20 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/medtl demo
 
-test: $(STAMP)
+# Headless Chromium renders report.html in tests/reporting/test_html.py. Installed from Debian
+# when missing and possible (root or password-less sudo); otherwise those tests skip, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  echo "installing Debian's chromium (report screenshot tests)"; \
+	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
+	    -qq --no-install-recommends chromium fonts-dejavu-core ) >/dev/null 2>&1 || \
+	  echo "could not install chromium: the report screenshot tests will skip"; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

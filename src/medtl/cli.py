@@ -38,15 +38,37 @@ PatientRegex = Annotated[str | None, typer.Option(
 def _metrics_table(title: str, metrics: dict) -> Table:
     t = Table(title=title)
     t.add_column("split")
-    for name in ("n", "AUC", "accuracy", "sensitivity", "specificity"):
+    for name in ("n", "AUC (95% CI)", "accuracy (95% CI)", "sensitivity", "specificity"):
         t.add_column(name, justify="right")
+
+    def cell(m: dict, k: str) -> str:
+        if m.get(k) is None:
+            return "–"
+        ci = m.get(f"{k}_ci95")
+        return f"{m[k]:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
     for split, m in metrics.items():
         if not isinstance(m, dict) or "accuracy" not in m:
             continue
-        t.add_row(split, str(m["n"]), *(("–" if m.get(k) is None else f"{m[k]:.3f}")
-                                        for k in ("auc", "accuracy", "sensitivity",
-                                                  "specificity")))
+        t.add_row(split, str(m["n"]), *(cell(m, k) for k in ("auc", "accuracy", "sensitivity",
+                                                           "specificity")))
     return t
+
+
+def _operating_points(metrics: dict) -> str:
+    """One line per operating point chosen on val and applied to test."""
+    test = metrics.get("test", {})
+    lines = []
+    for name, op in test.get("operating_points", {}).items():
+        what = ("Youden's J" if name == "youden" else
+                f"sensitivity >= {metrics['thresholds']['target_sensitivity']:.2f} on val")
+        lines.append(f"test at {what} (threshold {op['threshold']:.3f}): sensitivity "
+                     f"{_fmt(op['sensitivity'])}, specificity {_fmt(op['specificity'])}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 @app.command()
@@ -213,6 +235,13 @@ def train(
                                                    "0.5) | balanced | none.")] = "auto",
     sampler: Annotated[str, typer.Option(help="none | balanced (each class drawn equally "
                                               "often; replaces class weights).")] = "none",
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Fit temperature scaling "
+                                            "on validation (probabilities, not decisions, "
+                                            "change).")] = False,
+    target_sensitivity: Annotated[float, typer.Option(help="Binary: the second operating "
+                                                          "point, the highest threshold "
+                                                          "reaching this sensitivity on "
+                                                          "val.")] = 0.9,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its "
                                               "last checkpoint.")] = False,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over train + val "
@@ -248,7 +277,8 @@ def train(
     run = run_train(data, backbone=backbone, strategy=strategy, head=head, weights=weights,
                     image_size=image_size, in_chans=in_chans, epochs=epochs,
                     batch_size=batch_size, unfreeze=unfreeze, gradual=gradual, keep=keep,
-                    class_weight=class_weight, sampler=sampler, lr=lr,
+                    class_weight=class_weight, sampler=sampler, calibrate=calibrate,
+                    target_sensitivity=target_sensitivity, lr=lr,
                     lr_decay=lr_decay, augment=augment, hflip=not no_hflip, patience=patience,
                     out=out, overwrite=overwrite, resume=resume, seed=seed,
                     device=device, engine=engine, patient_regex=patient_regex,
@@ -259,7 +289,9 @@ def train(
                                     run.metrics["cv"]))
     else:
         out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
-    out_console.print(f"run: {run.path}")
+        if points := _operating_points(run.metrics):
+            out_console.print(points)
+    out_console.print(f"run: {run.path}  (report: {run.path / 'report.html'})")
 
 
 @app.command()
@@ -319,6 +351,24 @@ def predict(
     for r in rows:
         t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
     out_console.print(t)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run directories written by `medtl "
+                                                   "train`.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
+    split: Annotated[str, typer.Option(help="Split whose figures are compared.")] = "test",
+) -> None:
+    """Compare runs in one self-contained HTML page: a leaderboard by AUC with 95% CIs,
+    DeLong's paired test against the best run, ROC curves and AUC against training time.
+
+    Example: [bold]medtl report runs/cxr-* --out cxr-report.html[/bold]
+    """
+    from medtl.workflow import report as run_report
+
+    path = run_report(runs, out, split=split)
+    out_console.print(f"report written to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from medtl.errors import MedtlError
-from medtl.evaluation.metrics import classification_metrics
+from medtl.evaluation.stats import brier_score, expected_calibration_error
+from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY, choose_thresholds, split_summary
 from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
 
 log = logging.getLogger("medtl")
@@ -79,10 +80,20 @@ def _throughput(clf, data, n: int = 64) -> float | None:
     return len(subset) / (time.perf_counter() - t0)
 
 
-def _split_metrics(clf, data, split: str, positive: int | None):
-    proba = clf.predict_proba(data)
+def _split_metrics(clf, data, split: str, positive: int | None, *,
+                   thresholds: dict[str, Any] | None = None, seed: int = 0):
+    """The metrics.json entry of one split, its predictions.csv rows and probabilities."""
+    raw = clf.predict_proba(data, calibrated=False)
+    proba = clf._apply_temperature(raw)
     ok = np.isfinite(proba).all(axis=1)
-    metrics = classification_metrics(data.labels[ok], proba[ok], positive=positive)
+    metrics = split_summary(data.labels[ok], proba[ok], classes=clf.classes_, positive=positive,
+                            patients=[q for q, keep in zip(data.patients, ok, strict=True)
+                                      if keep],
+                            thresholds=thresholds, seed=seed)
+    if getattr(clf, "temperature_", None) is not None and ok.any():
+        metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(
+            data.labels[ok], raw[ok])
+        metrics["calibration"]["brier_uncalibrated"] = brier_score(data.labels[ok], raw[ok])
     rows = prediction_rows([r.path for r in data.records], data.labels, proba, clf.classes_,
                            split)
     return metrics, rows, proba
@@ -109,6 +120,8 @@ def train(
     patience: int = 5,
     class_weight: str = "auto",
     sampler: str = "none",
+    calibrate: bool = False,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     out: str | Path | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -133,10 +146,12 @@ def train(
         backbone=backbone, strategy=strategy, head=head, weights=weights,
         image_size=image_size, in_chans=in_chans, epochs=epochs, batch_size=batch_size,
         unfreeze=unfreeze, gradual=gradual, keep=keep, class_weight=class_weight,
-        sampler=sampler, lr=lr, lr_decay=lr_decay, augment=augment, hflip=hflip,
-        patience=patience, seed=seed, device=device, engine=engine, cache=cache,
+        sampler=sampler, calibrate=calibrate, lr=lr, lr_decay=lr_decay, augment=augment,
+        hflip=hflip, patience=patience, seed=seed, device=device, engine=engine, cache=cache,
         skip_bad=skip_bad, quiet=quiet)
     clf._validate()  # option mistakes before any slow work
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise MedtlError(f"--target-sensitivity {target_sensitivity}: must lie in (0, 1]")
     if folds is not None and folds < 2:
         raise MedtlError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if out is None:
@@ -152,6 +167,7 @@ def train(
         "data": data, "backbone": backbone, "strategy": strategy, "head": head,
         "weights": weights, "in_chans": in_chans, "seed": seed, "epochs": epochs,
         "patient_regex": patient_regex, "val_fraction": val_fraction,
+        "target_sensitivity": target_sensitivity,
     }
     t_start = time.perf_counter()
     with run_logging(out, quiet, append=resume):
@@ -172,7 +188,7 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                    t_start: float, eval_names: Sequence[str] = ("val", "test")) -> None:
     """Fit ``clf`` on ds's train (val for choices), score ``eval_names``, write the run."""
     import medtl
-    from medtl.reporting.html import write_run_report
+    from medtl.reporting.html import confident_errors, run_figures, write_run_report
 
     checkpoints = out / "checkpoints"
     train_ds, val_ds = ds.split("train"), ds.split("val")
@@ -181,14 +197,28 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
 
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
+    probas: dict[str, np.ndarray] = {}
     eval_splits = [s for s in eval_names if s in ds.split_names()]
+    thresholds = None
     for split in eval_splits:
-        m, r, _ = _split_metrics(clf, ds.split(split), split, positive)
+        m, r, probas[split] = _split_metrics(clf, ds.split(split), split, positive,
+                                             thresholds=thresholds, seed=request["seed"])
+        if split == "val":
+            # Operating points are chosen here and only applied to the splits after it.
+            ok = np.isfinite(probas[split]).all(axis=1)
+            thresholds = choose_thresholds(ds.split(split).labels[ok], probas[split][ok],
+                                           positive, request["target_sensitivity"])
+            if thresholds:
+                metrics["thresholds"] = thresholds
         metrics[split] = m
         rows.extend(r)
-        log.info("%s: AUC %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
-                 split, _f(m["auc"]), m["accuracy"], _f(m["sensitivity"]),
-                 _f(m["specificity"]), m["n"])
+        log.info("%s: AUC %s %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
+                 split, _f(m["auc"]), _ci(m.get("auc_ci95")), m["accuracy"],
+                 _f(m["sensitivity"]), _f(m["specificity"]), m["n"])
+        for name, op in m.get("operating_points", {}).items():
+            log.info("%s at the %s threshold %.3f chosen on val: sensitivity %s, "
+                     "specificity %s", split, name, op["threshold"], _f(op["sensitivity"]),
+                     _f(op["specificity"]))
     if eval_splits[-1] == "val":
         log.warning("no test split in %s: only validation figures are reported",
                     request["data"])
@@ -211,6 +241,9 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         "head": request["head"] if strategy == "hybrid" else "linear",
         "head_params": getattr(clf.head_, "params_", None),
         "class_weight": "balanced" if clf.balanced_ else None,
+        "calibration": {"method": "temperature", "temperature": clf.temperature_,
+                        "fitted_on": "val"} if clf.temperature_ is not None else None,
+        "target_sensitivity": request["target_sensitivity"],
         "stages": getattr(clf, "stages_", None),
         "weights": {"requested": request["weights"], "kind": w.kind, "source": w.source,
                     "sha256": w.sha256},
@@ -235,7 +268,13 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
     write_json(out / "metrics.json", metrics)
     write_csv(out / "predictions.csv", rows)
     write_csv(out / "history.csv", clf.history_)
-    write_run_report(out, config, metrics)
+    report_split = eval_splits[-1]
+    split_ds = ds.split(report_split)
+    figures = run_figures(classes=ds.classes, positive=positive, split=report_split,
+                          y_true=split_ds.labels, proba=probas[report_split],
+                          metrics=metrics[report_split], history=clf.history_)
+    write_run_report(out, config, metrics, figures=figures,
+                     errors=confident_errors(split_ds, probas[report_split], ds.classes))
     # config.json last: its presence marks a complete run that load_run may trust.
     write_json(out / "config.json", config)
     # The best weights are in model/; the last-epoch checkpoint only served resumption.
@@ -315,6 +354,10 @@ def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f"(95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+
+
 def _torch_version() -> str:
     import torch
 
@@ -345,7 +388,9 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
         raise MedtlError(f"{source}: no '{split}' split (has: {', '.join(ds.split_names())})")
     clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
     positive = cfg["classes"].index(cfg["positive_class"]) if cfg.get("positive_class") else None
-    metrics, rows, _ = _split_metrics(clf, ds.split(split), split, positive)
+    metrics, rows, _ = _split_metrics(clf, ds.split(split), split, positive,
+                                      thresholds=run.metrics.get("thresholds"),
+                                      seed=cfg.get("seed", 0))
     return {"metrics": metrics, "rows": rows}
 
 
@@ -363,6 +408,86 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     if output is not None:
         write_csv(Path(output), rows)
     return rows
+
+
+def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test") -> Path:
+    """Compare saved runs in one self-contained HTML page: a leaderboard by AUC, with DeLong's
+    paired test of each run against the best, a ROC overlay and AUC against training time."""
+    from medtl.reporting import plots
+    from medtl.reporting.html import render_comparison
+
+    if not runs:
+        raise MedtlError("medtl report: name at least one run directory")
+    entries = []
+    for path in runs:
+        run = load_run(path)
+        metrics = run.metrics
+        if split not in metrics:
+            raise MedtlError(f"{run.path}: metrics.json has no '{split}' figures")
+        entries.append({"name": run.path.name, "run": run, "config": run.config,
+                        "metrics": metrics,
+                        "rows": [r for r in run.predictions() if r.get("split") == split]})
+    names = [e["name"] for e in entries]
+    for e in entries:
+        if names.count(e["name"]) > 1:  # same leaf name: keep the parent to tell them apart
+            e["name"] = f"{e['run'].path.parent.name}/{e['run'].path.name}"
+    entries.sort(key=lambda e: -(e["metrics"][split].get("auc") or -1.0))
+    best = entries[0]
+    for e in entries[1:]:
+        e["delong"] = _delong_against(best, e)
+    figures = {}
+    curves = [c for e in entries if (c := _roc_curve_input(e)) is not None]
+    if curves:
+        figures[f"ROC curves, {split}"] = plots.roc_overlay_png(curves,
+                                                                title=f"ROC curves, {split}")
+    figures["AUC against training time"] = plots.scatter_cost_png(
+        [{"run": e["name"], "auc": e["metrics"][split].get("auc"),
+          "train_s": e["metrics"].get("timing", {}).get("train_s")} for e in entries])
+    out = Path(out)
+    from medtl.run import atomic_write_text
+
+    atomic_write_text(out, render_comparison(entries, figures=figures, split=split))
+    return out
+
+
+def _labels_scores(entry: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]] | None:
+    """{path: 0/1 label} and {path: positive-class probability} of a binary run's rows."""
+    positive = entry["config"].get("positive_class")
+    if positive is None:
+        return None
+    labels, scores = {}, {}
+    for r in entry["rows"]:
+        if r.get(f"prob_{positive}") in (None, ""):
+            continue
+        labels[r["path"]] = int(r["label"] == positive)
+        scores[r["path"]] = float(r[f"prob_{positive}"])
+    return labels, scores
+
+
+def _roc_curve_input(entry: dict[str, Any]):
+    ls = _labels_scores(entry)
+    if ls is None or len(set(ls[0].values())) < 2:
+        return None
+    paths = sorted(ls[0])
+    return entry["name"], [ls[0][p] for p in paths], [ls[1][p] for p in paths]
+
+
+def _delong_against(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | str:
+    """DeLong's paired test of ``best`` against ``other``, or why it cannot be computed."""
+    from medtl.evaluation.stats import delong_test
+
+    a, b = _labels_scores(best), _labels_scores(other)
+    if a is None or b is None:
+        return "binary runs only"
+    if set(a[0]) != set(b[0]):
+        return "different test images"
+    paths = sorted(a[0])
+    if any(a[0][p] != b[0][p] for p in paths) or len(set(a[0].values())) < 2:
+        return "labels differ or hold one class"
+    result = delong_test([a[0][p] for p in paths], [a[1][p] for p in paths],
+                         [b[1][p] for p in paths])
+    # Sign as "this run minus the best", which is what a leaderboard row reads.
+    return {**result, "difference": -result["difference"]}
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

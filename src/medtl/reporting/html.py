@@ -1,80 +1,348 @@
-"""``RUN/report.html``: one self-contained page (no external URL) summarising a run."""
+"""Self-contained HTML reports: ``RUN/report.html`` for one run, and ``medtl report`` comparing
+several. Every image is embedded as a data URI and the page names no external URL, so a report
+can be mailed, archived with a paper, or opened on a hospital machine with no internet.
+"""
 
 from __future__ import annotations
 
 import html
+import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-code{background:#f6f6f6;padding:0 .2em}"""
+import numpy as np
 
-_FIGURES = ("n", "auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity",
-            "precision", "f1")
+from medtl.reporting import plots
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:64em;color:#222;
+padding:0 1em}table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;
+padding:.3em .6em;text-align:right;vertical-align:middle}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}code{background:#f6f6f6;padding:0 .2em}
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}
+.figs img{max-width:30em;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.note{color:#555;font-size:.9em}td.thumb img{width:96px;height:96px;object-fit:contain;
+background:#000}.best{background:#eef7ee}table.kv td{text-align:left}"""
+
+_FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision",
+            "f1")
+_NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "f1": "F1",
+          "youden": "Youden's J", "sensitivity_target": "target sensitivity"}
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
+def _e(v: Any) -> str:
     return html.escape(str(v))
 
 
-def render_run_report(config: dict[str, Any], metrics: dict[str, Any]) -> str:
-    splits = [s for s in ("val", "test") if s in metrics]
-    head = "".join(f"<th>{s}</th>" for s in splits)
-    rows = "".join(
-        f"<tr><td>{k}</td>{''.join(f'<td>{_fmt(metrics[s].get(k))}</td>' for s in splits)}</tr>"
-        for k in _FIGURES)
-    cms = ""
-    classes = config.get("classes", [])
-    for s in splits:
-        cm = metrics[s].get("confusion_matrix")
-        if not cm:
-            continue
-        hdr = "".join(f"<th>pred {html.escape(c)}</th>" for c in classes)
-        body = "".join(
-            f"<tr><td>true {html.escape(classes[i])}</td>"
-            + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for i, row in enumerate(cm))
-        cms += f"<h3>Confusion matrix, {s}</h3><table><tr><th></th>{hdr}</tr>{body}</table>"
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return _e(v)
+
+
+def _with_ci(m: Mapping[str, Any], key: str) -> str:
+    ci = m.get(f"{key}_ci95")
+    text = _fmt(m.get(key))
+    if ci and m.get(key) is not None:
+        text += f" <small>({ci[0]:.3f}–{ci[1]:.3f})</small>"
+    return text
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img src="{plots.png_to_data_uri(png)}" alt="{_e(alt)}">'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] = (),
+           css: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join(
+        f"<tr{' class=' + repr(classes[i]) if i < len(classes) and classes[i] else ''}>"
+        + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for i, row in enumerate(rows))
+    return f"<table{' class=' + css if css else ''}><tr>{head}</tr>{body}</table>"
+
+
+# ------------------------------------------------------------------------------ one run
+def run_figures(*, classes: Sequence[str], positive: int | None, split: str,
+                y_true: np.ndarray, proba: np.ndarray, metrics: Mapping[str, Any],
+                history: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    """The report's plots, as ``{caption: png}``: ROC with its CI band and PR (binary),
+    confusion matrix, reliability diagram and training curves."""
+    figs: dict[str, bytes] = {}
+    ok = np.isfinite(proba).all(axis=1)
+    y, p = np.asarray(y_true)[ok], np.asarray(proba)[ok]
+    if positive is not None and len(np.unique(y)) == 2:
+        yb, score = (y == positive).astype(int), p[:, positive]
+        band = plots.roc_band(yb, score, n_resamples=500, seed=0)
+        figs[f"ROC curve, {split}, with its 95% bootstrap band"] = plots.roc_png(
+            yb, score, auc=metrics.get("auc"), auc_ci=metrics.get("auc_ci95"), band=band,
+            title=f"ROC curve, {split}")
+        figs[f"Precision-recall, {split}"] = plots.pr_png(
+            yb, score, title=f"Precision-recall, {split}")
+    if metrics.get("confusion_matrix"):
+        figs[f"Confusion matrix, {split} (arg-max decision)"] = plots.confusion_png(
+            metrics["confusion_matrix"], classes, title=f"Confusion matrix, {split}")
+    cal = metrics.get("calibration")
+    if cal:
+        figs[f"Reliability diagram, {split}"] = plots.reliability_png(
+            cal["reliability"], ece=cal["ece"], title=f"Reliability, {split}")
+    if history and any("val_auc" in r or "train_loss" in r or "loss" in r for r in history):
+        figs["Training curves"] = plots.training_curves_png(history)
+    return figs
+
+
+def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int = 8,
+                     size: int = 96) -> list[dict[str, Any]]:
+    """The ``n`` wrong predictions made with the highest confidence, with PNG thumbnails.
+
+    ``data`` is the Dataset the probabilities belong to; an image that cannot be read again
+    gets no thumbnail rather than failing the report.
+    """
+    from PIL import Image
+
+    proba = np.asarray(proba)
+    ok = np.isfinite(proba).all(axis=1)
+    pred = np.where(ok, np.nan_to_num(proba).argmax(axis=1), -1)
+    wrong = np.flatnonzero(ok & (pred != data.labels))
+    order = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
+    out = []
+    for i in order:
+        thumb = None
+        try:
+            img = Image.fromarray(data.read(int(i)))
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            thumb = buf.getvalue()
+        except Exception:  # noqa: BLE001 - a thumbnail is a courtesy, never a failure
+            thumb = None
+        out.append({"path": data.records[i].path, "label": classes[int(data.labels[i])],
+                    "prediction": classes[int(pred[i])],
+                    "confidence": float(proba[i, pred[i]]), "thumbnail": thumb})
+    return out
+
+
+def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
+                      figures: Mapping[str, bytes] | None = None,
+                      errors: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The HTML of ``RUN/report.html``."""
+    classes = list(config.get("classes", []))
+    splits = [s for s, m in metrics.items()
+              if isinstance(m, Mapping) and "accuracy" in m]
     w = config.get("weights", {})
-    timing = metrics.get("timing", {})
-    params = metrics.get("params", {})
     data = config.get("data", {})
+    parts = [f"<h1>medtl run: {_e(config.get('backbone', ''))}, "
+             f"{_e(config.get('strategy', ''))}</h1>",
+             _summary_paragraph(config, metrics)]
+
+    parts.append("<h2>Data</h2>")
+    parts.append(f"<p><code>{_e(data.get('source'))}</code>, fingerprint "
+                 f"<code>{_e(str(data.get('fingerprint', ''))[:16])}</code></p>")
     counts = data.get("counts", {})
-    count_rows = "".join(
-        f"<tr><td>{html.escape(s)}</td>"
-        + "".join(f"<td>{c.get(k, 0)}</td>" for k in classes) + "</tr>"
-        for s, c in counts.items())
-    return f"""<!DOCTYPE html><html><head><meta charset="utf-8">
-<title>medtl run: {html.escape(config.get('backbone', ''))}</title><style>{_CSS}</style></head>
-<body><h1>medtl run</h1>
-<p>Backbone <code>{html.escape(config.get('backbone', ''))}</code>, strategy
-<code>{html.escape(config.get('strategy', ''))}</code>
-{('head <code>' + html.escape(str(config.get('head'))) + '</code>') if config.get('head') else ''};
-weights {html.escape(str(w.get('kind')))} from <code>{html.escape(str(w.get('source')))}</code>
-(sha256 <code>{html.escape(str(w.get('sha256'))[:16])}…</code>).</p>
-<h2>Data</h2><p><code>{html.escape(str(data.get('source')))}</code>, fingerprint
-<code>{html.escape(str(data.get('fingerprint', ''))[:16])}</code></p>
-<table><tr><th>split</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}</tr>
-{count_rows}</table>
-<h2>Metrics</h2><table><tr><th></th>{head}</tr>{rows}</table>{cms}
-<h2>Cost</h2><table><tr><th>figure</th><th>value</th></tr>
-<tr><td>train time (s)</td><td>{_fmt(timing.get('train_s'))}</td></tr>
-<tr><td>feature extraction (s)</td><td>{_fmt(timing.get('feature_s'))}</td></tr>
-<tr><td>inference (images/s)</td><td>{_fmt(timing.get('predict_images_per_s'))}</td></tr>
-<tr><td>parameters, total</td><td>{_fmt(params.get('total'))}</td></tr>
-<tr><td>parameters, trainable</td><td>{_fmt(params.get('trainable'))}</td></tr></table>
-<p>medtl {html.escape(str(config.get('medtl_version')))}</p></body></html>
-"""
+    if counts:
+        parts.append(_table(["split", *map(_e, classes), "all"], [
+            [_e(s), *(_fmt(c.get(k, 0)) for k in classes), _fmt(sum(c.values()))]
+            for s, c in counts.items()]))
+    if data.get("skipped"):
+        parts.append(f"<p class=note>{len(data['skipped'])} unreadable images skipped.</p>")
+
+    parts.append("<h2>Configuration</h2>")
+    conf_rows = [["backbone", f"<code>{_e(config.get('backbone'))}</code>"],
+                 ["strategy", _e(config.get("strategy"))],
+                 ["head", _e(config.get("head"))],
+                 ["weights", f"{_e(w.get('kind'))} from <code>{_e(w.get('source'))}</code>"],
+                 ["weights sha256", f"<code>{_e(str(w.get('sha256'))[:16])}…</code>"],
+                 ["seed", _e(config.get("seed"))], ["device", _e(config.get("device"))]]
+    pre = config.get("preprocessing") or {}
+    if pre:
+        conf_rows.append(["preprocessing", _e(", ".join(f"{k} {v}" for k, v in pre.items()))])
+    for k, v in (config.get("strategy_params") or {}).items():
+        conf_rows.append([_e(k), _e(v)])
+    cal = config.get("calibration")
+    if cal:
+        conf_rows.append(["calibration", f"temperature {cal['temperature']:.3f} fitted on "
+                                         f"{_e(cal['fitted_on'])}"])
+    parts.append(_table(["setting", "value"], conf_rows, css="kv"))
+
+    parts.append("<h2>Metrics</h2><p class=note>95% confidence intervals in brackets: "
+                 "stratified bootstrap of the images (2,000 resamples). Decisions are the "
+                 "arg-max class unless an operating point says otherwise.</p>")
+    parts.append(_table(["figure", *map(_e, splits)], [
+        [_NAMES.get(k, k), *(_with_ci(metrics[s], k) for s in splits)]
+        for k in ("n", *_FIGURES)]))
+    parts.append(_operating_points_html(metrics, splits))
+    parts.append(_calibration_html(metrics, splits))
+    parts.append(_per_class_html(metrics, splits))
+    parts.append(_per_patient_html(metrics, splits))
+
+    if figures:
+        parts.append("<h2>Plots</h2><div class=figs>" + "".join(
+            f"<figure>{_img(png, cap)}<figcaption>{_e(cap)}</figcaption></figure>"
+            for cap, png in figures.items()) + "</div>")
+    if errors is not None:
+        parts.append(_errors_html(errors, splits[-1] if splits else "test"))
+    parts.append(_cost_html(metrics))
+    parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
+                 f"{_e(config.get('created', ''))}</p>")
+    return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
 
 
-def write_run_report(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any]) -> Path:
+def _summary_paragraph(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    test = metrics.get("test")
+    if not isinstance(test, Mapping):
+        return ""
+    auc = _with_ci(test, "auc")
+    return (f"<p>On {test['n']:,} test images: AUC {auc}, accuracy {_with_ci(test, 'accuracy')}, "
+            f"sensitivity {_with_ci(test, 'sensitivity')}, specificity "
+            f"{_with_ci(test, 'specificity')}.</p>")
+
+
+def _operating_points_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    th = metrics.get("thresholds")
+    if not th:
+        return ""
+    rows = []
+    for s in splits:
+        for name, op in metrics[s].get("operating_points", {}).items():
+            label = _NAMES.get(name, name)
+            if name == "sensitivity_target":
+                label = f"sensitivity ≥ {th['target_sensitivity']:.2f} on val"
+            rows.append([_e(s), label, _fmt(op["threshold"]), _fmt(op["sensitivity"]),
+                         _fmt(op["specificity"]), _fmt(op["ppv"]), _fmt(op["npv"])])
+    if not rows:
+        return ""
+    return ("<h3>Operating points</h3><p class=note>Thresholds on the positive-class "
+            "probability, chosen on validation and applied unchanged to test.</p>"
+            + _table(["split", "operating point", "threshold", "sensitivity", "specificity",
+                      "PPV", "NPV"], rows))
+
+
+def _calibration_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    rows = []
+    for s in splits:
+        cal = metrics[s].get("calibration")
+        if cal:
+            rows.append([_e(s), _fmt(cal["ece"]), _fmt(cal["brier"]),
+                         _fmt(cal.get("ece_uncalibrated")), _fmt(cal.get("brier_uncalibrated"))])
+    if not rows:
+        return ""
+    return ("<h3>Calibration</h3>" + _table(
+        ["split", "ECE", "Brier", "ECE before scaling", "Brier before scaling"], rows))
+
+
+def _per_class_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    out = []
+    for s in splits:
+        pc = metrics[s].get("per_class")
+        if not pc:
+            continue
+        out.append(f"<h3>Per class, {_e(s)}</h3><p class=note>weighted one-vs-rest AUC "
+                   f"{_fmt(metrics[s].get('auc_weighted'))}</p>" + _table(
+                       ["class", "n", "AUC", "sensitivity", "specificity", "precision", "F1"],
+                       [[_e(c), _fmt(v["n"]), _fmt(v["auc"]), _fmt(v["sensitivity"]),
+                         _fmt(v["specificity"]), _fmt(v["precision"]), _fmt(v["f1"])]
+                        for c, v in pc.items()]))
+    return "".join(out)
+
+
+def _per_patient_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    have = [s for s in splits if metrics[s].get("per_patient")]
+    if not have:
+        return ""
+    return ("<h3>Per patient</h3><p class=note>Each patient scored by the mean probability "
+            "of their images.</p>" + _table(
+                ["figure", *map(_e, have)],
+                [[_NAMES.get(k, k), *(_with_ci(metrics[s]["per_patient"], k) for s in have)]
+                 for k in ("n", "auc", "accuracy", "sensitivity", "specificity")]))
+
+
+def _errors_html(errors: Sequence[Mapping[str, Any]], split: str) -> str:
+    if not errors:
+        return f"<h2>Most confident errors, {_e(split)}</h2><p>No errors.</p>"
+    rows = [[(_img(e["thumbnail"], Path(str(e["path"])).name) if e.get("thumbnail") else "–"),
+             f"<code>{_e(_short(e['path']))}</code>", _e(e["label"]), _e(e["prediction"]),
+             _fmt(e["confidence"])] for e in errors]
+    table = _table(["image", "path", "true", "predicted", "confidence"], rows)
+    return (f"<h2>Most confident errors, {_e(split)}</h2><p class=note>The wrong predictions "
+            "the model was surest of: the first place to look for label noise, shortcuts "
+            "and hard cases.</p>" + table.replace("<td><img", "<td class=thumb><img"))
+
+
+def _short(path: str) -> str:
+    """The last three parts of a path: enough to find the file, short enough to read."""
+    parts = Path(str(path)).parts
+    return str(Path(*parts[-3:])) if len(parts) > 3 else str(path)
+
+
+def _cost_html(metrics: Mapping[str, Any]) -> str:
+    timing, params = metrics.get("timing", {}), metrics.get("params", {})
+    return "<h2>Cost</h2>" + _table(["figure", "value"], [
+        ["train time (s)", _fmt(timing.get("train_s"), 1)],
+        ["feature extraction (s)", _fmt(timing.get("feature_s"), 1)],
+        ["inference (images/s)", _fmt(timing.get("predict_images_per_s"), 1)],
+        ["engine", _fmt(timing.get("engine"))],
+        ["parameters, total", _fmt(params.get("total"))],
+        ["parameters, trainable", _fmt(params.get("trainable"))]])
+
+
+def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[str, Any], *,
+                     figures: Mapping[str, bytes] | None = None,
+                     errors: Sequence[Mapping[str, Any]] | None = None) -> Path:
     from medtl.run import atomic_write_text
 
     path = Path(run_dir) / "report.html"
-    atomic_write_text(path, render_run_report(config, metrics))
+    atomic_write_text(path, render_run_report(config, metrics, figures=figures, errors=errors))
     return path
+
+
+# ------------------------------------------------------------------------------ comparison
+def render_comparison(entries: Sequence[Mapping[str, Any]], *,
+                      figures: Mapping[str, bytes] | None = None, split: str = "test") -> str:
+    """The leaderboard page of ``medtl report``.
+
+    ``entries`` are dicts with ``name``, ``config``, ``metrics`` and optionally ``delong``
+    (the DeLong test against the best run, or a reason it could not be computed), best first.
+    """
+    rows, marks = [], []
+    for i, e in enumerate(entries):
+        m, cfg = e["metrics"].get(split, {}), e["config"]
+        timing, params = e["metrics"].get("timing", {}), e["metrics"].get("params", {})
+        d = e.get("delong")
+        if i == 0:
+            delong = "best"
+        elif isinstance(d, Mapping):
+            delong = f"{d['difference']:+.3f}, p = {_p(d['p_value'])}"
+        else:
+            delong = f"<span class=note>{_e(d or '–')}</span>"
+        rows.append([str(i + 1), f"<code>{_e(e['name'])}</code>", _e(cfg.get("backbone")),
+                     _e(cfg.get("strategy")), _with_ci(m, "auc"), delong,
+                     _with_ci(m, "accuracy"), _fmt(m.get("sensitivity")),
+                     _fmt(m.get("specificity")), _fmt(params.get("trainable")),
+                     _fmt(timing.get("train_s"), 1), _fmt(timing.get("predict_images_per_s"), 1)])
+        marks.append("best" if i == 0 else "")
+    body = [f"<h1>medtl: {len(entries)} runs compared on {_e(split)}</h1>",
+            "<p class=note>Ranked by AUC. DeLong's test compares each run's AUC with the best "
+            "run's on the same images (paired; difference and two-sided p-value). 95% "
+            "confidence intervals in brackets.</p>",
+            _table(["#", "run", "backbone", "strategy", "AUC (95% CI)", "vs best: ΔAUC, DeLong",
+                    "accuracy (95% CI)", "sensitivity", "specificity", "trainable params",
+                    "train s", "images/s"], rows, marks)]
+    if figures:
+        body.append("<h2>Plots</h2><div class=figs>" + "".join(
+            f"<figure>{_img(png, cap)}<figcaption>{_e(cap)}</figcaption></figure>"
+            for cap, png in figures.items()) + "</div>")
+    return _page("medtl report", "".join(body))
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"

@@ -30,6 +30,7 @@ __all__ = [
     "pr_png",
     "reliability_png",
     "roc_band",
+    "roc_overlay_png",
     "roc_png",
     "scatter_cost_png",
     "training_curves_png",
@@ -181,14 +182,33 @@ def roc_png(y_true: Any, score: Any, *, auc: float | None = None,
         level = band.get("level", 0.95)
         ax.fill_between(band["fpr"], band["tpr_low"], band["tpr_high"], color="C0", alpha=0.2,
                         linewidth=0, label=f"{level:.0%} bootstrap band")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     ax.plot(fpr, tpr, color="C0", linewidth=2, label=label)
+    _roc_axes(ax, title, fontsize=8)
+    return _png(fig)
+
+
+def _roc_axes(ax: Any, title: str, fontsize: int) -> None:
+    """Chance diagonal, square unit axes, labels and legend of a ROC plot."""
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=title,
            xlabel="1 − specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=fontsize)
+
+
+def roc_overlay_png(curves: Sequence[tuple[str, Any, Any]], *,
+                    title: str = "ROC curves, test") -> bytes:
+    """Several runs' ROC curves on one axis: ``curves`` holds ``(name, labels, score)``."""
+    fig = _figure((5.5, 4.5))
+    ax = fig.add_subplot()
+    for i, (name, y_true, score) in enumerate(curves):
+        y, s = _binary_inputs(y_true, score, f"ROC curve of {name}")
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(fpr, tpr, color=f"C{i % 10}", linewidth=1.5,
+                label=f"{name} (AUC {_trapezoid_auc(fpr, tpr):.3f})")
+    _roc_axes(ax, title, fontsize=7)
     return _png(fig)
 
 
