@@ -22,7 +22,7 @@ td:first-child,th:first-child{text-align:left}code{background:#f6f6f6;padding:0 
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}
 .figs img{max-width:30em;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 .note{color:#555;font-size:.9em}td.thumb img{width:96px;height:96px;object-fit:contain;
-background:#000}.best{background:#eef7ee}table.kv td{text-align:left}"""
+background:#000}.best{background:#eef7ee}table.kv td,table.kv th{text-align:left}"""
 
 _FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision",
             "f1")
