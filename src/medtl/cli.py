@@ -52,6 +52,10 @@ def _metrics_table(title: str, metrics: dict) -> Table:
             continue
         t.add_row(split, str(m["n"]), *(cell(m, k) for k in ("auc", "accuracy", "sensitivity",
                                                            "specificity")))
+        if "per_volume" in m:
+            v = m["per_volume"]
+            t.add_row(f"{split}, per volume", str(v["n"]),
+                      *(cell(v, k) for k in ("auc", "accuracy", "sensitivity", "specificity")))
     return t
 
 
@@ -258,6 +262,14 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share of train carved as validation "
                                                      "when DATA has no val split.")] = 0.2,
     skip_bad: SkipBad = False,
+    window: Annotated[str, typer.Option(help="DICOM/volume window: auto (the file's own, else "
+                                             "min-max) | minmax | lung | mediastinum | "
+                                             "abdomen | brain | bone.")] = "auto",
+    slices: Annotated[str, typer.Option(help="Volumes: middle | all | sample:N slices per "
+                                             "volume (predictions are averaged per "
+                                             "volume).")] = "middle",
+    mode: Annotated[str, typer.Option(help="Volumes: 2d (one slice) | 2.5d (slices k-1, k, "
+                                           "k+1 as the three channels) | mip.")] = "2d",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the "
                                                               "feature cache.")] = False,
     quiet: Quiet = False,
@@ -282,7 +294,8 @@ def train(
                     lr_decay=lr_decay, augment=augment, hflip=not no_hflip, patience=patience,
                     out=out, overwrite=overwrite, resume=resume, seed=seed,
                     device=device, engine=engine, patient_regex=patient_regex,
-                    val_fraction=val_fraction, skip_bad=skip_bad, cache=not no_cache,
+                    val_fraction=val_fraction, skip_bad=skip_bad, window=window,
+                    slices=slices, mode=mode, cache=not no_cache,
                     folds=folds, quiet=quiet)
     if folds is not None:
         out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",

@@ -89,6 +89,8 @@ def _split_metrics(clf, data, split: str, positive: int | None, *,
     metrics = split_summary(data.labels[ok], proba[ok], classes=clf.classes_, positive=positive,
                             patients=[q for q, keep in zip(data.patients, ok, strict=True)
                                       if keep],
+                            volumes=([v for v, keep in zip(data.volumes, ok, strict=True)
+                                      if keep] if any(data.volumes) else None),
                             thresholds=thresholds, seed=seed)
     if getattr(clf, "temperature_", None) is not None and ok.any():
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(
@@ -131,6 +133,9 @@ def train(
     patient_regex: str | None = None,
     val_fraction: float = 0.2,
     skip_bad: bool = False,
+    window: str = "auto",
+    slices: str = "middle",
+    mode: str = "2d",
     cache: bool = True,
     folds: int | None = None,
     quiet: bool = False,
@@ -168,11 +173,12 @@ def train(
         "weights": weights, "in_chans": in_chans, "seed": seed, "epochs": epochs,
         "patient_regex": patient_regex, "val_fraction": val_fraction,
         "target_sensitivity": target_sensitivity,
+        "view": {"window": window, "slices": slices, "mode": mode},
     }
     t_start = time.perf_counter()
     with run_logging(out, quiet, append=resume):
         ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
-                          seed=seed, skip_bad=skip_bad)
+                          seed=seed, skip_bad=skip_bad, window=window, slices=slices, mode=mode)
         for path, reason in ds.skipped:
             log.warning("skipped unreadable image %s: %s", path, reason)
         counts = ds.counts()
@@ -215,6 +221,10 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         log.info("%s: AUC %s %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
                  split, _f(m["auc"]), _ci(m.get("auc_ci95")), m["accuracy"],
                  _f(m["sensitivity"]), _f(m["specificity"]), m["n"])
+        if "per_volume" in m:
+            v = m["per_volume"]
+            log.info("%s per volume (mean slice probability): AUC %s %s, accuracy %.3f (n=%d)",
+                     split, _f(v["auc"]), _ci(v.get("auc_ci95")), v["accuracy"], v["n"])
         for name, op in m.get("operating_points", {}).items():
             log.info("%s at the %s threshold %.3f chosen on val: sensitivity %s, "
                      "specificity %s", split, name, op["threshold"], _f(op["sensitivity"]),
@@ -248,6 +258,7 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         "weights": {"requested": request["weights"], "kind": w.kind, "source": w.source,
                     "sha256": w.sha256},
         "preprocessing": clf.preprocessing_.to_dict(), "in_chans": request["in_chans"],
+        "view": ds.view.to_dict(),
         "classes": ds.classes, "positive_class": None if positive is None
         else ds.classes[positive],
         "seed": request["seed"], "epochs": request["epochs"], "device": clf.device_,
@@ -381,7 +392,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
     source = data if data is not None else d["source"]
     ds = load_dataset(source, patient_regex=d.get("patient_regex"),
                       val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),
-                      skip_bad=skip_bad)
+                      skip_bad=skip_bad, **cfg.get("view", {}))
     if list(ds.classes) != list(cfg["classes"]):
         raise MedtlError(f"{source}: classes {ds.classes} differ from the run's {cfg['classes']}")
     if split not in ds.split_names():
@@ -399,12 +410,16 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
             quiet: bool = False) -> list[dict[str, Any]]:
     """Class probabilities for image files (or folders of them) with a saved run."""
     from medtl.data import dataset_from_files
+    from medtl.data.sources import make_view
 
     run = run if isinstance(run, Run) else load_run(run)
     clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
-    ds = dataset_from_files(inputs, classes=clf.classes_)
+    ds = dataset_from_files(inputs, classes=clf.classes_,
+                            view=make_view(**run.config.get("view", {})))
     proba = clf.predict_proba(ds)
     rows = prediction_rows([r.path for r in ds.records], None, proba, clf.classes_, None)
+    if any(ds.volumes):
+        rows = _with_volume_rows(rows, ds.volumes, proba, clf.classes_)
     if output is not None:
         write_csv(Path(output), rows)
     return rows
@@ -488,6 +503,20 @@ def _delong_against(best: dict[str, Any], other: dict[str, Any]) -> dict[str, An
                          [b[1][p] for p in paths])
     # Sign as "this run minus the best", which is what a leaderboard row reads.
     return {**result, "difference": -result["difference"]}
+
+
+def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],
+                      proba: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Slice rows followed by one row per volume: the mean of its slices' probabilities."""
+    out = [{**r, "level": "slice" if v else "image"} for r, v in zip(rows, volumes, strict=True)]
+    for volume in dict.fromkeys(v for v in volumes if v):
+        idx = [i for i, v in enumerate(volumes) if v == volume]
+        p = proba[idx]
+        p = p[np.isfinite(p).all(axis=1)]
+        mean = p.mean(axis=0) if len(p) else np.full(len(classes), np.nan)
+        row = prediction_rows([volume], None, mean[None, :], classes, None)[0]
+        out.append({**row, "level": "volume"})
+    return out
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

@@ -11,13 +11,39 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.data.readers import read_image, to_rgb_uint8
+from medtl.data.readers import DICOM_EXTENSIONS, read_image, to_rgb_uint8
 from medtl.errors import DataReadError, MedtlError
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
 
 NPZ_SEPARATOR = "::"
 """Separates the .npz file from ``<split>/<index>`` in the path of an npz record."""
+
+SLICE_MARK = "::slice/"
+"""``<volume path>::slice/<k>``: slice ``k`` of a volume (NIfTI file or DICOM series folder)."""
+MIP_MARK = "::mip"
+"""``<volume path>::mip``: the maximum intensity projection of a volume."""
+
+
+@dataclass(frozen=True)
+class View:
+    """How stored pixels become 2-D images: the DICOM/CT window, and for volumes which slices
+    and how (``2d``: one slice; ``2.5d``: slices k-1, k, k+1 as channels; ``mip``)."""
+
+    window: str = "auto"
+    slices: str = "middle"
+    mode: str = "2d"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"window": self.window, "slices": self.slices, "mode": self.mode}
+
+
+def volume_of(path: str) -> str | None:
+    """The volume a slice or MIP record comes from, ``None`` for a plain image."""
+    for mark in (SLICE_MARK, MIP_MARK):
+        if mark in path:
+            return path.split(mark, 1)[0]
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,9 @@ class Dataset:
         *,
         skipped: Iterable[tuple[str, str]] = (),
         arrays: dict[str, np.ndarray] | None = None,
+        view: View | None = None,
         _key_cache: dict[str, str] | None = None,
+        _volumes: _VolumeCache | None = None,
     ) -> None:
         self.records: list[Record] = list(records)
         self.classes: list[str] = list(classes)
@@ -59,6 +87,8 @@ class Dataset:
         # Keyed by "<abs npz path>::<split>" (the record path up to its last "/").
         self._arrays: dict[str, np.ndarray] = arrays if arrays is not None else {}
         self._key_cache: dict[str, str] = _key_cache if _key_cache is not None else {}
+        self.view: View = view or View()
+        self._volumes = _volumes if _volumes is not None else _VolumeCache(self.view)
         n_classes = len(self.classes)
         for r in self.records:
             if not 0 <= r.label < n_classes:
@@ -86,7 +116,9 @@ class Dataset:
             self.source,
             skipped=self.skipped,
             arrays=self._arrays,
+            view=self.view,
             _key_cache=self._key_cache,
+            _volumes=self._volumes,
         )
 
     def split(self, name: str) -> Dataset:
@@ -146,6 +178,11 @@ class Dataset:
     def paths(self) -> list[str]:
         return [r.path for r in self.records]
 
+    @property
+    def volumes(self) -> list[str | None]:
+        """The volume of each record (slices of one volume share it), ``None`` for images."""
+        return [volume_of(r.path) for r in self.records]
+
     # ---- content -----------------------------------------------------------------------------
 
     def _npz_ref(self, path: str) -> tuple[np.ndarray, int] | None:
@@ -161,6 +198,12 @@ class Dataset:
         if ref is not None:
             array, index = ref
             return to_rgb_uint8(array[index])
+        if volume_of(record.path) is not None:
+            return self._volumes.image(record.path)
+        if self.view.window != "auto" and Path(record.path).suffix.lower() in DICOM_EXTENSIONS:
+            from medtl.data.dicom import read_dicom
+
+            return read_dicom(record.path, window=self.view.window)
         return read_image(record.path)
 
     def content_key(self, i: int) -> str:
@@ -174,18 +217,21 @@ class Dataset:
         if cached is not None:
             return cached
         ref = self._npz_ref(path)
+        volume = volume_of(path)
         if ref is not None:
             array, index = ref
             image = np.ascontiguousarray(array[index])
             digest = hashlib.sha256(f"{image.shape}|{image.dtype.str}|".encode())
             digest.update(image.tobytes())
             key = digest.hexdigest()
+        elif volume is not None:
+            # The same slice of the same volume content, shown the same way, is the same image.
+            view = f"|{self.view.window}|{self.view.mode}|{path[len(volume):]}"
+            key = hashlib.sha256((_content_hash(volume) + view).encode()).hexdigest()
         else:
-            try:
-                with open(path, "rb") as fh:
-                    key = hashlib.file_digest(fh, "sha256").hexdigest()
-            except OSError as exc:
-                raise DataReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+            key = _content_hash(path)
+            if self.view.window != "auto" and Path(path).suffix.lower() in DICOM_EXTENSIONS:
+                key = hashlib.sha256(f"{key}|window={self.view.window}".encode()).hexdigest()
         self._key_cache[path] = key
         return key
 
@@ -228,3 +274,55 @@ class Dataset:
                 except ValueError:
                     shown = str(p)
                 writer.writerow([shown, self.classes[r.label], r.patient_id or "", r.split or ""])
+
+
+def _content_hash(path: str) -> str:
+    """sha256 of a file's bytes; of a folder (a DICOM series), over its files' names and bytes."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            digest = hashlib.sha256()
+            for f in sorted(q for q in p.iterdir() if q.is_file()):
+                with open(f, "rb") as fh:
+                    digest.update(f"{f.name}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\n"
+                                  .encode())
+            return digest.hexdigest()
+        with open(p, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        raise DataReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+
+
+class _VolumeCache:
+    """The 2-D images of the last few volumes read, so that reading slice after slice of one
+    volume decodes it once (volumes are listed slice by slice, so a small cache suffices)."""
+
+    def __init__(self, view: View, size: int = 4) -> None:
+        from collections import OrderedDict
+
+        self.view = view
+        self.size = size
+        self._images: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+
+    def image(self, path: str) -> np.ndarray:
+        volume = volume_of(path)
+        assert volume is not None
+        images = self._images.get(volume)
+        if images is None:
+            from medtl.data.volumes import read_volume, volume_slices
+
+            v = self.view
+            data = read_volume(volume)
+            images = volume_slices(data, slices="all" if v.mode != "mip" else "middle",
+                                   mode=v.mode, window=v.window)
+            self._images[volume] = images
+            while len(self._images) > self.size:
+                self._images.popitem(last=False)
+        else:
+            self._images.move_to_end(volume)
+        if MIP_MARK in path:
+            return images[0]
+        k = int(path.rsplit(SLICE_MARK, 1)[1])
+        if not 0 <= k < len(images):
+            raise DataReadError(path, f"slice {k} is outside the volume's {len(images)} slices")
+        return images[k]

@@ -27,8 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.data.dataset import NPZ_SEPARATOR, SPLIT_ORDER, Dataset, Record
-from medtl.data.readers import IMAGE_EXTENSIONS, is_image_file, probe_image
+from medtl.data.dataset import (
+    MIP_MARK,
+    NPZ_SEPARATOR,
+    SLICE_MARK,
+    SPLIT_ORDER,
+    Dataset,
+    Record,
+    View,
+)
+from medtl.data.readers import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_image_file, probe_image
 from medtl.data.splits import (
     KERMANY_PATIENT_REGEX,
     carve_validation,
@@ -39,7 +47,9 @@ from medtl.errors import DataReadError, MedtlError
 
 __all__ = ["KERMANY_PATIENT_REGEX", "load_dataset"]
 
-_EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS)
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+MODES = ("2d", "2.5d", "mip")
+_EXTENSIONS_TEXT = ", ".join((*IMAGE_EXTENSIONS, *VOLUME_SUFFIXES))
 # Folders that zip tools and operating systems leave behind; never classes.
 _JUNK_DIRS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
 
@@ -53,8 +63,19 @@ def load_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     skip_bad: bool = False,
+    window: str = "auto",
+    slices: str = "middle",
+    mode: str = "2d",
 ) -> Dataset:
     """Load DATA: a class-folder tree, a CSV manifest or a MedMNIST-style .npz.
+
+    Volumes (a ``.nii``/``.nii.gz`` file in a class folder or a manifest; a folder of DICOM
+    slices named in a manifest) carry one label each and become one record per chosen slice
+    (``slices``: ``middle``, ``all``, ``sample:N``; ``mode``: ``2d``, ``2.5d``, ``mip``). The
+    slices of one volume always stay in one split (they are grouped as one patient when no
+    patient is known), and evaluation aggregates them per volume. DICOM files without a patient
+    from the manifest or ``patient_regex`` are grouped by their PatientID tag, which is replaced
+    at once by a salted pseudonym (medtl.data.privacy): no identifier reaches a Record.
 
     Args:
         source: a folder ``DATA/<class>/<image>`` or ``DATA/{train,val,test}/<class>/<image>``
@@ -69,6 +90,10 @@ def load_dataset(
         seed: seeds the carved split.
         skip_bad: drop files that fail the cheap load-time check (listed in ``Dataset.skipped``)
             instead of raising :class:`DataReadError`.
+        window: DICOM/volume intensity window: ``auto`` (the file's own window, else min-max),
+            ``minmax``, or a named CT window (``lung``, ``mediastinum``, ``abdomen``, ``brain``,
+            ``bone``).
+        slices, mode: how volumes become 2-D images (above).
 
     Raises:
         MedtlError: a one-line message naming the file or value at fault.
@@ -79,6 +104,7 @@ def load_dataset(
     if not path.exists():
         raise MedtlError(f"{source}: no such file or folder")
     regex = compile_patient_regex(patient_regex) if patient_regex else None
+    view = make_view(window, slices, mode)
 
     if path.is_dir():
         records, classes, arrays = _from_folder(path, regex)
@@ -98,13 +124,116 @@ def load_dataset(
     skipped: list[tuple[str, str]] = []
     if not arrays:
         records, skipped = _probe_files(records, skip_bad)
+        records = _patients_from_dicom(records)
+        records = _expand_volumes(records, view)
     _check_class_sizes(records, classes, str(source))
     records = [replace(r, split="train") if r.split is None else r for r in records]
     _check_labels_in_train(records, classes, str(source))
     splits = {r.split for r in records}
     if "train" in splits and "val" not in splits and val_fraction > 0:
         records = _carve(records, classes, val_fraction, seed)
-    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays)
+    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays, view=view)
+
+
+def make_view(window: str = "auto", slices: str = "middle", mode: str = "2d") -> View:
+    """A validated :class:`View`; a bad option is a one-line :class:`MedtlError`."""
+    from medtl.data.dicom import WINDOW_CHOICES
+    from medtl.errors import check_choice
+
+    check_choice("window", window, WINDOW_CHOICES)
+    check_choice("mode", mode, MODES)
+    slice_indices(1, slices)  # validates the spelling
+    return View(window=window, slices=slices, mode=mode)
+
+
+def slice_indices(depth: int, spec: str) -> list[int]:
+    """Which of ``depth`` slices ``spec`` (``middle``, ``all``, ``sample:N``) chooses."""
+    if spec == "middle":
+        return [depth // 2]
+    if spec == "all":
+        return list(range(depth))
+    m = re.fullmatch(r"sample:(\d+)", spec)
+    if m and int(m.group(1)) >= 1:
+        n = int(m.group(1))
+        return sorted({int(round(x)) for x in np.linspace(0, depth - 1, min(n, depth))})
+    raise MedtlError(f"unknown slices '{spec}'; choose one of: middle, all, sample:N (N >= 1)")
+
+
+# ---- volumes and DICOM patients --------------------------------------------------------------
+
+
+def is_volume_path(path: str | os.PathLike[str]) -> bool:
+    """A NIfTI file, or a folder holding DICOM slices (a series)."""
+    p = Path(path)
+    if p.is_dir():
+        return any(f.suffix.lower() in DICOM_EXTENSIONS for f in p.iterdir() if f.is_file())
+    return p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _volume_depth(path: str) -> int:
+    """Number of slices read_volume will return, from headers only."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(1 for f in p.iterdir() if f.is_file() and f.suffix.lower() in DICOM_EXTENSIONS)
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        shape = img.shape
+        # read_volume reorients to the closest canonical (RAS) axes and stacks along the third.
+        ornt = nib.orientations.io_orientation(img.affine)
+        axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+        return int(shape[axis])
+    except Exception as exc:  # nibabel raises many types on a bad header
+        raise DataReadError(str(p), f"cannot read NIfTI header ({type(exc).__name__}: {exc})"
+                            ) from exc
+
+
+def _expand_volumes(records: list[Record], view: View) -> list[Record]:
+    out: list[Record] = []
+    for r in records:
+        if not is_volume_path(r.path):
+            out.append(r)
+            continue
+        # No patient known: the volume is its own group, so its slices never straddle splits.
+        patient = r.patient_id or f"volume:{Path(r.path).name}"
+        if view.mode == "mip":
+            out.append(replace(r, path=r.path + MIP_MARK, patient_id=patient))
+            continue
+        for k in slice_indices(_volume_depth(r.path), view.slices):
+            out.append(replace(r, path=f"{r.path}{SLICE_MARK}{k}", patient_id=patient))
+    return out
+
+
+def _patients_from_dicom(records: list[Record]) -> list[Record]:
+    """Group DICOM records with no patient by their PatientID (else PatientName) tag, through
+    a salted pseudonym: the identifier itself is never stored."""
+    from medtl.data.privacy import pseudonym
+
+    out = []
+    for r in records:
+        p = Path(r.path)
+        if r.patient_id is None and (p.suffix.lower() in DICOM_EXTENSIONS or p.is_dir()):
+            identifier = _dicom_patient(p)
+            if identifier:
+                r = replace(r, patient_id=pseudonym(identifier))
+        out.append(r)
+    return out
+
+
+def _dicom_patient(path: Path) -> str | None:
+    from medtl.data.dicom import dicom_tags
+
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in DICOM_EXTENSIONS)
+        if not files:
+            return None
+        path = files[0]
+    try:
+        tags = dicom_tags(path)
+    except DataReadError:
+        return None  # the pixel read reports the file properly later
+    return tags.get("patient_id") or tags.get("patient_name") or None
 
 
 # ---- folders ---------------------------------------------------------------------------------
@@ -124,7 +253,7 @@ def _images_under(folder: Path) -> list[Path]:
         rel = f.relative_to(folder).parts
         if any(part.startswith(".") or part in _JUNK_DIRS for part in rel):
             continue
-        if f.is_file() and is_image_file(f):
+        if f.is_file() and (is_image_file(f) or f.name.lower().endswith(VOLUME_SUFFIXES)):
             found.append(f)
     return sorted(found)
 
@@ -223,7 +352,7 @@ def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
         file = Path(raw_path).expanduser()
         if not file.is_absolute():
             file = base / file
-        if not file.is_file():
+        if not (file.is_file() or (file.is_dir() and is_volume_path(file))):
             raise MedtlError(f"{where}: image not found: {raw_path} (looked for {file})")
         split_value = (row.get("split") or "").strip().lower()
         if split_value and split_value not in SPLIT_ORDER:
@@ -332,7 +461,7 @@ def _probe_files(
 ) -> tuple[list[Record], list[tuple[str, str]]]:
     kept, skipped = [], []
     for r in records:
-        reason = probe_image(r.path)
+        reason = None if is_volume_path(r.path) else probe_image(r.path)
         if reason is None:
             kept.append(r)
         elif skip_bad:
@@ -375,7 +504,7 @@ def _carve(records: list[Record], classes: list[str], fraction: float, seed: int
 
 
 def dataset_from_files(
-    inputs: Sequence[str | os.PathLike[str]], classes: Sequence[str]
+    inputs: Sequence[str | os.PathLike[str]], classes: Sequence[str], view: View | None = None
 ) -> Dataset:
     """Unlabelled images to predict: files, and folders searched recursively for images.
 
@@ -391,9 +520,11 @@ def dataset_from_files(
             if not found:
                 raise MedtlError(f"{item}: no images in this folder ({_EXTENSIONS_TEXT})")
             paths.extend(found)
-        elif is_image_file(p):
+        elif is_image_file(p) or p.name.lower().endswith(VOLUME_SUFFIXES):
             paths.append(p)
         else:
             raise MedtlError(f"{item}: not an image file ({_EXTENSIONS_TEXT})")
     records = [Record(str(p.resolve()), 0, None) for p in dict.fromkeys(paths)]
-    return Dataset(records, classes, ", ".join(str(i) for i in inputs))
+    view = view or View()
+    return Dataset(_expand_volumes(records, view), classes,
+                   ", ".join(str(i) for i in inputs), view=view)

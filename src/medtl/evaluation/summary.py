@@ -49,6 +49,7 @@ def split_summary(
     classes: Sequence[str],
     positive: int | None = None,
     patients: Sequence[str | None] | None = None,
+    volumes: Sequence[str | None] | None = None,
     thresholds: dict[str, Any] | None = None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
@@ -58,7 +59,8 @@ def split_summary(
     Adds to ``classification_metrics``: ``*_ci95`` (stratified bootstrap, ``n_resamples``,
     seeded), ``auc_ci95_delong`` (binary), ``calibration`` (ECE, Brier, reliability curve),
     ``operating_points`` (binary, at ``thresholds``), ``per_class`` and ``auc_weighted``
-    (multi-class), and ``per_patient`` (mean probability per patient) when patients are known.
+    (multi-class), ``per_patient`` (mean probability per patient) when patients are known, and
+    ``per_volume`` (mean probability over a volume's slices) for volumes.
     """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=np.float64)
@@ -86,11 +88,12 @@ def split_summary(
         out["operating_points"] = {
             name: stats.operating_point(yb, p[:, pos], thresholds[name])
             for name in ("youden", "sensitivity_target") if name in thresholds}
-    if patients is not None:
-        per_patient = patient_summary(y, p, patients, positive=positive,
-                                      n_resamples=n_resamples, seed=seed)
-        if per_patient is not None:
-            out["per_patient"] = per_patient
+    for name, groups in (("per_patient", patients), ("per_volume", volumes)):
+        if groups is not None:
+            grouped = group_summary(y, p, groups, positive=positive, n_resamples=n_resamples,
+                                    seed=seed)
+            if grouped is not None:
+                out[name] = grouped
     return out
 
 
@@ -124,13 +127,14 @@ def per_class_metrics(y: np.ndarray, p: np.ndarray, classes: Sequence[str]) -> d
     return out
 
 
-def patient_summary(y: np.ndarray, p: np.ndarray, patients: Sequence[str | None], *,
-                    positive: int | None, n_resamples: int, seed: int) -> dict[str, Any] | None:
-    """Figures over patients, each scored by the mean probability of their images.
+def group_summary(y: np.ndarray, p: np.ndarray, patients: Sequence[str | None], *,
+                  positive: int | None, n_resamples: int, seed: int) -> dict[str, Any] | None:
+    """Figures over groups (patients, volumes), each scored by the mean probability of its
+    images.
 
-    ``None`` when no image has a patient, or every patient has a single image (the per-image
-    figures already say it all). Images without a patient count as patients of their own; a
-    patient whose images carry different labels is left out and counted.
+    ``None`` when no image has a group, or every group has a single image (the per-image
+    figures already say it all). Images without a group count as groups of their own; a
+    group whose images carry different labels is left out and counted.
     """
     if not any(patients) or len({q for q in patients if q}) == sum(1 for q in patients if q):
         return None

@@ -183,7 +183,7 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     parts.append(_operating_points_html(metrics, splits))
     parts.append(_calibration_html(metrics, splits))
     parts.append(_per_class_html(metrics, splits))
-    parts.append(_per_patient_html(metrics, splits))
+    parts.append(_per_group_html(metrics, splits))
 
     if figures:
         parts.append("<h2>Plots</h2><div class=figs>" + "".join(
@@ -255,15 +255,19 @@ def _per_class_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
     return "".join(out)
 
 
-def _per_patient_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
-    have = [s for s in splits if metrics[s].get("per_patient")]
-    if not have:
-        return ""
-    return ("<h3>Per patient</h3><p class=note>Each patient scored by the mean probability "
-            "of their images.</p>" + _table(
+def _per_group_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    out = []
+    for key, title, what in (("per_volume", "Per volume", "volume by the mean probability of "
+                              "its slices"),
+                             ("per_patient", "Per patient", "patient by the mean probability "
+                              "of their images")):
+        have = [s for s in splits if metrics[s].get(key)]
+        if have:
+            out.append(f"<h3>{title}</h3><p class=note>Each {what}.</p>" + _table(
                 ["figure", *map(_e, have)],
-                [[_NAMES.get(k, k), *(_with_ci(metrics[s]["per_patient"], k) for s in have)]
+                [[_NAMES.get(k, k), *(_with_ci(metrics[s][key], k) for s in have)]
                  for k in ("n", "auc", "accuracy", "sensitivity", "specificity")]))
+    return "".join(out)
 
 
 def _errors_html(errors: Sequence[Mapping[str, Any]], split: str) -> str:
