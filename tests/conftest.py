@@ -58,3 +58,45 @@ def write_blob_images(root: Path, n_per_class: int = 12, size: int = 48, seed: i
 @pytest.fixture
 def blob_data(tmp_path) -> Path:
     return write_blob_images(tmp_path / "blobs")
+
+
+def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
+    """A minimal uncompressed DICOM file (Explicit VR Little Endian) holding ``pixels``.
+
+    ``pixels``: (H, W) or (frames, H, W) unsigned/signed integers, or (H, W, 3) uint8 RGB.
+    ``tags`` are set on the dataset as given (PatientID=..., RescaleSlope=..., ...).
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    pixels = np.asarray(pixels)
+    rgb = pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.dtype == np.uint8
+    if pixels.ndim == 3 and not rgb:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = (pixels.shape[:2] if rgb else pixels.shape[-2:])
+    ds.SamplesPerPixel = 3 if rgb else 1
+    ds.PhotometricInterpretation = "RGB" if rgb else "MONOCHROME2"
+    if rgb:
+        ds.PlanarConfiguration = 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        data = pixels.astype(np.uint8)
+    else:
+        signed = pixels.min() < 0
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = int(signed)
+        data = pixels.astype(np.int16 if signed else np.uint16)
+    for name, value in tags.items():
+        setattr(ds, name, value)
+    ds.PixelData = data.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,34 +9,11 @@ import medtl
 from medtl.cli import main
 from medtl.data.privacy import pseudonym
 
+from .conftest import write_dicom
+
 pydicom = pytest.importorskip("pydicom")
 
 IDS = {f"p{i}": (f"SECRET-MRN-{7730 + i}", f"Doe^Jane{i}^Q") for i in range(10)}
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, patient_id: str, patient_name: str) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID = patient_id
-    ds.PatientName = patient_name
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.fixture
@@ -47,7 +22,7 @@ def dicom_data(tmp_path):
     named by position only; the identity is in the tags."""
     rng = np.random.default_rng(0)
     root = tmp_path / "dicoms"
-    for k, (patient, (pid, name)) in enumerate(IDS.items()):
+    for k, (pid, name) in enumerate(IDS.values()):
         cls = "disc" if k % 2 else "bar"
         split = "test" if k >= 8 else "train"
         d = root / split / cls
@@ -60,7 +35,8 @@ def dicom_data(tmp_path):
                 img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 3000
             else:
                 img[cy - 2:cy + 2, 4:44] = 3000
-            _write_dicom(d / f"img{k:02d}{j}.dcm", img, pid, name)
+            write_dicom(d / f"img{k:02d}{j}.dcm", img, PatientID=pid, PatientName=name,
+                        Modality="CR", BodyPartExamined="CHEST")
     return root
 
 

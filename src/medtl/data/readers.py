@@ -99,8 +99,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     - 16-bit and float grayscale are min-max scaled to 8 bits.
     - Transparency (RGBA, LA, palette with a transparent colour) is composited onto black, the
       background of radiographs and scans, rather than exposing whatever colour hides under it.
-    - ``.dcm`` files are read with pydicom: modality LUT (RescaleSlope/Intercept), MONOCHROME1
-      inverted, min-max to uint8; a multi-frame file gives its middle frame.
+    - ``.dcm`` files are read with pydicom (medtl.data.dicom): modality LUT, the file's own
+      window when it has one (else min-max), MONOCHROME1 inverted; the middle frame of a
+      multi-frame file.
 
     Raises :class:`DataReadError` (and no other exception type) for a missing, empty, corrupt,
     truncated or unsupported file.
@@ -132,7 +133,16 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataReadError(str(p), f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
+MAX_SIDE = 8000
+"""Images larger than this on a side are reduced while decoding, so memory stays bounded."""
+
+
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    if max(img.size) > MAX_SIDE:
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (draft); the rest is then resampled.
+        img.draft(img.mode, (MAX_SIDE, MAX_SIDE))
+        if max(img.size) > MAX_SIDE:
+            img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
     img = ImageOps.exif_transpose(img)
     if img.mode in _HIGH_DEPTH_MODES:
         return to_rgb_uint8(np.asarray(img))
@@ -144,33 +154,8 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
-def read_dicom(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a DICOM file to ``(H, W, 3)`` uint8 (see :func:`read_image` for the rules)."""
-    p = Path(path)
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut
-    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
-        raise DataReadError(str(p), "reading DICOM needs pydicom: pip install pydicom") from exc
-    try:
-        ds = pydicom.dcmread(p)
-        pixels = ds.pixel_array
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        if frames > 1:
-            # One 2-D image per file is what a classifier takes; the middle slice of a stack is
-            # the most representative single frame.
-            pixels = pixels[frames // 2]
-        if samples == 1:
-            values = apply_modality_lut(pixels, ds).astype(np.float64)
-            if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-                # MONOCHROME1 means low values are white; flip so bone is bright as in MONOCHROME2.
-                values = -values
-            return to_rgb_uint8(values)
-        return to_rgb_uint8(pixels)
-    except DataReadError:
-        raise
-    except Exception as exc:
-        # pydicom raises InvalidDicomError, AttributeError (no pixel data), RuntimeError and
-        # NotImplementedError (no decoder for the transfer syntax), ...: all mean "cannot read".
-        raise DataReadError(str(p), f"cannot decode DICOM ({type(exc).__name__}: {exc})") from exc
+def read_dicom(path: str | os.PathLike[str], *, window: str = "auto") -> np.ndarray:
+    """Decode a DICOM file to ``(H, W, 3)`` uint8: see :func:`medtl.data.dicom.read_dicom`."""
+    from medtl.data.dicom import read_dicom as _read
+
+    return _read(path, window=window)
