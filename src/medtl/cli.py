@@ -172,10 +172,79 @@ def info(
                   str(summary["patients"].get(split, "–")))
     out_console.print(t)
     out_console.print(f"image sizes: {summary['image_sizes']}")
+    out_console.print("modalities: " + ", ".join(f"{k} x{v}" for k, v in
+                                                 summary["modalities"].items()))
     bad = summary["unreadable"]
     out_console.print(f"unreadable images: {len(bad)}")
     for line in bad[:20]:
         out_console.print(f"  {line}")
+
+
+@app.command()
+def check(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
+    patient_regex: PatientRegex = None,
+    near_threshold: Annotated[int, typer.Option(help="Most differing bits (of 256) of the "
+                                                     "perceptual hashes of near-duplicate "
+                                                     "images.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Find what would make results wrong: unreadable files, exact and near-duplicate images
+    (within and across splits), patients in two splits; note class imbalance and mixed sizes.
+    Exit code 1 when a problem is found.
+
+    Example: [bold]medtl check data/chest_xray --patient-regex '(person\\d+|IM-\\d+)'[/bold]
+    """
+    from medtl.data.checks import check_dataset
+
+    result = check_dataset(data, patient_regex=patient_regex, near_threshold=near_threshold,
+                           quiet=quiet or as_json)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_check(result)
+    if result["problems"]:
+        raise typer.Exit(1)
+
+
+def _tail(path: str) -> str:
+    """The file and its folder: enough to find it, short enough for a table."""
+    parts = Path(path).parts
+    return str(Path(*parts[-2:])) if len(parts) > 2 else path
+
+
+def _print_check(result: dict) -> None:
+    t = Table(title=f"medtl check {result['source']}: {result['n_images']} images")
+    t.add_column("problem")
+    t.add_column("count", justify="right")
+    t.add_column("example")
+    for p in result["problems"]:
+        item = p["items"][0]
+        if isinstance(item, list):
+            example = "  =  ".join(f"{_tail(i['path'])} ({i['split']})" for i in item)
+        elif "patients" in item:
+            example = f"{', '.join(item['patients'][:5])} in {' and '.join(item['splits'])}"
+        else:
+            example = f"{_tail(item['path'])}: {item['reason']}"
+        t.add_row(p["kind"], str(p["count"]), example)
+    if result["problems"]:
+        out_console.print(t)
+    else:
+        out_console.print(f"no problems in {result['n_images']} images")
+    if result["patients"]:
+        pt = Table(title="patients")
+        for col in ("split", "patients", "images", "images per patient (min/median/max)",
+                    "patients in several classes"):
+            pt.add_column(col, justify="left" if col == "split" else "right")
+        for split, s in result["patients"].items():
+            ipp = s["images_per_patient"]
+            pt.add_row(split, str(s["patients"]), str(s["images"]),
+                       f"{ipp['min']}/{ipp['median']:g}/{ipp['max']}" if ipp else "–",
+                       str(s["patients_in_several_classes"]))
+        out_console.print(pt)
+    for note in result["notes"]:
+        out_console.print(f"note: {note}", soft_wrap=True)
 
 
 def _cv_table(title: str, cv: dict) -> Table:
