@@ -170,3 +170,24 @@ def test_dicom_series_is_sorted_by_position(tmp_path: Path):
     volume = read_volume(series)
     assert volume.shape == (5, 4, 4)
     assert [float(v[0, 0]) for v in volume] == [0, 10, 20, 30, 40]
+
+
+def test_oversized_inputs_are_refused_or_reduced(tmp_path, monkeypatch):
+    import nibabel as nib
+    from PIL import Image
+
+    import medtl.data.dicom as dicom_module
+    import medtl.data.volumes as volumes_module
+    from medtl.data.readers import read_image
+
+    monkeypatch.setattr(dicom_module, "MAX_BYTES", 16)
+    with pytest.raises(DataReadError, match="too large"):
+        read_dicom(write_dicom(tmp_path / "big.dcm", RAMP))
+    monkeypatch.setattr(volumes_module, "MAX_BYTES", 16)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v.nii")
+    with pytest.raises(DataReadError, match="too large"):
+        read_volume(tmp_path / "v.nii")
+    # 9,000 px wide: reduced while decoding to at most 8,000 px a side.
+    Image.new("L", (9000, 40), 128).save(tmp_path / "wide.png")
+    image = read_image(tmp_path / "wide.png")
+    assert max(image.shape[:2]) <= 8000 and image.shape[2] == 3
