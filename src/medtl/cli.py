@@ -436,6 +436,54 @@ def predict(
 
 
 @app.command()
+def bench(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
+    backbones: Annotated[str, typer.Option(help="Comma-separated backbone names.")]
+    = "mobilenet_v2,efficientnet_lite0",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; hybrid heads "
+                                                 "as hybrid:svm.")]
+    = "feature-extractor,hybrid:logreg,fine-tune,full",
+    seeds: Annotated[int, typer.Option(help="Seeds per cell (0..N-1).")] = 1,
+    jobs: Annotated[int, typer.Option(help="Cells run in this many processes.")] = 1,
+    out: Annotated[Path, typer.Option(help="Bench directory (cells, leaderboard.csv, "
+                                           "report.html).")] = Path("runs/bench"),
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels for every "
+                                                        "cell.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs for every cell.")] = None,
+    patient_regex: PatientRegex = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
+    report. Rerun the same command after an interruption: finished cells are kept.
+
+    Example: [bold]medtl bench data/cxr --backbones mobilenet_v2,efficientnet_lite0
+    --strategies feature-extractor,hybrid:svm,full --seeds 3 --out runs/bench[/bold]
+    """
+    from medtl.bench import bench as run_bench
+
+    path = run_bench(data, backbones=[b for b in backbones.split(",") if b],
+                     strategies=[s for s in strategies.split(",") if s], seeds=seeds,
+                     jobs=jobs, out=out, image_size=image_size, epochs=epochs,
+                     patient_regex=patient_regex, quiet=quiet)
+    import csv
+
+    with open(path / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    t = Table(title=f"medtl bench {data}")
+    for col in ("cell", "AUC", "accuracy", "trainable", "train s"):
+        t.add_column(col, justify="left" if col == "cell" else "right")
+    for r in rows:
+        t.add_row(r["cell"], _num(r["auc"]), _num(r["accuracy"]), r["trainable_params"],
+                  _num(r["train_s"], 1))
+    out_console.print(t)
+    out_console.print(f"leaderboard: {path / 'leaderboard.csv'}  report: {path / 'report.html'}")
+
+
+def _num(text: str, digits: int = 3) -> str:
+    return "–" if text in ("", "None") else f"{float(text):.{digits}f}"
+
+
+@app.command()
 def report(
     runs: Annotated[list[str], typer.Argument(help="Run directories written by `medtl "
                                                    "train`.")],

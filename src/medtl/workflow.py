@@ -425,7 +425,8 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     return rows
 
 
-def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test") -> Path:
+def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
+           title: str | None = None, by_group: bool = False) -> Path:
     """Compare saved runs in one self-contained HTML page: a leaderboard by AUC, with DeLong's
     paired test of each run against the best, a ROC overlay and AUC against training time."""
     from medtl.reporting import plots
@@ -455,13 +456,20 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test") 
     if curves:
         figures[f"ROC curves, {split}"] = plots.roc_overlay_png(curves,
                                                                 title=f"ROC curves, {split}")
-    figures["AUC against training time"] = plots.scatter_cost_png(
-        [{"run": e["name"], "auc": e["metrics"][split].get("auc"),
-          "train_s": e["metrics"].get("timing", {}).get("train_s")} for e in entries])
+    points = [{"run": e["name"], "auc": e["metrics"][split].get("auc"),
+               "train_s": e["metrics"].get("timing", {}).get("train_s"),
+               "strategy": e["config"].get("strategy"), "backbone": e["config"].get("backbone")}
+              for e in entries]
+    figures["AUC against training time"] = plots.scatter_cost_png(points)
+    if by_group:
+        figures["AUC by transfer approach"] = plots.grouped_png(points, group="strategy")
+        figures["AUC by backbone"] = plots.grouped_png(points, group="backbone")
     out = Path(out)
     from medtl.run import atomic_write_text
 
-    atomic_write_text(out, render_comparison(entries, figures=figures, split=split))
+    atomic_write_text(out, render_comparison(entries, figures=figures, split=split,
+                                             title=title, best_per="strategy" if by_group
+                                             else None))
     return out
 
 

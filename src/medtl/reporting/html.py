@@ -54,9 +54,10 @@ def _with_ci(m: Mapping[str, Any], key: str) -> str:
     return text
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, *, wide: bool = False) -> str:
+    style = _CSS + ("body{max-width:90em}table{font-size:.92em}" if wide else "")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n")
+            f"<title>{_e(title)}</title><style>{style}</style></head><body>{body}</body></html>\n")
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -311,7 +312,8 @@ def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[
 
 # ------------------------------------------------------------------------------ comparison
 def render_comparison(entries: Sequence[Mapping[str, Any]], *,
-                      figures: Mapping[str, bytes] | None = None, split: str = "test") -> str:
+                      figures: Mapping[str, bytes] | None = None, split: str = "test",
+                      title: str | None = None, best_per: str | None = None) -> str:
     """The leaderboard page of ``medtl report``.
 
     ``entries`` are dicts with ``name``, ``config``, ``metrics`` and optionally ``delong``
@@ -334,18 +336,39 @@ def render_comparison(entries: Sequence[Mapping[str, Any]], *,
                      _fmt(m.get("specificity")), _fmt(params.get("trainable")),
                      _fmt(timing.get("train_s"), 1), _fmt(timing.get("predict_images_per_s"), 1)])
         marks.append("best" if i == 0 else "")
-    body = [f"<h1>medtl: {len(entries)} runs compared on {_e(split)}</h1>",
+    heading = title or "medtl"
+    body = [f"<h1>{_e(heading)}: {len(entries)} runs compared on {_e(split)}</h1>",
             "<p class=note>Ranked by AUC. DeLong's test compares each run's AUC with the best "
             "run's on the same images (paired; difference and two-sided p-value). 95% "
             "confidence intervals in brackets.</p>",
             _table(["#", "run", "backbone", "strategy", "AUC (95% CI)", "vs best: ΔAUC, DeLong",
                     "accuracy (95% CI)", "sensitivity", "specificity", "trainable params",
                     "train s", "images/s"], rows, marks)]
+    if best_per:
+        body.append(_best_per_html(entries, best_per, split))
     if figures:
         body.append("<h2>Plots</h2><div class=figs>" + "".join(
             f"<figure>{_img(png, cap)}<figcaption>{_e(cap)}</figcaption></figure>"
             for cap, png in figures.items()) + "</div>")
-    return _page("medtl report", "".join(body))
+    return _page(heading, "".join(body), wide=True)
+
+
+def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str) -> str:
+    """The best run of each value of ``config[key]`` (entries come best first), with its
+    DeLong test against the overall best."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for e in entries:
+        seen.setdefault(str(e["config"].get(key)), e)
+    rows = []
+    for value, e in seen.items():
+        d = e.get("delong")
+        vs = ("best overall" if e is entries[0] else
+              f"{d['difference']:+.3f}, p = {_p(d['p_value'])}" if isinstance(d, Mapping)
+              else _e(d or "–"))
+        rows.append([_e(value), f"<code>{_e(e['name'])}</code>",
+                     _with_ci(e["metrics"].get(split, {}), "auc"), vs])
+    return (f"<h2>Best run per {_e(key)}</h2>"
+            + _table([_e(key), "run", "AUC (95% CI)", "vs best: ΔAUC, DeLong"], rows))
 
 
 def _p(p: float) -> str:

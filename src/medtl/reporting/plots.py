@@ -26,6 +26,7 @@ from medtl.errors import MedtlError
 
 __all__ = [
     "confusion_png",
+    "grouped_png",
     "png_to_data_uri",
     "pr_png",
     "reliability_png",
@@ -476,4 +477,31 @@ def scatter_cost_png(points: Sequence[Mapping[str, Any]], *, x: str = "train_s",
     ax.margins(x=0.15, y=0.1)
     ax.set(xlabel=f"{xname}, log scale", ylabel=yname)
     ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def grouped_png(points: Sequence[Mapping[str, Any]], *, group: str, y: str = "auc",
+                title: str | None = None) -> bytes:
+    """One column per value of ``group`` (e.g. strategy, backbone), each run a dot, the
+    group's mean a bar: the "performance by approach / by backbone" figure of the reviews."""
+    yname = _AXIS_NAMES.get(y, y)
+    kept = [(str(p.get(group)), v) for p in points if (v := _num(p.get(y))) is not None]
+    fig = _figure((max(4.0, 1.1 * len({g for g, _ in kept}) + 1.5), 4.0))
+    ax = fig.add_subplot()
+    ax.set_title(title or f"{yname} by {group}")
+    if not kept:
+        _note(ax, f"no runs with {y}")
+        return _png(fig)
+    names = list(dict.fromkeys(g for g, _ in kept))
+    for i, name in enumerate(names):
+        values = np.array([v for g, v in kept if g == name])
+        ax.bar(i, values.mean(), width=0.6, color="C0", alpha=0.25)
+        jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(i + jitter, values, color="C0", zorder=3, s=18)
+    lows = [v for _, v in kept]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03) if y != "train_s"
+                else max(lows) * 1.1)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set(ylabel=yname)
+    ax.grid(alpha=0.3, axis="y")
     return _png(fig)

@@ -1,0 +1,157 @@
+"""``medtl bench``: the reviews' experiment, backbones x transfer approaches (x seeds), as one
+resumable command.
+
+Each cell is an ordinary run directory under ``OUT/cells/``; a cell whose ``config.json`` exists
+is finished (train writes it last) and is never computed again, so an interrupted bench is
+simply run again. Frozen features are shared between cells through medtl's feature cache. The
+leaderboard and the report are rebuilt from the cells' files at the end of every bench.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from medtl.errors import MedtlError
+from medtl.run import write_csv
+
+log = logging.getLogger("medtl")
+
+LEADERBOARD_FIELDS = ("cell", "backbone", "strategy", "head", "seed", "auc", "auc_ci95_low",
+                      "auc_ci95_high", "accuracy", "sensitivity", "specificity",
+                      "trainable_params", "total_params", "train_s", "images_per_s", "run_dir")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: ``strategy`` may carry a hybrid head as ``hybrid:svm``."""
+
+    backbone: str
+    strategy: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}-{self.strategy.replace(':', '-')}-seed{self.seed}"
+
+    def options(self) -> dict[str, Any]:
+        strategy, _, head = self.strategy.partition(":")
+        opts: dict[str, Any] = {"backbone": self.backbone, "strategy": strategy,
+                                "seed": self.seed}
+        if head:
+            opts["head"] = head
+        return opts
+
+
+def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) -> list[Cell]:
+    """Every (backbone, strategy, seed), validated before anything runs."""
+    from medtl.models.registry import get_spec
+    from medtl.transfer.strategies import STRATEGIES
+
+    if not backbones or not strategies:
+        raise MedtlError("medtl bench: name at least one backbone and one strategy")
+    if seeds < 1:
+        raise MedtlError(f"--seeds {seeds}: at least 1")
+    for b in backbones:
+        get_spec(b)
+    for s in strategies:
+        name, _, head = s.partition(":")
+        if name not in STRATEGIES:
+            raise MedtlError(f"unknown strategy '{name}' in --strategies; choose from: "
+                             f"{', '.join(STRATEGIES)}")
+        if head and name != "hybrid":
+            raise MedtlError(f"'{s}': only hybrid takes a head (hybrid:logreg|svm|rf|knn)")
+    return [Cell(b, s, k) for b in backbones for s in strategies for k in range(seeds)]
+
+
+def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[str],
+          out: str | Path, seeds: int = 1, jobs: int = 1, quiet: bool = False,
+          **train_options: Any) -> Path:
+    """Run every cell not finished yet, then write ``leaderboard.csv`` and ``report.html``.
+
+    ``train_options`` go to every cell's :func:`medtl.workflow.train` (image_size, epochs,
+    patient_regex, folds, ...). ``jobs`` > 1 runs cells in that many processes.
+    """
+    cells = grid(backbones, strategies, seeds)
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cells if not (out / "cells" / c.name / "config.json").is_file()]
+    log.info("bench: %d cells, %d finished before, %d to run", len(cells), len(cells) - len(todo),
+             len(todo))
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    if jobs > 1 and len(todo) > 1:
+        # spawn: a forked child would inherit torch's thread pools and locks half-initialised.
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_cell, str(data), c, str(out), train_options): c
+                       for c in todo}
+            for future in as_completed(futures):
+                failures += future.result()
+    else:
+        for c in todo:
+            failures += _run_cell(str(data), c, str(out), {**train_options, "quiet": quiet})
+    log.info("bench: %d cells run in %.0f s", len(todo), time.perf_counter() - t0)
+    rows = leaderboard(out, cells)
+    write_csv(out / "leaderboard.csv", rows)
+    from medtl.workflow import report
+
+    finished = [out / "cells" / c.name for c in cells
+                if (out / "cells" / c.name / "config.json").is_file()]
+    if finished:
+        report(finished, out / "report.html", title=f"medtl bench: {Path(str(data)).name}",
+               by_group=True)
+    if failures:
+        raise MedtlError("bench: some cells failed (rerun to retry them):\n  " +
+                         "\n  ".join(failures))
+    return out
+
+
+def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[str]:
+    """Train one cell; a half-written cell directory from an earlier attempt is replaced,
+    or resumed from its checkpoint when it has one. Returns failure messages."""
+    from medtl.workflow import train
+
+    cell_dir = Path(out) / "cells" / cell.name
+    resume = any(cell_dir.rglob("*.pt")) if cell_dir.exists() else False
+    if cell_dir.exists() and not resume:
+        shutil.rmtree(cell_dir)
+    try:
+        train(data, out=cell_dir, resume=resume, **cell.options(),
+              **{"quiet": True, **options})
+    except MedtlError as exc:
+        return [f"{cell.name}: {exc}"]
+    return []
+
+
+def leaderboard(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """One row per finished cell, best test AUC first (validation when there is no test)."""
+    from medtl.run import Run
+
+    rows = []
+    for c in cells:
+        path = Path(out) / "cells" / c.name
+        if not (path / "config.json").is_file():
+            continue
+        m = Run(path).metrics
+        split = "test" if "test" in m else "val"
+        s = m.get(split, {})
+        ci = s.get("auc_ci95") or [None, None]
+        timing, params = m.get("timing", {}), m.get("params", {})
+        rows.append({"cell": c.name, "backbone": c.backbone, "strategy": c.options()["strategy"],
+                     "head": c.options().get("head", ""), "seed": c.seed, "auc": s.get("auc"),
+                     "auc_ci95_low": ci[0], "auc_ci95_high": ci[1],
+                     "accuracy": s.get("accuracy"), "sensitivity": s.get("sensitivity"),
+                     "specificity": s.get("specificity"),
+                     "trainable_params": params.get("trainable"),
+                     "total_params": params.get("total"), "train_s": timing.get("train_s"),
+                     "images_per_s": timing.get("predict_images_per_s"),
+                     "run_dir": str(path)})
+    rows.sort(key=lambda r: -(r["auc"] if r["auc"] is not None else -1.0))
+    return rows

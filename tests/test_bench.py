@@ -1,0 +1,91 @@
+"""medtl bench: a 2 x 2 grid killed mid-way and rerun recomputes nothing it had finished."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medtl.bench import grid
+from medtl.errors import MedtlError
+
+from .conftest import write_blob_images
+
+ARGS = ["--backbones", "mobilenet_v2,efficientnet_lite0",
+        "--strategies", "feature-extractor,hybrid:logreg", "--image-size", "64",
+        "--patient-regex", r"(p\d+)", "--quiet"]
+
+
+def _bench_process(data: Path, out: Path, env: dict) -> subprocess.Popen:
+    code = "import sys; from medtl.cli import main; main(sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, "bench", str(data), "--out", str(out),
+                             *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_killed_bench_reruns_only_its_unfinished_cells(tmp_path):
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    out = tmp_path / "bench"
+    env = {**os.environ, "MEDTL_CACHE_DIR": str(tmp_path / "cache"), "MEDTL_OFFLINE": "1"}
+    proc = _bench_process(data, out, env)
+    cells = out / "cells"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(cells.glob("*/config.json"))) >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/config.json")}
+    assert 1 <= len(finished) < 4
+    assert not (out / "leaderboard.csv").exists()
+
+    rerun = _bench_process(data, out, env)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err.decode()[-2000:]
+    after = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/config.json")}
+    assert len(after) == 4
+    for name, mtime in finished.items():
+        assert after[name] == mtime, f"{name} was computed again"
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["cell"] for r in rows) == sorted(after)
+    assert all(float(r["auc"]) > 0.5 for r in rows)
+    aucs = [float(r["auc"]) for r in rows]
+    assert aucs == sorted(aucs, reverse=True)
+    page = (out / "report.html").read_text()
+    assert "Best run per strategy" in page and "AUC by transfer approach" in page
+
+
+def test_the_grid_is_validated_before_anything_runs():
+    assert len(grid(["mobilenet_v2"], ["hybrid:svm", "full"], seeds=3)) == 6
+    with pytest.raises(MedtlError, match="unknown strategy"):
+        grid(["mobilenet_v2"], ["finetune"])
+    with pytest.raises(MedtlError, match="only hybrid takes a head"):
+        grid(["mobilenet_v2"], ["full:svm"])
+    with pytest.raises(MedtlError):
+        grid(["no_such_net"], ["full"])
+
+
+def test_the_bench_report_renders_in_chromium_and_requests_nothing(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medtl.bench import bench
+
+    from .reporting.chromium import screenshot
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["feature-extractor",
+                                                               "hybrid:logreg"],
+                out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", quiet=True)
+    png = tmp_path / "bench.png"
+    assert screenshot(out / "report.html", png) == []
+    shot = np.asarray(Image.open(png).convert("L"))
+    assert (shot < 128).mean() > 0.005
