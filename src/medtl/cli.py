@@ -484,6 +484,44 @@ def _num(text: str, digits: int = 3) -> str:
 
 
 @app.command()
+def recommend(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
+    patient_regex: PatientRegex = None,
+    modality: Annotated[str | None, typer.Option(help="What the images are (e.g. X-ray, CT, "
+                                                      "dermoscopy), when not DICOM.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """A starting configuration and a short grid for DATA, each with its reason from the
+    reviews (Kim et al. 2022; Morid et al. 2021 as a hypothesis).
+
+    Example: [bold]medtl recommend data/chest_xray --patient-regex '(person\\d+|IM-\\d+)'
+    --modality X-ray[/bold]
+    """
+    from medtl.data import load_dataset
+    from medtl.transfer.recommend import dataset_stats, format_options
+    from medtl.transfer.recommend import recommend as advise
+
+    stats = dataset_stats(load_dataset(data, patient_regex=patient_regex, val_fraction=0))
+    if modality:
+        stats.modality = modality
+    rec = advise(stats)
+    if as_json:
+        print(json.dumps(rec.to_dict(), indent=2))
+        return
+    out_console.print(f"{stats.n_images} images, classes {stats.per_class}, patients "
+                      f"{stats.n_patients or 'unknown'}, median side {stats.median_side} px, "
+                      f"modality {stats.modality or 'unknown'}")
+    out_console.print(f"\n[bold]start:[/bold] medtl train {data} "
+                      f"{format_options(rec.start.options)}", soft_wrap=True)
+    out_console.print(f"  why: {rec.start.reason}", soft_wrap=True)
+    out_console.print("\n[bold]then compare:[/bold]")
+    for a in rec.grid:
+        out_console.print(f"  {format_options(a.options)}\n    why: {a.reason}", soft_wrap=True)
+    for note in rec.notes:
+        out_console.print(f"note: {note}", soft_wrap=True)
+
+
+@app.command()
 def report(
     runs: Annotated[list[str], typer.Argument(help="Run directories written by `medtl "
                                                    "train`.")],
