@@ -89,3 +89,19 @@ def test_the_bench_report_renders_in_chromium_and_requests_nothing(tmp_path):
     assert screenshot(out / "report.html", png) == []
     shot = np.asarray(Image.open(png).convert("L"))
     assert (shot < 128).mean() > 0.005
+
+
+def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is optional: pip install 'medtl[ray]'")
+    from medtl.bench import bench
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    # Ray's workers are new processes: they find the cache and offline mode in the environment.
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
+                out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", ray="local",
+                quiet=True)
+    cells = sorted(p.parent.name for p in (out / "cells").glob("*/config.json"))
+    assert cells == ["mobilenet_v2-hybrid-knn-seed0", "mobilenet_v2-hybrid-logreg-seed0"]
+    with open(out / "leaderboard.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2

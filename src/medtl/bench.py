@@ -72,12 +72,14 @@ def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) ->
 
 
 def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[str],
-          out: str | Path, seeds: int = 1, jobs: int = 1, quiet: bool = False,
-          **train_options: Any) -> Path:
+          out: str | Path, seeds: int = 1, jobs: int = 1, ray: str | None = None,
+          quiet: bool = False, **train_options: Any) -> Path:
     """Run every cell not finished yet, then write ``leaderboard.csv`` and ``report.html``.
 
     ``train_options`` go to every cell's :func:`medtl.workflow.train` (image_size, epochs,
-    patient_regex, folds, ...). ``jobs`` > 1 runs cells in that many processes.
+    patient_regex, folds, ...). ``jobs`` > 1 runs cells in that many processes; ``ray`` runs
+    them as Ray tasks on the cluster at that address (``local`` starts one on this machine);
+    every node must see ``data`` and ``out`` at the same paths (a shared file system).
     """
     cells = grid(backbones, strategies, seeds)
     out = Path(out)
@@ -87,7 +89,9 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
              len(todo))
     failures: list[str] = []
     t0 = time.perf_counter()
-    if jobs > 1 and len(todo) > 1:
+    if ray is not None and todo:
+        failures += _run_on_ray(ray, str(data), todo, str(out), train_options)
+    elif jobs > 1 and len(todo) > 1:
         # spawn: a forked child would inherit torch's thread pools and locks half-initialised.
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, str(data), c, str(out), train_options): c
@@ -128,6 +132,27 @@ def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[
     except MedtlError as exc:
         return [f"{cell.name}: {exc}"]
     return []
+
+
+def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
+                options: dict[str, Any]) -> list[str]:
+    """Each cell as a Ray task (one CPU each); Ray schedules them over the cluster's nodes."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise MedtlError("--ray needs Ray: pip install 'medtl[ray]' (or pip install ray)"
+                         ) from exc
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=None if address == "local" else address, include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
+    try:
+        task = ray.remote(num_cpus=1)(_run_cell)
+        results = ray.get([task.remote(data, c, out, options) for c in todo])
+    finally:
+        if started_here:
+            ray.shutdown()
+    return [msg for r in results for msg in r]
 
 
 def leaderboard(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:

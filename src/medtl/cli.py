@@ -445,6 +445,10 @@ def bench(
     = "feature-extractor,hybrid:logreg,fine-tune,full",
     seeds: Annotated[int, typer.Option(help="Seeds per cell (0..N-1).")] = 1,
     jobs: Annotated[int, typer.Option(help="Cells run in this many processes.")] = 1,
+    ray: Annotated[str | None, typer.Option(help="Run cells as Ray tasks on the cluster at "
+                                                 "this address ('local': a Ray on this "
+                                                 "machine); needs a shared file system.")]
+    = None,
     out: Annotated[Path, typer.Option(help="Bench directory (cells, leaderboard.csv, "
                                            "report.html).")] = Path("runs/bench"),
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels for every "
@@ -463,7 +467,7 @@ def bench(
 
     path = run_bench(data, backbones=[b for b in backbones.split(",") if b],
                      strategies=[s for s in strategies.split(",") if s], seeds=seeds,
-                     jobs=jobs, out=out, image_size=image_size, epochs=epochs,
+                     jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
                      patient_regex=patient_regex, quiet=quiet)
     import csv
 
