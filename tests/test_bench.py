@@ -105,3 +105,15 @@ def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, monkeypatch):
     assert cells == ["mobilenet_v2-hybrid-knn-seed0", "mobilenet_v2-hybrid-logreg-seed0"]
     with open(out / "leaderboard.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_jobs_run_cells_in_parallel_processes(tmp_path, monkeypatch):
+    from medtl.bench import bench
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
+                out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", jobs=2,
+                quiet=True)
+    assert len(list((out / "cells").glob("*/config.json"))) == 2
+    assert (out / "report.html").is_file()
