@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -117,3 +118,20 @@ def test_jobs_run_cells_in_parallel_processes(tmp_path, monkeypatch):
                 quiet=True)
     assert len(list((out / "cells").glob("*/config.json"))) == 2
     assert (out / "report.html").is_file()
+
+
+def test_cross_validated_cells_rank_on_their_out_of_fold_predictions(tmp_path, monkeypatch):
+    from medtl.bench import bench
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
+                out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", folds=2,
+                quiet=True)
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        cv = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["cv"]
+        assert float(r["auc"]) == pytest.approx(cv["mean"]["auc"])
+    page = (out / "report.html").read_text()
+    assert "compared on out-of-fold" in page and "p = " in page

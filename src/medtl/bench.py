@@ -110,7 +110,7 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
                 if (out / "cells" / c.name / "config.json").is_file()]
     if finished:
         report(finished, out / "report.html", title=f"medtl bench: {Path(str(data)).name}",
-               by_group=True)
+               by_group=True, split="out-of-fold" if train_options.get("folds") else "test")
     if failures:
         raise MedtlError("bench: some cells failed (rerun to retry them):\n  " +
                          "\n  ".join(failures))
@@ -165,9 +165,12 @@ def leaderboard(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         if not (path / "config.json").is_file():
             continue
         m = Run(path).metrics
-        split = "test" if "test" in m else "val"
-        s = m.get(split, {})
-        ci = s.get("auc_ci95") or [None, None]
+        if "cv" in m:  # cross-validated cell: the mean over folds (sd in auc_sd)
+            s, ci = m["cv"]["mean"], [None, None]
+            m = {**m, "timing": {}, "params": {}}
+        else:
+            s = m.get("test" if "test" in m else "val", {})
+            ci = s.get("auc_ci95") or [None, None]
         timing, params = m.get("timing", {}), m.get("params", {})
         rows.append({"cell": c.name, "backbone": c.backbone, "strategy": c.options()["strategy"],
                      "head": c.options().get("head", ""), "seed": c.seed, "auc": s.get("auc"),

@@ -454,6 +454,8 @@ def bench(
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels for every "
                                                         "cell.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs for every cell.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validate every cell with K "
+                                                   "patient-grouped folds.")] = None,
     patient_regex: PatientRegex = None,
     quiet: Quiet = False,
 ) -> None:
@@ -468,7 +470,7 @@ def bench(
     path = run_bench(data, backbones=[b for b in backbones.split(",") if b],
                      strategies=[s for s in strategies.split(",") if s], seeds=seeds,
                      jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
-                     patient_regex=patient_regex, quiet=quiet)
+                     patient_regex=patient_regex, folds=folds, quiet=quiet)
     import csv
 
     with open(path / "leaderboard.csv", newline="") as f:

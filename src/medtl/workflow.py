@@ -436,6 +436,9 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
         raise MedtlError("medtl report: name at least one run directory")
     entries = []
     for path in runs:
+        if (Path(path) / "folds").is_dir() and (Path(path) / "config.json").is_file():
+            entries.append(_cv_entry(Path(path), split))
+            continue
         run = load_run(path)
         metrics = run.metrics
         if split not in metrics:
@@ -471,6 +474,30 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
                                              title=title, best_per="strategy" if by_group
                                              else None))
     return out
+
+
+def _cv_entry(path: Path, split: str) -> dict[str, Any]:
+    """A cross-validation run as a report entry: its out-of-fold predictions (every train + val
+    image, each scored by the fold that held it out) stand in for ``split``, so runs
+    cross-validated on the same data can be ranked and compared with DeLong's test."""
+    run = Run(path)
+    cfg = dict(run.config)
+    classes = cfg["classes"]
+    positive = len(classes) - 1 if len(classes) == 2 else None
+    cfg.setdefault("positive_class", classes[positive] if positive is not None else None)
+    cfg.setdefault("strategy", cfg.get("params", {}).get("strategy"))
+    rows = run.predictions()
+    ok = [r for r in rows if r.get(f"prob_{classes[0]}") not in (None, "")]
+    y = np.array([classes.index(r["label"]) for r in ok])
+    proba = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in ok])
+    folds = [Run(f) for f in sorted((path / "folds").glob("fold-*"))
+             if (f / "config.json").is_file()]
+    timing = {"train_s": sum(f.metrics.get("timing", {}).get("train_s") or 0 for f in folds)}
+    params = folds[0].metrics.get("params", {}) if folds else {}
+    return {"name": path.name, "run": run, "config": cfg,
+            "metrics": {split: split_summary(y, proba, classes=classes, positive=positive),
+                        "timing": timing, "params": params},
+            "rows": [{**r, "split": split} for r in ok]}
 
 
 def _labels_scores(entry: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]] | None:
