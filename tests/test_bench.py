@@ -29,6 +29,14 @@ def _bench_process(data: Path, out: Path, env: dict) -> subprocess.Popen:
                              *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.fixture
+def blobs(tmp_path, monkeypatch) -> Path:
+    """A tiny two-class image tree, and a feature cache of this test's own (in the
+    environment, so that worker processes use it too)."""
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    return write_blob_images(tmp_path / "blobs", n_per_class=12)
+
+
 def test_a_killed_bench_reruns_only_its_unfinished_cells(tmp_path):
     data = write_blob_images(tmp_path / "blobs", n_per_class=12)
     out = tmp_path / "bench"
@@ -92,13 +100,11 @@ def test_the_bench_report_renders_in_chromium_and_requests_nothing(tmp_path):
     assert (shot < 128).mean() > 0.005
 
 
-def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, monkeypatch):
+def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, blobs):
     pytest.importorskip("ray", reason="Ray is optional: pip install 'medtl[ray]'")
     from medtl.bench import bench
 
-    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
-    # Ray's workers are new processes: they find the cache and offline mode in the environment.
-    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    data = blobs  # Ray's workers are new processes: the fixture's cache is in the environment
     out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
                 out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", ray="local",
                 quiet=True)
@@ -108,11 +114,10 @@ def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, monkeypatch):
         assert len(list(csv.DictReader(f))) == 2
 
 
-def test_jobs_run_cells_in_parallel_processes(tmp_path, monkeypatch):
+def test_jobs_run_cells_in_parallel_processes(tmp_path, blobs):
     from medtl.bench import bench
 
-    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
-    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    data = blobs
     out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
                 out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", jobs=2,
                 quiet=True)
@@ -120,11 +125,10 @@ def test_jobs_run_cells_in_parallel_processes(tmp_path, monkeypatch):
     assert (out / "report.html").is_file()
 
 
-def test_cross_validated_cells_rank_on_their_out_of_fold_predictions(tmp_path, monkeypatch):
+def test_cross_validated_cells_rank_on_their_out_of_fold_predictions(tmp_path, blobs):
     from medtl.bench import bench
 
-    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
-    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    data = blobs
     out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
                 out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", folds=2,
                 quiet=True)
