@@ -171,6 +171,8 @@ def info(
         t.add_row(split, *(str(counts.get(c, 0)) for c in summary["classes"]),
                   str(summary["patients"].get(split, "–")))
     out_console.print(t)
+    if summary.get("patient_structure"):
+        out_console.print(_patient_table(summary["patient_structure"]))
     out_console.print(f"image sizes: {summary['image_sizes']}")
     out_console.print("modalities: " + ", ".join(f"{k} x{v}" for k, v in
                                                  summary["modalities"].items()))
@@ -184,20 +186,21 @@ def info(
 def check(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
     patient_regex: PatientRegex = None,
-    near_threshold: Annotated[int, typer.Option(help="Most differing bits (of 256) of the "
-                                                     "perceptual hashes of near-duplicate "
-                                                     "images.")] = 20,
+    near_threshold: Annotated[int, typer.Option(
+        min=0, max=64, help="Most differing bits (of 256) between the perceptual hashes of "
+                            "near-duplicate images (0-64).")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Find what would make results wrong: unreadable files, exact and near-duplicate images
-    (within and across splits), patients in two splits; note class imbalance and mixed sizes.
-    Exit code 1 when a problem is found.
+    (within and across splits), patients in several splits; note class imbalance, mixed sizes
+    and formats, and the patient structure. Exit code 1 when a problem is found.
 
     Example: [bold]medtl check data/chest_xray --patient-regex '(person\\d+|IM-\\d+)'[/bold]
     """
-    from medtl.data.checks import check_dataset
+    from medtl.data import check_dataset
 
+    # --json output is for scripts: no progress bar to mix into it.
     result = check_dataset(data, patient_regex=patient_regex, near_threshold=near_threshold,
                            quiet=quiet or as_json)
     if as_json:
@@ -214,37 +217,52 @@ def _tail(path: str) -> str:
     return str(Path(*parts[-2:])) if len(parts) > 2 else path
 
 
+def _check_example(problem: dict) -> str:
+    item = problem["items"][0]
+    if "patient" in item:
+        return f"{item['patient']} in {' and '.join(item['splits'])}"
+    if "images" in item:
+        sep = "  ~  " if "distance" in item else "  =  "
+        shown = sep.join(f"{_tail(i['path'])} ({i['split']})" for i in item["images"][:3])
+        return shown + (f"  ({item['distance']} bits)" if "distance" in item else "")
+    return f"{_tail(item['path'])}: {item['reason']}"
+
+
+def _patient_table(structure: dict) -> Table:
+    t = Table(title="patients")
+    for col in ("split", "patients", "images", "images per patient (min/median/max)",
+                "patients in several classes"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for split, s in structure.items():
+        ipp = s["images_per_patient"]
+        t.add_row(split, str(s["patients"]), str(s["images"]),
+                  f"{ipp['min']}/{ipp['median']:g}/{ipp['max']}" if ipp else "–",
+                  str(s["patients_in_several_classes"]))
+    return t
+
+
 def _print_check(result: dict) -> None:
-    t = Table(title=f"medtl check {result['source']}: {result['n_images']} images")
-    t.add_column("problem")
-    t.add_column("count", justify="right")
-    t.add_column("example")
-    for p in result["problems"]:
-        item = p["items"][0]
-        if isinstance(item, list):
-            example = "  =  ".join(f"{_tail(i['path'])} ({i['split']})" for i in item)
-        elif "patients" in item:
-            example = f"{', '.join(item['patients'][:5])} in {' and '.join(item['splits'])}"
-        else:
-            example = f"{_tail(item['path'])}: {item['reason']}"
-        t.add_row(p["kind"], str(p["count"]), example)
-    if result["problems"]:
+    summary, problems = result["summary"], result["problems"]
+    if problems:
+        t = Table(title=f"medtl check {result['source']}: {summary['images']} images")
+        t.add_column("problem")
+        t.add_column("count", justify="right")
+        t.add_column("example")
+        for p in problems:
+            kind = f"[red]{p['kind']}[/red]" if p["leakage"] else p["kind"]
+            t.add_row(kind, str(p["count"]), _check_example(p))
         out_console.print(t)
-    else:
-        out_console.print(f"no problems in {result['n_images']} images")
-    if result["patients"]:
-        pt = Table(title="patients")
-        for col in ("split", "patients", "images", "images per patient (min/median/max)",
-                    "patients in several classes"):
-            pt.add_column(col, justify="left" if col == "split" else "right")
-        for split, s in result["patients"].items():
-            ipp = s["images_per_patient"]
-            pt.add_row(split, str(s["patients"]), str(s["images"]),
-                       f"{ipp['min']}/{ipp['median']:g}/{ipp['max']}" if ipp else "–",
-                       str(s["patients_in_several_classes"]))
-        out_console.print(pt)
+        for p in problems:
+            out_console.print(f"{p['kind']}: {p['message']}", soft_wrap=True, highlight=False)
+    if summary["patients"]:
+        out_console.print(_patient_table(summary["patients"]))
     for note in result["notes"]:
-        out_console.print(f"note: {note}", soft_wrap=True)
+        out_console.print(f"note: {note}", soft_wrap=True, highlight=False)
+    if problems:
+        out_console.print(f"{len(problems)} kind(s) of problem found (--json lists every "
+                          "file)")
+    else:
+        out_console.print(f"no problems in {summary['images']} images")
 
 
 def _cv_table(title: str, cv: dict) -> Table:

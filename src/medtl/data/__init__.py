@@ -1,6 +1,6 @@
 """Data: load image sources into a :class:`Dataset`, read images, split by patient."""
 
-from medtl.data.checks import dataset_summary
+from medtl.data.checks import check_dataset, dataset_summary
 from medtl.data.dataset import Dataset, Record
 from medtl.data.readers import IMAGE_EXTENSIONS, read_image
 from medtl.data.samples import DEMO_PATIENT_REGEX, demo_data_path
@@ -22,6 +22,7 @@ __all__ = [
     "Record",
     "assert_no_patient_overlap",
     "carve_validation",
+    "check_dataset",
     "dataset_from_files",
     "dataset_summary",
     "demo_data_path",

@@ -11,8 +11,11 @@ from typing import Any
 import numpy as np
 
 from medtl.console import progress_bar
+from medtl.data.dataset import NPZ_SEPARATOR, Dataset, Record, volume_of
+from medtl.data.readers import DICOM_EXTENSIONS
 from medtl.data.sources import load_dataset
-from medtl.errors import DataReadError
+from medtl.data.splits import patient_overlap
+from medtl.errors import DataReadError, MedtlError
 
 
 def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None = None,
@@ -48,6 +51,7 @@ def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None
         "classes": ds.classes,
         "counts": ds.counts(),
         "patients": patients,
+        "patient_structure": _patient_structure(ds),
         "image_sizes": dict(sizes.most_common(10)),
         "distinct_image_sizes": len(sizes),
         "modalities": dict(modalities),
@@ -56,76 +60,357 @@ def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None
 
 
 HASH_SIZE = 16
-"""pHash side: 16 gives 256 bits, fine enough to tell chest X-rays of different people apart."""
+"""pHash side: 16 x 16 = 256 bits. 64-bit hashes cannot tell chest X-rays apart: on the 5,840
+Kermany X-rays half of the images have another patient's X-ray within 8 of 64 bits (pHash) or
+2 of 64 (dHash), closer than a re-encoded copy of themselves."""
+HASH_BITS = HASH_SIZE * HASH_SIZE
 NEAR_THRESHOLD = 20
-"""Most differing pHash bits (of 256) for two images to count as near-duplicates. Measured on
-1,500 Kermany training X-rays: a copy resized to 180 px and re-encoded as JPEG quality 70 differs
-by at most 6 bits (mean 2); the nearest X-ray of another patient by at least 42."""
-_BLOCK = 256  # rows per block: 256 x n x 32 bytes of XOR at a time
+"""Most differing pHash bits (of 256) for two images to count as near-duplicates. Measured on all
+5,840 Kermany X-rays (224 px JPEG, ../shared/data/chest_xray_kermany_224): a copy resized to
+180 px and re-saved at JPEG quality 70 differs by at most 10 bits (99th percentile 6, mean 2.1;
+1,460 copies), a harsher one (112 px, quality 50) by at most 16; the nearest X-ray of another
+patient (byte-identical files aside) by at least 38 (0.1th percentile 42, median 72)."""
+MAX_NEAR_THRESHOLD = 64
+"""Above a quarter of the bits, unrelated images start to match and the pairs to explode."""
+_BLOCK_WORDS = 1 << 20  # 64-bit words of XOR per block (8 MiB): the fastest size measured
+_BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
 
 
 def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None = None,
                   near_threshold: int = NEAR_THRESHOLD, quiet: bool = False) -> dict[str, Any]:
-    """Problems (exit 1 in ``medtl check``) and notes about DATA, as a JSON-ready dict.
+    """Problems (``medtl check`` exits 1 when there are any), notes and a summary of DATA.
 
-    Problems: unreadable files; exact duplicates (same content hash) and near-duplicates
-    (perceptual hash within ``near_threshold`` bits), across splits (leakage) or within one;
-    patients in more than one split. Notes: class balance per split, mixed image sizes and
-    modes, and the patient structure. Near-duplicates compare every pair of 256-bit hashes
-    in numpy blocks: seconds for 10,000 images, minutes beyond 50,000.
+    Problems, each ``{kind, leakage, count, message, paths, items}``:
+
+    - ``unreadable``: files that fail the load-time probe or the full decode;
+    - ``duplicate_across_splits`` / ``duplicate_within_split``: byte-identical files
+      (:meth:`Dataset.content_key`); across splits the model is tested on training images,
+      within one they count twice;
+    - ``near_duplicate_across_splits`` / ``near_duplicate_within_split``: pairs whose 256-bit
+      perceptual hashes (imagehash pHash) differ in at most ``near_threshold`` bits (see
+      :data:`NEAR_THRESHOLD` for how the default was measured), byte-identical pairs aside;
+    - ``patient_in_several_splits``: patients (``patient_regex`` or a manifest's column) with
+      images in more than one split.
+
+    Notes (never a failure): class imbalance per split, classes missing from a split, mixed
+    image sizes and pixel formats, unknown patients, patients with images in several classes.
+    The summary holds counts, class balance, the patient structure per split (patients, images
+    per patient, patients in several classes), image sizes and pixel formats.
+
+    The splits are taken as the source gives them (no validation carved). Every image is
+    decoded once and hashed from that decode. Near-duplicates compare all n(n-1)/2 pairs of
+    hashes in numpy blocks: under a second for 5,840 images, about 4 s for 20,000; the time
+    grows as n squared (about 1.5 min for 100,000, extrapolated).
+
+    Raises:
+        MedtlError: a bad source or a threshold outside 0..:data:`MAX_NEAR_THRESHOLD`.
     """
-    import imagehash
-    from PIL import Image
-
-    from medtl.data.splits import patient_overlap
-
-    # As given: no validation carved, unreadable files listed rather than fatal.
+    if not 0 <= near_threshold <= MAX_NEAR_THRESHOLD:
+        raise MedtlError(f"near threshold must be 0 to {MAX_NEAR_THRESHOLD} bits (of "
+                         f"{HASH_BITS}), got {near_threshold}")
+    # As given: a carved validation split would be medtl's choice, not the data's; files that
+    # fail the load-time probe are findings here, not a reason to stop.
     ds = load_dataset(source, patient_regex=patient_regex, skip_bad=True, val_fraction=0)
+    base = _base_folder(source)
     unreadable = [{"path": p, "reason": why} for p, why in ds.skipped]
-    hashes, ok, sizes, modes = [], [], Counter(), Counter()
+    decoded: list[int] = []
+    keys: list[str] = []
+    hashes: list[np.ndarray] = []
+    sizes: Counter[str] = Counter()
+    formats: Counter[str] = Counter()
     with progress_bar("checking images", len(ds), quiet=quiet) as advance:
         for i in range(len(ds)):
             try:
                 img = ds.read(i)
+                key = ds.content_key(i)
             except DataReadError as exc:
                 unreadable.append({"path": exc.path, "reason": exc.reason})
-                advance(1)
-                continue
-            sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
-            modes[_source_mode(ds.records[i].path)] += 1
-            grey = Image.fromarray(img).convert("L")
-            hashes.append(np.packbits(imagehash.phash(grey, hash_size=HASH_SIZE).hash.ravel()))
-            ok.append(i)
+            else:
+                decoded.append(i)
+                keys.append(key)
+                hashes.append(perceptual_hash(img))
+                sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+                formats[_pixel_format(ds.records[i].path)] += 1
             advance(1)
-    records = [ds.records[i] for i in ok]
 
     problems: list[dict[str, Any]] = []
     if unreadable:
-        problems.append({"kind": "unreadable", "count": len(unreadable), "items": unreadable})
-    exact: dict[str, list[int]] = defaultdict(list)
-    for k, i in enumerate(ok):
-        exact[ds.content_key(i)].append(k)
-    exact_groups = [g for g in exact.values() if len(g) > 1]
-    same_content = {frozenset(g) for g in exact_groups}
-    near_pairs = [(a, b, d) for a, b, d in _near_pairs(np.array(hashes), near_threshold)
-                  if not any({a, b} <= g for g in same_content)]
-    for kind, groups in (("exact duplicate", [[records[k] for k in g] for g in exact_groups]),
-                         ("near duplicate", [[records[a], records[b]] for a, b, _ in near_pairs])):
-        across = [g for g in groups if len({r.split for r in g}) > 1]
-        within = [g for g in groups if len({r.split for r in g}) == 1]
-        for where, chosen in ((" across splits (leakage)", across), (" within a split", within)):
-            if chosen:
-                problems.append({"kind": kind + where, "count": len(chosen), "items": [
-                    [{"path": r.path, "split": r.split} for r in g] for g in chosen]})
-    leaks = [(a, b, sorted(patient_overlap(ds, a, b))) for a, b in _split_pairs(ds)]
-    leaks = [(a, b, ids) for a, b, ids in leaks if ids]
-    if leaks:
-        problems.append({"kind": "patient in two splits", "count": sum(len(i) for *_, i in leaks),
-                         "items": [{"splits": [a, b], "patients": ids} for a, b, ids in leaks]})
-    return {"source": str(source), "n_images": len(ds), "classes": ds.classes,
-            "counts": ds.counts(), "problems": problems,
-            "notes": _notes(ds, sizes, modes), "patients": _patient_structure(ds),
-            "near_threshold": near_threshold}
+        first = unreadable[0]
+        problems.append(_problem(
+            "unreadable", False, unreadable, [u["path"] for u in unreadable],
+            f"{len(unreadable)} file(s) cannot be read or decoded (e.g. "
+            f"{_shown(first['path'], base)}: {first['reason']})"))
+    problems += _exact_duplicates(ds, decoded, keys, base)
+    bits = np.array(hashes, dtype=np.uint8).reshape(len(hashes), HASH_BITS // 8)
+    problems += _near_duplicates(ds, decoded, keys, bits, near_threshold, base)
+    problems += _patients_in_several_splits(ds, base)
+
+    structure = _patient_structure(ds)
+    counts = ds.counts()
+    balance = {split: _balance(c) for split, c in counts.items()}
+    summary = {
+        "images": len(ds) + len(ds.skipped),
+        "decoded": len(decoded),
+        "classes": ds.classes,
+        "counts": counts,
+        "class_balance": balance,
+        "patients": structure,
+        "image_sizes": dict(sizes.most_common(10)),
+        "distinct_image_sizes": len(sizes),
+        "pixel_formats": dict(formats.most_common()),
+        "near_duplicates": {"hash": f"pHash {HASH_BITS} bits (imagehash)",
+                            "threshold": near_threshold},
+    }
+    notes = _notes(ds, counts, balance, sizes, formats, structure)
+    return {"source": str(source), "problems": problems, "notes": notes, "summary": summary}
+
+
+def perceptual_hash(image: np.ndarray) -> np.ndarray:
+    """The 256-bit pHash of an ``(H, W, 3)`` uint8 image, packed into 32 bytes.
+
+    pHash (low frequencies of the DCT of a 64 x 64 grey thumbnail) survives resizing and JPEG
+    re-encoding; flips, crops and rotations are not caught.
+    """
+    import imagehash
+    from PIL import Image
+
+    grey = Image.fromarray(image).convert("L")
+    return np.packbits(imagehash.phash(grey, hash_size=HASH_SIZE).hash.ravel())
+
+
+def _problem(kind: str, leakage: bool, items: list[dict[str, Any]], paths: list[str],
+             message: str) -> dict[str, Any]:
+    return {"kind": kind, "leakage": leakage, "count": len(items), "message": message,
+            "paths": sorted(set(paths)), "items": items}
+
+
+def _image(ds: Dataset, r: Record) -> dict[str, Any]:
+    return {"path": r.path, "split": r.split, "label": ds.classes[r.label],
+            "patient": r.patient_id}
+
+
+def _in_split_order(ds: Dataset, records: list[Record]) -> list[Record]:
+    """Train before val before test, then by path: examples read in the order data flows."""
+    order = {s: k for k, s in enumerate(ds.split_names())}
+    return sorted(records, key=lambda r: (order.get(r.split or "", len(order)), r.path))
+
+
+def _splits_of(ds: Dataset, records: list[Record]) -> list[str]:
+    present = {r.split for r in records}
+    return [s for s in ds.split_names() if s in present]
+
+
+def _exact_duplicates(ds: Dataset, decoded: list[int], keys: list[str],
+                      base: str) -> list[dict[str, Any]]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for i, key in zip(decoded, keys, strict=True):
+        groups[key].append(ds.records[i])
+    found: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    for recs in groups.values():
+        if len(recs) > 1:
+            recs = _in_split_order(ds, recs)
+            splits = _splits_of(ds, recs)
+            found[len(splits) > 1].append({
+                "splits": splits, "conflicting_labels": len({r.label for r in recs}) > 1,
+                "images": [_image(ds, r) for r in recs]})
+    out = []
+    for across, items in found.items():
+        if not items:
+            continue
+        example = " = ".join(_shown(im["path"], base) for im in items[0]["images"])
+        conflicts = sum(it["conflicting_labels"] for it in items)
+        why = ("the model would be tested on images it trained on" if across
+               else "each counts, and weighs in training, more than once")
+        message = (f"{len(items)} group(s) of byte-identical files "
+                   f"{'span splits' if across else 'within one split'}: {why}"
+                   + (f"; {conflicts} with different labels" if conflicts else "")
+                   + f" (e.g. {example})")
+        out.append(_problem("duplicate_across_splits" if across else "duplicate_within_split",
+                            across, items,
+                            [im["path"] for it in items for im in it["images"]], message))
+    return out
+
+
+def _near_duplicates(ds: Dataset, decoded: list[int], keys: list[str], bits: np.ndarray,
+                     threshold: int, base: str) -> list[dict[str, Any]]:
+    found: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    rows, cols, dists = _near_pairs(bits, threshold)
+    order = np.lexsort((cols, rows, dists))  # closest first, then in file order
+    for a, b, d in zip(rows[order].tolist(), cols[order].tolist(), dists[order].tolist(),
+                       strict=True):
+        if keys[a] == keys[b]:
+            continue  # byte-identical: already a duplicate
+        recs = _in_split_order(ds, [ds.records[decoded[a]], ds.records[decoded[b]]])
+        splits = _splits_of(ds, recs)
+        found[len(splits) > 1].append({
+            "distance": d, "splits": splits,
+            "conflicting_labels": recs[0].label != recs[1].label,
+            "images": [_image(ds, r) for r in recs]})
+    out = []
+    for across, items in found.items():
+        if not items:
+            continue
+        first = items[0]
+        example = (" ~ ".join(_shown(im["path"], base) for im in first["images"])
+                   + f", {first['distance']} bits")
+        why = ("a resized or re-encoded copy is still the same image, so the model would be "
+               "tested on images it trained on" if across
+               else "probably the same image twice")
+        message = (f"{len(items)} pair(s) of near-identical images (perceptual hashes within "
+                   f"{threshold} of {HASH_BITS} bits) "
+                   f"{'span splits' if across else 'within one split'}: {why} (e.g. {example})")
+        out.append(_problem(
+            "near_duplicate_across_splits" if across else "near_duplicate_within_split",
+            across, items, [im["path"] for it in items for im in it["images"]], message))
+    return out
+
+
+def _near_pairs(bits: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows ``i < j`` of ``bits`` (packed hashes, a multiple of 8 bytes each) that differ in at
+    most ``threshold`` bits, and their distances.
+
+    Every pair is compared: the upper triangle of the distance matrix, a block of rows at a
+    time, so memory stays near ``_BLOCK_WORDS`` words whatever the number of images.
+    """
+    words = np.ascontiguousarray(bits).view(np.uint64)
+    n, width = words.shape
+    rows_per_block = max(1, _BLOCK_WORDS // max(1, n * width))
+    found_i, found_j, found_d = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [
+        np.zeros(0, np.int32)]
+    for start in range(0, n, rows_per_block):
+        block = words[start:start + rows_per_block]
+        dist = _popcount(block[:, None, :] ^ words[None, start:, :]).sum(axis=2, dtype=np.int32)
+        r, c = np.nonzero(dist <= threshold)
+        keep = c > r  # column c is image start + c, row r is image start + r
+        r, c = r[keep], c[keep]
+        found_i.append(start + r)
+        found_j.append(start + c)
+        found_d.append(dist[r, c])
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per element of an unsigned array, last axis widened to bytes on old numpy."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0; the project allows 1.26
+        return np.bitwise_count(x)
+    return _BYTE_BITS[np.ascontiguousarray(x).view(np.uint8)]
+
+
+def _patients_in_several_splits(ds: Dataset, base: str) -> list[dict[str, Any]]:
+    names = ds.split_names()
+    pairs = {(a, b): patient_overlap(ds, a, b) for k, a in enumerate(names)
+             for b in names[k + 1:]}
+    leaked = sorted({p for ids in pairs.values() for p in ids})
+    if not leaked:
+        return []
+    images: dict[str, list[Record]] = defaultdict(list)
+    chosen = set(leaked)
+    for r in _in_split_order(ds, ds.records):
+        if r.patient_id in chosen:
+            images[r.patient_id].append(r)
+    items = [{"patient": p, "splits": _splits_of(ds, images[p]),
+              "images": [_image(ds, r) for r in images[p]]} for p in leaked]
+    where = ", ".join(f"{a} and {b}: {len(ids)}" for (a, b), ids in pairs.items() if ids)
+    first = items[0]
+    example = f"{first['patient']}: " + ", ".join(_shown(im["path"], base)
+                                                   for im in first["images"][:3])
+    message = (f"{len(leaked)} patient(s) have images in more than one split ({where}): "
+               f"split by patient so that none is on both sides (e.g. {example})")
+    return [_problem("patient_in_several_splits", True, items,
+                     [im["path"] for it in items for im in it["images"]], message)]
+
+
+def _balance(counts: dict[str, int]) -> float | None:
+    """Minority over majority class size among the classes present; None if only one is."""
+    values = [v for v in counts.values() if v]
+    return round(min(values) / max(values), 3) if len(values) > 1 else None
+
+
+def _notes(ds: Dataset, counts: dict[str, dict[str, int]], balance: dict[str, float | None],
+           sizes: Counter[str], formats: Counter[str],
+           structure: dict[str, Any] | None) -> list[str]:
+    notes = []
+    for split, c in counts.items():
+        ratio = balance[split]
+        if ratio is not None and ratio < 0.5:
+            shown = ", ".join(f"{k} {v}" for k, v in c.items())
+            notes.append(f"{split}: classes imbalanced ({shown}; minority/majority {ratio:.2f} "
+                         "< 0.5): medtl weights classes 'balanced' automatically; read "
+                         "balanced accuracy and AUC rather than accuracy")
+        missing = [k for k, v in c.items() if not v]
+        if missing:
+            notes.append(f"{split}: no images of {', '.join(missing)}")
+    if len(sizes) > 1:
+        notes.append(f"{len(sizes)} different image sizes (most common: "
+                     f"{', '.join(f'{k} x{v}' for k, v in sizes.most_common(3))}); all are "
+                     "resized to the backbone's input")
+    if len(formats) > 1:
+        notes.append("mixed pixel formats in the files: "
+                     f"{', '.join(f'{k} x{v}' for k, v in formats.most_common())}; all are "
+                     "decoded to 8-bit RGB")
+    if structure is None:
+        notes.append("patients unknown: pass --patient-regex (or a manifest patient_id column) "
+                     "so that splits and checks can group images by patient")
+    else:
+        several = {s: v["patients_in_several_classes"] for s, v in structure.items()
+                   if v["patients_in_several_classes"]}
+        if several:
+            notes.append("patients with images in several classes ("
+                         f"{', '.join(f'{s}: {n}' for s, n in several.items())}): expected for "
+                         "follow-up images, a labelling error otherwise")
+    return notes
+
+
+def _patient_structure(ds: Dataset) -> dict[str, Any] | None:
+    """Per split: patients, images, images per patient (min/median/max), patients in several
+    classes; None when no image has a patient."""
+    if not any(ds.patients):
+        return None
+    out: dict[str, Any] = {}
+    for split in ds.split_names():
+        part = [r for r in ds.records if r.split == split]
+        per = Counter(r.patient_id for r in part if r.patient_id)
+        classes: dict[str, set[int]] = defaultdict(set)
+        for r in part:
+            if r.patient_id:
+                classes[r.patient_id].add(r.label)
+        n = sorted(per.values())
+        out[split] = {
+            "patients": len(per), "images": len(part),
+            "images_per_patient": ({"min": n[0], "median": float(np.median(n)), "max": n[-1]}
+                                   if n else None),
+            "patients_in_several_classes": sum(1 for c in classes.values() if len(c) > 1)}
+    return out
+
+
+def _base_folder(source: str | os.PathLike[str]) -> str:
+    """Where paths in messages are shown from: the data folder, or the manifest's folder."""
+    p = Path(os.path.abspath(source))
+    return str(p if p.is_dir() else p.parent)
+
+
+def _shown(path: str, base: str) -> str:
+    """A path relative to the data folder when under it: short enough for one line."""
+    prefix = base.rstrip(os.sep) + os.sep
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def _pixel_format(path: str) -> str:
+    """The stored pixel format: Pillow's mode for image files, else the container."""
+    from PIL import Image
+
+    if volume_of(path) is not None:
+        return "volume"
+    if NPZ_SEPARATOR in path:
+        return "array"
+    p = Path(path)
+    if p.suffix.lower() in DICOM_EXTENSIONS:
+        return "DICOM"
+    try:
+        with Image.open(p) as img:  # header only: the pixels were decoded already
+            return img.mode
+    except Exception:  # noqa: BLE001 - the decode succeeded; this is only a label
+        return "unknown"
 
 
 def _modality(path: str) -> str:
@@ -148,77 +433,3 @@ def _modality(path: str) -> str:
         return "array"
     return p.suffix.lower().lstrip(".") or "unknown"
 
-
-def _near_pairs(h: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
-    """(i, j, distance) for i < j whose packed hashes differ in at most ``threshold`` bits."""
-    pairs = []
-    for start in range(0, len(h), _BLOCK):
-        block = h[start:start + _BLOCK]
-        dist = np.bitwise_count(block[:, None, :] ^ h[None, :, :]).sum(axis=2, dtype=np.int32)
-        rows, cols = np.nonzero(dist <= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            if start + r < c:
-                pairs.append((start + r, c, int(dist[r, c])))
-    return pairs
-
-
-def _split_pairs(ds) -> list[tuple[str, str]]:
-    names = ds.split_names()
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-
-
-def _source_mode(path: str) -> str:
-    """The stored pixel format: Pillow's mode for image files, else the container."""
-    from PIL import Image
-
-    p = Path(path)
-    if p.suffix.lower() == ".dcm":
-        return "DICOM"
-    if "::" in path:
-        return "volume" if "::slice/" in path or "::mip" in path else "array"
-    try:
-        with Image.open(p) as img:
-            return img.mode
-    except Exception:  # noqa: BLE001 - the decode above succeeded; this is only a label
-        return "unknown"
-
-
-def _notes(ds, sizes: Counter, modes: Counter) -> list[str]:
-    notes = []
-    for split, counts in ds.counts().items():
-        values = [v for v in counts.values() if v]
-        if values and min(values) / max(values) < 0.5:
-            shown = ", ".join(f"{k} {v}" for k, v in counts.items())
-            notes.append(f"{split}: classes imbalanced ({shown}; minority/majority "
-                         f"{min(values) / max(values):.2f} < 0.5): medtl weights classes "
-                         "'balanced' automatically")
-    if len(sizes) > 1:
-        notes.append(f"{len(sizes)} different image sizes (most common: "
-                     f"{', '.join(f'{k} x{v}' for k, v in sizes.most_common(3))}); all are "
-                     "resized to the backbone's input")
-    if len(modes) > 1:
-        notes.append(f"mixed pixel formats: {', '.join(f'{k} x{v}' for k, v in modes.items())}")
-    if not any(ds.patients):
-        notes.append("patients unknown: pass --patient-regex (or a manifest patient_id column) "
-                     "so that splits and checks can group images by patient")
-    return notes
-
-
-def _patient_structure(ds) -> dict[str, Any] | None:
-    if not any(ds.patients):
-        return None
-    out: dict[str, Any] = {}
-    for split in ds.split_names():
-        part = ds.split(split)
-        per = Counter(p for p in part.patients if p)
-        classes = defaultdict(set)
-        for r in part.records:
-            if r.patient_id:
-                classes[r.patient_id].add(r.label)
-        n = sorted(per.values())
-        out[split] = {"patients": len(per), "images": len(part),
-                      "images_per_patient": {"min": n[0], "median": float(np.median(n)),
-                                             "max": n[-1]} if n else None,
-                      "patients_in_several_classes": sum(1 for c in classes.values()
-                                                         if len(c) > 1)}
-    return out
