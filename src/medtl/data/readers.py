@@ -55,6 +55,14 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
 
 def _minmax_uint8(a: np.ndarray) -> np.ndarray:
     f = a.astype(np.float64)
+    finite = np.isfinite(f)
+    if not finite.all():
+        # NaN/inf in float images (damaged or masked data) would make the whole image NaN:
+        # scale by the finite values, NaN to black, +-inf to the ends.
+        if not finite.any():
+            return np.zeros(a.shape, dtype=np.uint8)
+        lo, hi = float(f[finite].min()), float(f[finite].max())
+        f = np.nan_to_num(f, nan=lo, posinf=hi, neginf=lo)
     lo, hi = float(f.min()), float(f.max())
     if hi <= lo:
         # A constant image carries no contrast; black is as good as any value and avoids 0/0.
@@ -99,6 +107,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     - 16-bit and float grayscale are min-max scaled to 8 bits.
     - Transparency (RGBA, LA, palette with a transparent colour) is composited onto black, the
       background of radiographs and scans, rather than exposing whatever colour hides under it.
+    - Images over :data:`MAX_SIDE` pixels on a side are reduced while decoding (aspect kept),
+      so memory stays bounded; one that Pillow refuses as a decompression bomb is a
+      :class:`DataReadError` saying it is too large.
     - ``.dcm`` files are read with pydicom (medtl.data.dicom): modality LUT, the file's own
       window when it has one (else min-max), MONOCHROME1 inverted; the middle frame of a
       multi-frame file.
@@ -121,7 +132,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
             str(p), "cannot identify image file (not an image, or a format Pillow cannot read)"
         ) from exc
     except Image.DecompressionBombError as exc:
-        raise DataReadError(str(p), f"image too large ({exc})") from exc
+        raise DataReadError(str(p), f"image too large to decode safely ({exc})") from exc
     except OSError as exc:
         # Pillow reports a cut-off file as OSError("image file is truncated ...").
         msg = str(exc)
@@ -137,13 +148,23 @@ MAX_SIDE = 8000
 """Images larger than this on a side are reduced while decoding, so memory stays bounded."""
 
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+def _reduce(img: Image.Image) -> Image.Image:
+    """``img`` reduced (aspect kept) to at most :data:`MAX_SIDE` a side, else unchanged."""
+    w, h = img.size
+    if max(w, h) <= MAX_SIDE:
+        return img
+    ratio = MAX_SIDE / max(w, h)
+    target = (max(1, int(w * ratio)), max(1, int(h * ratio)))
+    # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (draft never goes below the target), so a
+    # huge JPEG is never held at full size; other formats ignore draft and are box-averaged.
+    img.draft(img.mode, target)
     if max(img.size) > MAX_SIDE:
-        # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (draft); the rest is then resampled.
-        img.draft(img.mode, (MAX_SIDE, MAX_SIDE))
-        if max(img.size) > MAX_SIDE:
-            img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
-    img = ImageOps.exif_transpose(img)
+        img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BOX)
+    return img
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(_reduce(img))
     if img.mode in _HIGH_DEPTH_MODES:
         return to_rgb_uint8(np.asarray(img))
     if img.mode == "P" and "transparency" in img.info:
@@ -154,8 +175,12 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
-def read_dicom(path: str | os.PathLike[str], *, window: str = "auto") -> np.ndarray:
-    """Decode a DICOM file to ``(H, W, 3)`` uint8: see :func:`medtl.data.dicom.read_dicom`."""
+def read_dicom(path: str | os.PathLike[str], *, window: str = "auto",
+               frame: int | None = None) -> np.ndarray:
+    """Decode a DICOM file to ``(H, W, 3)`` uint8: see :func:`medtl.data.dicom.read_dicom`.
+
+    Kept here for existing callers; the DICOM logic lives in :mod:`medtl.data.dicom`.
+    """
     from medtl.data.dicom import read_dicom as _read
 
-    return _read(path, window=window)
+    return _read(path, window=window, frame=frame)

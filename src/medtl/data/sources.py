@@ -43,6 +43,7 @@ from medtl.data.splits import (
     compile_patient_regex,
     patient_from_name,
 )
+from medtl.data.volumes import is_volume_path, slice_indices
 from medtl.errors import DataReadError, MedtlError
 
 __all__ = ["KERMANY_PATIENT_REGEX", "load_dataset"]
@@ -146,28 +147,7 @@ def make_view(window: str = "auto", slices: str = "middle", mode: str = "2d") ->
     return View(window=window, slices=slices, mode=mode)
 
 
-def slice_indices(depth: int, spec: str) -> list[int]:
-    """Which of ``depth`` slices ``spec`` (``middle``, ``all``, ``sample:N``) chooses."""
-    if spec == "middle":
-        return [depth // 2]
-    if spec == "all":
-        return list(range(depth))
-    m = re.fullmatch(r"sample:(\d+)", spec)
-    if m and int(m.group(1)) >= 1:
-        n = int(m.group(1))
-        return sorted({int(round(x)) for x in np.linspace(0, depth - 1, min(n, depth))})
-    raise MedtlError(f"unknown slices '{spec}'; choose one of: middle, all, sample:N (N >= 1)")
-
-
 # ---- volumes and DICOM patients --------------------------------------------------------------
-
-
-def is_volume_path(path: str | os.PathLike[str]) -> bool:
-    """A NIfTI file, or a folder holding DICOM slices (a series)."""
-    p = Path(path)
-    if p.is_dir():
-        return any(f.suffix.lower() in DICOM_EXTENSIONS for f in p.iterdir() if f.is_file())
-    return p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def _volume_depth(path: str) -> int:
