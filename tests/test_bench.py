@@ -139,3 +139,13 @@ def test_cross_validated_cells_rank_on_their_out_of_fold_predictions(tmp_path, b
         assert float(r["auc"]) == pytest.approx(cv["mean"]["auc"])
     page = (out / "report.html").read_text()
     assert "compared on out-of-fold" in page and "p = " in page
+
+
+def test_a_bad_path_is_one_error_before_any_cell_runs(tmp_path, capsys):
+    from medtl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", str(tmp_path / "nope"), "--out", str(tmp_path / "bench")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.count("no such file or folder") == 1
+    assert not (tmp_path / "bench").exists()

@@ -82,6 +82,11 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
     every node must see ``data`` and ``out`` at the same paths (a shared file system).
     """
     cells = grid(backbones, strategies, seeds)
+    # A mistake common to every cell (a bad path, regex or window) is one error, up front.
+    from medtl.data import load_dataset
+
+    load_dataset(data, **{k: v for k, v in train_options.items()
+                          if k in ("patient_regex", "window", "slices", "mode") and v is not None})
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = [c for c in cells if not (out / "cells" / c.name / "config.json").is_file()]
