@@ -23,6 +23,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.frozen import FrozenEstimator
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
@@ -120,7 +121,11 @@ class SklearnHead:
         # SVC has no probabilities of its own; Platt scaling fitted on validation gives them
         # without the 5-fold internal CV that probability=True would cost.
         if self.head == "svm":
-            cal = CalibratedClassifierCV(FrozenEstimator(est), method="sigmoid")
+            # A frozen estimator predicts the same whatever the folds, so the folds only have to
+            # be valid: the default stratified 5-fold fails on a validation split with fewer
+            # than five images of a class.
+            cal = CalibratedClassifierCV(FrozenEstimator(est), method="sigmoid",
+                                         cv=KFold(n_splits=2))
             return cal.fit(x_val, y_val)
         return est
 
