@@ -44,6 +44,7 @@ _SKOPS_TRUSTED = [
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
     "sklearn.neighbors._kd_tree.KDTree",
     "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.model_selection._split.KFold",
 ]
 
 
