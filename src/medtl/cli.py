@@ -454,6 +454,51 @@ def predict(
 
 
 @app.command()
+def explain(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
+    out: Annotated[Path, typer.Option(help="Folder for the overlays (PNG), raw maps (.npy) "
+                                           "and explanations.csv.")] = Path("explanations"),
+    method: Annotated[str, typer.Option(help="gradcam | gradcam++ | scorecam | occlusion | "
+                                             "integrated-gradients.")] = "gradcam",
+    target: Annotated[str, typer.Option(help="Class whose evidence is mapped: 'predicted' or "
+                                             "a class name.")] = "predicted",
+    sanity_check: Annotated[bool, typer.Option(
+        "--sanity-check", help="Also re-map up to 16 images with the backbone's weights "
+                               "randomised (Adebayo et al. 2018) and report the rank "
+                               "correlation: low means the maps depend on what was learned."
+    )] = False,
+    device: Device = "auto",
+    skip_bad: SkipBad = False,
+    quiet: Quiet = False,
+) -> None:
+    """Show where a run's model looks: an overlay PNG and the raw map (.npy) per image.
+
+    Hybrid runs with an SVM, random forest or kNN head have no gradient: every method falls
+    back to occlusion there, and says so.
+
+    Example: [bold]medtl explain runs/cxr scans/*.jpeg --method gradcam --out cxr-maps[/bold]
+    """
+    from medtl.explain import explain as run_explain
+
+    result = run_explain(run, inputs, out=out, method=method, target=target, device=device,
+                         sanity_check=sanity_check, skip_bad=skip_bad, quiet=quiet)
+    t = Table(title=f"{result['method']} maps in {out}")
+    for col in ("overlay", "target", "prediction", "probability_target"):
+        t.add_column(col)
+    for r in result["rows"]:
+        if "overlay" in r:
+            t.add_row(r["overlay"], r["target"], r["prediction"], f"{r['probability_target']:.3f}")
+    out_console.print(t)
+    s = result["sanity"]
+    if s is not None:
+        verdict = ("the maps depend on the learned weights" if s["passed"] else
+                   "[bold red]the maps barely change: they do not explain this model[/bold red]")
+        out_console.print(f"model randomisation check: median Spearman {s['median_spearman']:.2f} "
+                          f"over {s['n']} images (below {s['threshold']}: pass); {verdict}")
+
+
+@app.command()
 def bench(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
     backbones: Annotated[str, typer.Option(help="Comma-separated backbone names.")]

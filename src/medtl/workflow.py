@@ -285,12 +285,26 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                           y_true=split_ds.labels, proba=probas[report_split],
                           metrics=metrics[report_split], history=clf.history_)
     write_run_report(out, config, metrics, figures=figures,
-                     errors=confident_errors(split_ds, probas[report_split], ds.classes))
+                     errors=confident_errors(split_ds, probas[report_split], ds.classes),
+                     explanations=_gallery(clf, split_ds, probas[report_split], ds.classes,
+                                           positive, ds.view.mode))
     # config.json last: its presence marks a complete run that load_run may trust.
     write_json(out / "config.json", config)
     # The best weights are in model/; the last-epoch checkpoint only served resumption.
     shutil.rmtree(checkpoints, ignore_errors=True)
     log.info("run written to %s", out)
+
+
+def _gallery(clf, data, proba, classes, positive, mode) -> dict[str, Any] | None:
+    """Grad-CAM maps of the report split's most confident hits and misses; a failure costs the
+    report its gallery (said in the log), never the run."""
+    from medtl.explain import gallery
+
+    try:
+        return gallery(clf, data, proba, classes, positive, mode=mode)
+    except Exception as exc:  # noqa: BLE001 - the run's figures are already safe on disk
+        log.warning("no explanation gallery in the report: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 CV_FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")

@@ -3,6 +3,7 @@ that the wrapper computes exactly what the builder's own model computes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -174,3 +175,18 @@ def test_feature_extractor_exports_to_onnx(tmp_path, name):
         ref = module(x)
     assert got.shape == (3, 1280)
     assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max().item())
+
+
+def test_gradcam_runs_at_every_backbones_registry_layer(built):
+    """`medtl explain` works for every registered backbone: a map on the input grid that is
+    not flat (ViT through its token reshaping)."""
+    from medtl.explain import Explainer
+
+    spec, _, bb, _ = built
+    size = 224 if spec.family == "vit" else 128
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    explainer = Explainer.for_backbone(bb)
+    assert explainer.target_layer is bb.get_submodule(spec.cam_layer)
+    maps = explainer.maps(x, [7], "gradcam")
+    assert maps.shape == (1, size, size) and np.isfinite(maps).all()
+    assert np.ptp(maps) > 0

@@ -22,7 +22,10 @@ td:first-child,th:first-child{text-align:left}code{background:#f6f6f6;padding:0 
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}
 .figs img{max-width:30em;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 .note{color:#555;font-size:.9em}td.thumb img{width:96px;height:96px;object-fit:contain;
-background:#000}.best{background:#eef7ee}table.kv td,table.kv th{text-align:left}"""
+background:#000}.best{background:#eef7ee}table.kv td,table.kv th{text-align:left}
+.gallery{display:flex;flex-wrap:wrap;gap:1em}figure.cam{margin:0;width:20em}
+figure.cam img{width:9.8em;height:9.8em;object-fit:contain;background:#000}
+figure.cam code{word-break:break-all}"""
 
 _FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision",
             "f1")
@@ -135,7 +138,8 @@ def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int 
 
 def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
                       figures: Mapping[str, bytes] | None = None,
-                      errors: Sequence[Mapping[str, Any]] | None = None) -> str:
+                      errors: Sequence[Mapping[str, Any]] | None = None,
+                      explanations: Mapping[str, Any] | None = None) -> str:
     """The HTML of ``RUN/report.html``."""
     classes = list(config.get("classes", []))
     splits = [s for s, m in metrics.items()
@@ -192,6 +196,8 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
             for cap, png in figures.items()) + "</div>")
     if errors is not None:
         parts.append(_errors_html(errors, splits[-1] if splits else "test"))
+    if explanations is not None:
+        parts.append(_gallery_html(explanations, splits[-1] if splits else "test"))
     parts.append(_cost_html(metrics))
     parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
                  f"{_e(config.get('created', ''))}</p>")
@@ -283,6 +289,37 @@ def _errors_html(errors: Sequence[Mapping[str, Any]], split: str) -> str:
             "and hard cases.</p>" + table.replace("<td><img", "<td class=thumb><img"))
 
 
+_GALLERY_NOTES = {
+    "gradcam": "Grad-CAM (Selvaraju et al.): the top feature map weighted by the gradient of "
+               "the class score",
+    "occlusion": "occlusion: how much the class probability drops when a patch is covered",
+}
+
+
+def _gallery_html(gallery: Mapping[str, Any], split: str) -> str:
+    entries = gallery.get("entries") or []
+    method = str(gallery.get("method"))
+    head = f"<h2>Where the model looks, {_e(split)}</h2>"
+    if not entries:
+        return head + "<p>No images to show.</p>"
+    binary = entries[0]["kind"] in ("true positive", "false positive", "false negative",
+                                    "true negative")
+    target = (f"every map is for the positive class <b>{_e(entries[0]['target'])}</b>"
+              if binary else "each map is for the predicted class")
+    note = (f"<p class=note>The most confident images of each kind; {target}. Method: "
+            f"{_e(_GALLERY_NOTES.get(method, method))}."
+            + (f" {_e(gallery['note'])}, so occlusion replaces Grad-CAM." if gallery.get("note")
+               else "")
+            + " Red is strong evidence; <code>medtl explain</code> maps any image with "
+            "other methods.</p>")
+    cards = "".join(
+        f"<figure class=cam>{_img(e['image'], 'image')}{_img(e['overlay'], 'map')}"
+        f"<figcaption><b>{_e(e['kind'])}</b>: {_e(e['label'])}, predicted "
+        f"{_e(e['prediction'])} (p {_fmt(e['probability'])})<br>"
+        f"<code>{_e(_short(e['path']))}</code></figcaption></figure>" for e in entries)
+    return head + note + f"<div class=gallery>{cards}</div>"
+
+
 def _short(path: str) -> str:
     """The last three parts of a path: enough to find the file, short enough to read."""
     parts = Path(str(path)).parts
@@ -302,11 +339,13 @@ def _cost_html(metrics: Mapping[str, Any]) -> str:
 
 def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[str, Any], *,
                      figures: Mapping[str, bytes] | None = None,
-                     errors: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                     errors: Sequence[Mapping[str, Any]] | None = None,
+                     explanations: Mapping[str, Any] | None = None) -> Path:
     from medtl.run import atomic_write_text
 
     path = Path(run_dir) / "report.html"
-    atomic_write_text(path, render_run_report(config, metrics, figures=figures, errors=errors))
+    atomic_write_text(path, render_run_report(config, metrics, figures=figures, errors=errors,
+                                              explanations=explanations))
     return path
 
 

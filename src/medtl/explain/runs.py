@@ -1,0 +1,254 @@
+"""Explanations of a run's predictions: ``medtl explain``, the report's gallery, and the model
+randomisation check that tells whether a run's maps depend on what it learned."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtl.errors import DataReadError, MedtlError, check_choice
+from medtl.explain.cam import CAM_METHODS, METHODS, Explainer, overlay, positive_part, spearman
+
+log = logging.getLogger("medtl")
+
+BATCH = 8
+SANITY_IMAGES = 16
+# Adebayo et al. (2018) call a method's maps independent of the model when they survive the
+# model's randomisation; below this rank correlation we say they depend on the learned weights.
+SANITY_THRESHOLD = 0.5
+
+
+def display_map(raw: np.ndarray, method: str) -> np.ndarray:
+    """The map drawn on an overlay: CAMs as they are, pixel attributions' positive part."""
+    return np.clip(raw, 0, 1) if method in CAM_METHODS else positive_part(raw)
+
+
+def display_image(image: np.ndarray, mode: str = "2d") -> np.ndarray:
+    """What a clinician should see under the map: for 2.5-D input the middle slice in grey,
+    not three neighbouring slices shown as colours."""
+    if mode == "2.5d":
+        return np.repeat(image[..., 1:2], 3, axis=2)
+    return image
+
+
+def model_input(preprocessing, images: Sequence[np.ndarray],
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decoded images as the normalised (N, C, S, S) batch the model takes."""
+    pre = preprocessing
+    batch = pre.normalise(np.stack([pre.resize_uint8(im) for im in images]))
+    return torch.from_numpy(batch).to(device)
+
+
+def _device(explainer: Explainer) -> torch.device:
+    return next(explainer.model.parameters()).device
+
+
+def _target_index(target: str, classes: Sequence[str]) -> int | None:
+    """None for 'predicted', else the class's index; an unknown class is the user's error."""
+    if target == "predicted":
+        return None
+    if target not in classes:
+        raise MedtlError(f"--target {target}: not a class of this run; choose predicted or one "
+                         f"of: {', '.join(classes)}")
+    return list(classes).index(target)
+
+
+def _file_stem(path: str, taken: set[str]) -> str:
+    """A readable, unique file name for an input (volume slices and npz rows included)."""
+    name = Path(path.replace("::", "/")).name
+    for ext in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
+    unique, k = stem, 1
+    while unique in taken:
+        k += 1
+        unique = f"{stem}-{k}"
+    taken.add(unique)
+    return unique
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain(run, inputs: Sequence[str | Path], *, out: str | Path, method: str = "gradcam",
+            target: str = "predicted", device: str = "auto", sanity_check: bool = False,
+            skip_bad: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Write an overlay PNG and the raw map (.npy) per input image to ``out``.
+
+    Returns ``{"method": the method used, "rows": one dict per image, "sanity": the model
+    randomisation check or None}`` and writes ``out/explanations.csv``.
+    """
+    from medtl.data import dataset_from_files
+    from medtl.data.sources import make_view
+    from medtl.run import Run, load_run
+    from medtl.workflow import run_logging
+
+    check_choice("method", method, METHODS)
+    run = run if isinstance(run, Run) else load_run(run)
+    clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
+    classes = list(clf.classes_)
+    fixed = _target_index(target, classes)
+    view = make_view(**run.config.get("view", {}))
+    ds = dataset_from_files(inputs, classes=classes, view=view)
+    explainer = Explainer.for_classifier(clf)
+    with run_logging(Path(out), quiet, append=True):
+        return _explain(clf, ds, explainer, Path(out), method=method, fixed=fixed,
+                        mode=view.mode, sanity_check=sanity_check, skip_bad=skip_bad,
+                        quiet=quiet)
+
+
+def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: int | None,
+             mode: str, sanity_check: bool, skip_bad: bool, quiet: bool) -> dict[str, Any]:
+    from medtl.console import progress_bar
+    from medtl.run import write_csv, write_json
+
+    used = explainer.method_for(method)
+    if used != method:
+        log.warning("--method %s: %s, so occlusion explains it instead", method,
+                    explainer.why_not_differentiable)
+    classes = list(clf.classes_)
+    dev = _device(explainer)
+    rows: list[dict[str, Any]] = []
+    kept_pixels, kept_targets, kept_maps = [], [], []
+    taken: set[str] = set()
+    with progress_bar(f"explain ({used})", len(ds), quiet=quiet) as advance:
+        for start in range(0, len(ds), BATCH):
+            images, indices = [], []
+            batch = range(start, min(start + BATCH, len(ds)))
+            for i in batch:
+                try:
+                    images.append(ds.read(i))
+                    indices.append(i)
+                except DataReadError as exc:
+                    if not skip_bad:
+                        raise
+                    log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+                    rows.append({"path": exc.path, "method": used, "target": "",
+                                 "prediction": "UNREADABLE"})
+            if not images:
+                advance(len(batch))
+                continue
+            pixels = model_input(clf.preprocessing_, images, dev)
+            proba = clf._apply_temperature(explainer.scores(pixels).double().cpu().numpy())
+            predicted = proba.argmax(1)
+            targets = predicted if fixed is None else np.full(len(images), fixed)
+            maps = explainer.maps(pixels, targets, used)
+            for j, i in enumerate(indices):
+                path = ds.records[i].path
+                stem = _file_stem(path, taken)
+                np.save(out / f"{stem}.npy", maps[j])
+                heat = display_map(maps[j], used)
+                picture = overlay(display_image(images[j], mode), heat)
+                (out / f"{stem}.png").write_bytes(_png(picture))
+                rows.append({"path": path, "method": used, "target": classes[targets[j]],
+                             "prediction": classes[predicted[j]],
+                             "probability_target": float(proba[j, targets[j]]),
+                             "overlay": f"{stem}.png", "map": f"{stem}.npy"})
+            if sanity_check and sum(len(p) for p in kept_pixels) < SANITY_IMAGES:
+                kept_pixels.append(pixels)
+                kept_targets.extend(int(t) for t in targets)
+                kept_maps.append(maps)
+            advance(len(batch))
+    write_csv(out / "explanations.csv", rows)
+    sanity = None
+    if sanity_check and kept_pixels:
+        pixels = torch.cat(kept_pixels)[:SANITY_IMAGES]
+        sanity = randomisation_check(explainer, pixels, kept_targets[:SANITY_IMAGES], used,
+                                     maps=np.concatenate(kept_maps)[:SANITY_IMAGES])
+        write_json(out / "sanity_check.json", sanity)
+    log.info("%d explanations (%s) written to %s", sum("overlay" in r for r in rows), used, out)
+    return {"method": used, "rows": rows, "sanity": sanity}
+
+
+def randomisation_check(explainer: Explainer, pixels: torch.Tensor, targets: Sequence[int],
+                        method: str = "gradcam", *, maps: np.ndarray | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+    """Adebayo et al.'s model randomisation test: rank correlation (Spearman) between each
+    image's map from the trained model and from the same model with its backbone re-initialised.
+
+    A method that explains the model gives unrelated maps (low correlation); one that mostly
+    reflects the image (an edge detector) does not.
+    """
+    method = explainer.method_for(method)
+    trained = explainer.maps(pixels, targets, method) if maps is None else maps
+    randomised = explainer.randomised(seed).maps(pixels, targets, method)
+    rhos = [spearman(a, b) for a, b in zip(trained, randomised, strict=True)]
+    result = {"method": method, "n": len(rhos), "spearman": rhos,
+              "median_spearman": float(np.median(rhos)), "mean_spearman": float(np.mean(rhos)),
+              "threshold": SANITY_THRESHOLD,
+              "passed": bool(np.median(rhos) < SANITY_THRESHOLD)}
+    log.info("model randomisation check (%s, %d images): median Spearman %.3f between trained "
+             "and randomised maps (%s)", method, len(rhos), result["median_spearman"],
+             "they depend on the learned weights" if result["passed"]
+             else "they do NOT depend enough on the learned weights")
+    return result
+
+
+def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int | None, *,
+            per_kind: int = 2, size: int = 192, method: str = "gradcam",
+            mode: str = "2d") -> dict[str, Any]:
+    """Maps for the most confident true and false positives and negatives of ``data``.
+
+    Binary: every map is for the positive class, so the four kinds show where the model sees
+    (or fails to see) the finding. Multi-class: correct and wrong predictions, each mapped for
+    its predicted class.
+    """
+    explainer = Explainer.for_classifier(clf)
+    used = explainer.method_for(method)
+    proba = np.asarray(proba)
+    ok = np.isfinite(proba).all(axis=1)
+    pred = np.where(ok, np.nan_to_num(proba).argmax(axis=1), -1)
+    labels = np.asarray(data.labels)
+    if positive is not None:
+        is_pos, said_pos = labels == positive, pred == positive
+        kinds = {"true positive": is_pos & said_pos, "false positive": ~is_pos & said_pos,
+                 "false negative": is_pos & ~said_pos, "true negative": ~is_pos & ~said_pos}
+    else:
+        kinds = {"correct": pred == labels, "wrong": pred != labels}
+        per_kind *= 2
+    chosen: list[tuple[str, int]] = []
+    for kind, mask in kinds.items():
+        idx = np.flatnonzero(mask & ok)
+        idx = idx[np.argsort(-proba[idx, pred[idx]], kind="stable")][:per_kind]
+        chosen.extend((kind, int(i)) for i in idx)
+    entries, images, picked = [], [], []
+    for kind, i in chosen:
+        try:
+            images.append(data.read(i))
+            picked.append((kind, i))
+        except DataReadError:
+            continue
+    if images:
+        dev = _device(explainer)
+        pixels = model_input(clf.preprocessing_, images, dev)
+        targets = [positive if positive is not None else pred[i] for _, i in picked]
+        maps = np.concatenate([explainer.maps(pixels[s:s + BATCH], targets[s:s + BATCH], used)
+                               for s in range(0, len(picked), BATCH)])
+        for (kind, i), image, raw in zip(picked, images, maps, strict=True):
+            shown = display_image(image, mode)
+            from PIL import Image
+
+            thumb = Image.fromarray(shown)
+            thumb.thumbnail((size, size))
+            small = np.asarray(thumb.convert("RGB"))
+            entries.append({
+                "kind": kind, "path": data.records[i].path, "label": classes[int(labels[i])],
+                "prediction": classes[int(pred[i])], "target": classes[int(targets[len(entries)])],
+                "probability": float(proba[i, targets[len(entries)]]),
+                "image": _png(small), "overlay": _png(overlay(small, display_map(raw, used)))})
+    return {"method": used, "entries": entries,
+            "note": explainer.why_not_differentiable if used != method else None}
