@@ -494,8 +494,13 @@ def explain(
     if s is not None:
         verdict = ("the maps depend on the learned weights" if s["passed"] else
                    "[bold red]the maps barely change: they do not explain this model[/bold red]")
+        empty = (f", {s['empty_randomised_maps']} of them empty after randomisation (median "
+                 f"of the others {s['median_spearman_nonempty']:.2f})"
+                 if s["empty_randomised_maps"] and s["median_spearman_nonempty"] is not None
+                 else "")
         out_console.print(f"model randomisation check: median Spearman {s['median_spearman']:.2f} "
-                          f"over {s['n']} images (below {s['threshold']}: pass); {verdict}")
+                          f"over {s['n']} images{empty} (below {s['threshold']}: pass); "
+                          f"{verdict}")
 
 
 @app.command()

@@ -89,6 +89,18 @@ def test_overlay_keeps_the_image_where_the_map_is_zero_and_colours_it_where_it_i
     assert np.abs(out[:, 45:].astype(int) - 90).max() > 40
 
 
+def test_displayed_map_fades_with_the_target_probability():
+    from medtl.explain.runs import display_map
+
+    raw = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)
+    np.testing.assert_allclose(display_map(raw, "gradcam", 1.0), raw)
+    np.testing.assert_allclose(display_map(raw, "gradcam", 0.2), raw * 0.2)
+    assert not display_map(raw, "gradcam", 0.0).any()
+    signed = np.array([[-2.0, 0.0], [1.0, 2.0]])
+    np.testing.assert_allclose(display_map(signed, "occlusion", 0.5), [[0, 0], [0.25, 0.5]],
+                               atol=0.01)
+
+
 def test_positive_part_and_spearman():
     raw = np.array([[-5.0, 0.0], [1.0, 2.0]])
     shown = positive_part(raw, percentile=100)

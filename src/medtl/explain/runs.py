@@ -25,9 +25,16 @@ SANITY_IMAGES = 16
 SANITY_THRESHOLD = 0.5
 
 
-def display_map(raw: np.ndarray, method: str) -> np.ndarray:
-    """The map drawn on an overlay: CAMs as they are, pixel attributions' positive part."""
-    return np.clip(raw, 0, 1) if method in CAM_METHODS else positive_part(raw)
+def display_map(raw: np.ndarray, method: str, probability: float = 1.0) -> np.ndarray:
+    """The map drawn on an overlay: CAMs as they are, pixel attributions' positive part, both
+    times the target class's probability.
+
+    Every map is scaled to its own maximum, so without the probability an image with almost no
+    evidence for the class (a true negative mapped for the positive class) would show its
+    faintest speck in full red.
+    """
+    shown = np.clip(raw, 0, 1) if method in CAM_METHODS else positive_part(raw)
+    return shown * float(np.clip(probability, 0, 1))
 
 
 def display_image(image: np.ndarray, mode: str = "2d") -> np.ndarray:
@@ -151,7 +158,7 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
                 path = ds.records[i].path
                 stem = _file_stem(path, taken)
                 np.save(out / f"{stem}.npy", maps[j])
-                heat = display_map(maps[j], used)
+                heat = display_map(maps[j], used, proba[j, targets[j]])
                 picture = overlay(display_image(images[j], mode), heat)
                 (out / f"{stem}.png").write_bytes(_png(picture))
                 rows.append({"path": path, "method": used, "target": classes[targets[j]],
@@ -187,8 +194,15 @@ def randomisation_check(explainer: Explainer, pixels: torch.Tensor, targets: Seq
     trained = explainer.maps(pixels, targets, method) if maps is None else maps
     randomised = explainer.randomised(seed).maps(pixels, targets, method)
     rhos = [spearman(a, b) for a, b in zip(trained, randomised, strict=True)]
+    # A randomised model often has no positive evidence at all: its Grad-CAM map is empty and
+    # ranks nothing (correlation 0). Said apart, so a reader can discount those images.
+    empty = [bool(np.ptp(m) == 0) for m in randomised]
+    informative = [r for r, e in zip(rhos, empty, strict=True) if not e]
     result = {"method": method, "n": len(rhos), "spearman": rhos,
               "median_spearman": float(np.median(rhos)), "mean_spearman": float(np.mean(rhos)),
+              "empty_randomised_maps": sum(empty),
+              "median_spearman_nonempty": float(np.median(informative)) if informative
+              else None,
               "threshold": SANITY_THRESHOLD,
               "passed": bool(np.median(rhos) < SANITY_THRESHOLD)}
     log.info("model randomisation check (%s, %d images): median Spearman %.3f between trained "
@@ -238,17 +252,18 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
         targets = [positive if positive is not None else pred[i] for _, i in picked]
         maps = np.concatenate([explainer.maps(pixels[s:s + BATCH], targets[s:s + BATCH], used)
                                for s in range(0, len(picked), BATCH)])
-        for (kind, i), image, raw in zip(picked, images, maps, strict=True):
+        for k, ((kind, i), image, raw) in enumerate(zip(picked, images, maps, strict=True)):
             shown = display_image(image, mode)
             from PIL import Image
 
             thumb = Image.fromarray(shown)
             thumb.thumbnail((size, size))
             small = np.asarray(thumb.convert("RGB"))
+            p = float(proba[i, targets[k]])
             entries.append({
                 "kind": kind, "path": data.records[i].path, "label": classes[int(labels[i])],
-                "prediction": classes[int(pred[i])], "target": classes[int(targets[len(entries)])],
-                "probability": float(proba[i, targets[len(entries)]]),
-                "image": _png(small), "overlay": _png(overlay(small, display_map(raw, used)))})
+                "prediction": classes[int(pred[i])], "target": classes[int(targets[k])],
+                "probability": p,
+                "image": _png(small), "overlay": _png(overlay(small, display_map(raw, used, p)))})
     return {"method": used, "entries": entries,
             "note": explainer.why_not_differentiable if used != method else None}

@@ -310,8 +310,9 @@ def _gallery_html(gallery: Mapping[str, Any], split: str) -> str:
             f"{_e(_GALLERY_NOTES.get(method, method))}."
             + (f" {_e(gallery['note'])}, so occlusion replaces Grad-CAM." if gallery.get("note")
                else "")
-            + " Red is strong evidence; <code>medtl explain</code> maps any image with "
-            "other methods.</p>")
+            + " Opacity is the map times the class's probability, so an image with little "
+            "evidence shows little colour; red is the strongest evidence. "
+            "<code>medtl explain</code> maps any image with other methods.</p>")
     cards = "".join(
         f"<figure class=cam>{_img(e['image'], 'image')}{_img(e['overlay'], 'map')}"
         f"<figcaption><b>{_e(e['kind'])}</b>: {_e(e['label'])}, predicted "
