@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--data", choices=sorted(DATA), default="breastmnist")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help="a part of the grid (default: all of it); finished cells are kept")
     ap.add_argument("--trainable-epochs", type=int, default=None,
                     help="cap the epochs of fine-tune, full and scratch cells (default: theirs)")
     ap.add_argument("--jobs", type=int, default=1)
@@ -52,11 +54,13 @@ def main() -> None:
     common = dict(backbones=BACKBONES, seeds=args.seeds, out=out, jobs=args.jobs,
                   image_size=args.image_size, quiet=True, **extra)
     t0 = time.perf_counter()
-    if args.trainable_epochs:
-        # The trainable cells first, with the cap; the full grid then finds them finished and
+    strategies = args.strategies.split(",")
+    trainable = [s for s in strategies if s in TRAINABLE]
+    if args.trainable_epochs and trainable:
+        # The trainable cells first, with the cap; the whole grid then finds them finished and
         # runs only the frozen cells, whose head epochs must not be capped.
-        bench(data, strategies=TRAINABLE, epochs=args.trainable_epochs, **common)
-    bench(data, strategies=STRATEGIES, **common)
+        bench(data, strategies=trainable, epochs=args.trainable_epochs, **common)
+    bench(data, strategies=strategies, **common)
     wall = time.perf_counter() - t0
     with open(out / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
