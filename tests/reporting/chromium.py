@@ -36,7 +36,10 @@ _QUIET_BROWSER = (
 
 # What Chromium 150 still opens at start-up with those flags, with about:blank as the page
 # (signin and search-engine preconnects); anything else the proxy sees, the page asked for.
-_BROWSER_OWN = ("CONNECT accounts.google.com:443 ", "CONNECT www.google.com:443 ")
+# Requests Chromium makes for itself whatever the page, even with the flags above: sign-in and
+# search at start-up (150), and the component updater (156 ignores --disable-component-update).
+_BROWSER_OWN = ("CONNECT accounts.google.com:443 ", "CONNECT www.google.com:443 ",
+                "CONNECT update.googleapis.com:443 ", "POST http://update.googleapis.com/")
 
 
 class _RecordingProxy:
