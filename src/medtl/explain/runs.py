@@ -221,6 +221,8 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
     (or fails to see) the finding. Multi-class: correct and wrong predictions, each mapped for
     its predicted class.
     """
+    from PIL import Image
+
     explainer = Explainer.for_classifier(clf)
     used = explainer.method_for(method)
     proba = np.asarray(proba)
@@ -254,8 +256,6 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
                                for s in range(0, len(picked), BATCH)])
         for k, ((kind, i), image, raw) in enumerate(zip(picked, images, maps, strict=True)):
             shown = display_image(image, mode)
-            from PIL import Image
-
             thumb = Image.fromarray(shown)
             thumb.thumbnail((size, size))
             small = np.asarray(thumb.convert("RGB"))
