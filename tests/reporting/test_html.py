@@ -96,7 +96,21 @@ def test_medtl_report_ranks_runs_and_reports_delong_against_the_best(two_runs, t
     d = delong_test(y, best, other)
     assert f"{-d['difference']:+.3f}" in page
     p = d["p_value"]
-    assert (f"p = {p:.3f}" if p >= 0.001 else "p = &lt; 0.001") in page
+    assert (f"p = {p:.3f}" if p >= 0.001 else "p &lt; 0.001") in page
+
+
+def test_comparison_prints_small_p_values_as_journals_do():
+    from medtl.reporting.html import render_comparison
+
+    def entry(name, p):
+        return {"name": name, "config": {"backbone": "b", "strategy": "s", "head": "logreg"},
+                "metrics": {"test": {"auc": 0.9}},
+                "delong": None if p is None else {"difference": -0.05, "p_value": p}}
+
+    page = render_comparison([entry("a", None), entry("b", 0.0002), entry("c", 0.0412)],
+                             best_per="head")
+    assert page.count("p &lt; 0.001") == 1 and "p = 0.041" in page
+    assert "p = &lt;" not in page and "p = <" not in page
 
 
 def test_report_of_a_directory_that_is_not_a_run_is_a_user_error(tmp_path, capsys):

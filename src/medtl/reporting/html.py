@@ -367,7 +367,7 @@ def render_comparison(entries: Sequence[Mapping[str, Any]], *,
         if i == 0:
             delong = "best"
         elif isinstance(d, Mapping):
-            delong = f"{d['difference']:+.3f}, p = {_p(d['p_value'])}"
+            delong = f"{d['difference']:+.3f}, {_p(d['p_value'])}"
         else:
             delong = f"<span class=note>{_e(d or '–')}</span>"
         rows.append([str(i + 1), f"<code>{_e(e['name'])}</code>", _e(cfg.get("backbone")),
@@ -403,7 +403,7 @@ def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str) -
     for value, e in seen.items():
         d = e.get("delong")
         vs = ("best overall" if e is entries[0] else
-              f"{d['difference']:+.3f}, p = {_p(d['p_value'])}" if isinstance(d, Mapping)
+              f"{d['difference']:+.3f}, {_p(d['p_value'])}" if isinstance(d, Mapping)
               else _e(d or "–"))
         rows.append([_e(value), f"<code>{_e(e['name'])}</code>",
                      _with_ci(e["metrics"].get(split, {}), "auc"), vs])
@@ -412,4 +412,5 @@ def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str) -
 
 
 def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    """A p-value as journals print it, escaped for HTML."""
+    return "p &lt; 0.001" if p < 0.001 else f"p = {p:.3f}"
