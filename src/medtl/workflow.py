@@ -233,7 +233,8 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         log.warning("no test split in %s: only validation figures are reported",
                     request["data"])
     throughput = _throughput(clf, ds.split(eval_splits[-1]))
-    metrics["timing"] = {"train_s": clf.train_s_, "feature_s": clf.feature_s_,
+    metrics["timing"] = {"train_s": clf.train_s_, "resumed_s": clf.resumed_s_,
+                         "feature_s": clf.feature_s_,
                          "predict_images_per_s": throughput,
                          "total_s": time.perf_counter() - t_start,
                          "engine": _engine(clf)}

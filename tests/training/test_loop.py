@@ -78,7 +78,7 @@ def test_learns_the_shapes(data):
     h = result.history
     assert [e["epoch"] for e in h] == [1, 2, 3, 4]
     assert set(h[0]) == {"epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr_all",
-                         "trainable_params"}
+                         "trainable_params", "seconds"}
     assert h[0]["trainable_params"] == sum(p.numel() for p in model.parameters())
     assert h[-1]["lr_all"] < h[1]["lr_all"]  # the cosine decays
     proba = predict_proba(model, data[2], cfg)
@@ -94,7 +94,8 @@ def test_same_seed_is_identical(data):
         cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
         result = fit(model, groups(model), *data, cfg, augment=_flip)
         runs.append((result.history, model.state_dict()))
-    assert runs[0][0] == runs[1][0]
+    # Everything but the wall time of each epoch.
+    assert [{**h, 'seconds': 0} for h in runs[0][0]] == [{**h, 'seconds': 0} for h in runs[1][0]]
     for k, v in runs[0][1].items():
         assert torch.equal(v, runs[1][1][k]), k
 
@@ -121,7 +122,7 @@ def resumable_run(ckpt: str, resume: bool, kill_at: int) -> tuple[dict, dict]:
     result = fit(model, groups(model), x, y, xv, yv, cfg, checkpoint_dir=ckpt or None,
                  resume=resume, augment=_flip, on_epoch_end=on_epoch_end)
     summary = {"history": result.history, "best_epoch": result.best_epoch,
-               "epochs_run": epochs_run}
+               "epochs_run": epochs_run, "resumed_s": result.resumed_s}
     return json.loads(json.dumps(summary)), model.state_dict()
 
 
@@ -162,6 +163,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert a.pop("epochs_run") == [3, 4]  # it continued, not started again
     assert b.pop("epochs_run") == [1, 2, 3, 4]
     assert len(a["history"]) == 4
+    # The killed process's two epochs still count in the run's training time.
+    seconds = [row.pop("seconds") for row in a["history"]]
+    assert all(s > 0 for s in seconds)
+    assert a.pop("resumed_s") == pytest.approx(sum(seconds[:2]))
+    assert b.pop("resumed_s") == 0.0
+    for row in b["history"]:
+        row.pop("seconds")
     assert a == b
     wa = torch.load(tmp_path / "resumed.pt")
     for k, v in wa.items():

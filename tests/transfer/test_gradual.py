@@ -13,6 +13,7 @@ from medtl.data import load_dataset
 from medtl.data.samples import DEMO_PATIENT_REGEX, demo_data_path
 from medtl.errors import MedtlError
 from medtl.models import get_spec
+from medtl.training.loop import load_checkpoint
 from medtl.transfer.gradual import MIN_DELTA, StageResult, climb, plan_stages
 from medtl.transfer.strategies import TransferClassifier
 
@@ -151,6 +152,7 @@ def test_an_interrupted_climb_resumes_without_redoing_finished_stages(small_xray
     assert (tmp_path / "b" / "climb.pt").is_file()
 
     monkeypatch.setattr(TransferClassifier, "_train_stage", original)
+    first_stage_s = load_checkpoint(tmp_path / "b" / "climb.pt")["results"][0]["seconds"]
     probe = TransferClassifier._fit_linear_probe
 
     def counted(self, *args):
@@ -164,6 +166,9 @@ def test_an_interrupted_climb_resumes_without_redoing_finished_stages(small_xray
     assert resumed.stages_ == [{**s, "seconds": r["seconds"]}
                                for s, r in zip(whole.stages_, resumed.stages_, strict=True)]
     np.testing.assert_array_equal(resumed.predict_proba(test), expected)
+    # The finished stage's time, spent before the interruption, is part of the run's cost.
+    assert first_stage_s > 0 and resumed.resumed_s_ == pytest.approx(first_stage_s)
+    assert resumed.train_s_ > resumed.resumed_s_ and whole.resumed_s_ == 0.0
 
 
 def test_gradual_belongs_to_fine_tune():

@@ -69,6 +69,9 @@ class FitResult:
     best_epoch: int
     best_val_auc: float
     stopped_early: bool
+    # Seconds that an earlier, interrupted process spent on the epochs restored from the
+    # checkpoint: without them a resumed run would report only its last part as its cost.
+    resumed_s: float = 0.0
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: str = "cpu") -> torch.Generator:
@@ -148,7 +151,7 @@ def fit(
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     history: list[dict] = []
     best = {"score": -math.inf, "epoch": 0, "state": None, "bad_epochs": 0}
-    start_epoch, stopped_early = 1, False
+    start_epoch, stopped_early, resumed_s = 1, False, 0.0
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_resumable(ckpt, config, ckpt_path)
@@ -160,8 +163,10 @@ def fit(
         history = ckpt["history"]
         stopped_early = ckpt["stopped_early"]
         start_epoch = ckpt["epoch"] + 1
+        resumed_s = sum(row.get("seconds", 0.0) for row in history)  # older checkpoints: 0
         _set_rng_state(ckpt["rng"])
-        log.info("resuming %s after epoch %d", ckpt_path, ckpt["epoch"])
+        log.info("resuming %s after epoch %d (%.1f s of training already done)", ckpt_path,
+                 ckpt["epoch"], resumed_s)
     else:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -206,11 +211,11 @@ def fit(
         history.append({
             "epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
             "val_auc": auc, "val_accuracy": metrics["accuracy"], **lrs,
-            "trainable_params": trainable,
+            "trainable_params": trainable, "seconds": time.perf_counter() - t_epoch,
         })
         log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f s", epoch,
                  config.epochs, history[-1]["train_loss"], val_loss,
-                 "n/a" if auc is None else f"{auc:.4f}", time.perf_counter() - t_epoch)
+                 "n/a" if auc is None else f"{auc:.4f}", history[-1]["seconds"])
         if score > best["score"]:
             best.update(score=score, epoch=epoch, state=copy.deepcopy(model.state_dict()),
                         bad_epochs=0)
@@ -234,7 +239,8 @@ def fit(
         model.load_state_dict(best["state"])
     model.eval()
     return FitResult(history=history, best_epoch=best["epoch"],
-                     best_val_auc=float(best["score"]), stopped_early=stopped_early)
+                     best_val_auc=float(best["score"]), stopped_early=stopped_early,
+                     resumed_s=resumed_s)
 
 
 @torch.no_grad()

@@ -249,6 +249,7 @@ class TransferClassifier:
             self.history_ = trainer.history_
             log.info("feature-extractor head: best validation AUC at epoch %d of %d",
                      trainer.best_epoch_, len(trainer.history_))
+        self.resumed_s_ = 0.0  # frozen features: nothing to resume
         self.train_s_ = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ trainable strategies
@@ -320,13 +321,15 @@ class TransferClassifier:
         yv = torch.from_numpy(val.labels[keep_v])
         self.feature_s_ = time.perf_counter() - t0
         self.balanced_ = self._use_class_weights(y.numpy())
+        self.resumed_s_ = 0.0  # training time of an interrupted earlier process, if resumed
         if self.climbs_:
             self._climb(train, val, (x, y, xv, yv), checkpoint_dir, resume)
         else:
-            self.history_ = self._train_stage(x, y, xv, yv, self.strategy,
-                                              checkpoint_dir, resume).history
+            result = self._train_stage(x, y, xv, yv, self.strategy, checkpoint_dir, resume)
+            self.history_ = result.history
+            self.resumed_s_ = result.resumed_s
         self.head_ = None
-        self.train_s_ = time.perf_counter() - t0
+        self.train_s_ = time.perf_counter() - t0 + self.resumed_s_
         return self
 
     def _train_stage(self, x, y, xv, yv, label: str, checkpoint_dir, resume, *,
@@ -374,6 +377,7 @@ class TransferClassifier:
             self.history_ = saved["history"]
             best_state = saved["model"]
             self.model_.load_state_dict(best_state)
+            self.resumed_s_ += sum(r.seconds for r in done)
             log.info("resuming the climb after stage '%s'", done[-1].stage)
         log.info("%s: stages %s; each must raise validation AUC to be kept", self.strategy,
                  " -> ".join(f"'{s.name}'" for s in stages))
@@ -381,6 +385,7 @@ class TransferClassifier:
         def train_stage(stage) -> StageResult:
             t0 = time.perf_counter()
             set_trainable(self.model_, "fine-tune", unfreeze=stage.unfreeze)
+            resumed_s = 0.0
             if stage.unfreeze == 0:
                 history, best_epoch = self._fit_linear_probe(train, val)
                 auc = self._val_auc(xv, yv)
@@ -391,10 +396,12 @@ class TransferClassifier:
                                       seed=self.seed + stage.index)
                 history, best_epoch, auc, epochs = (r.history, r.best_epoch, r.best_val_auc,
                                                     len(r.history))
+                resumed_s = r.resumed_s
+                self.resumed_s_ += resumed_s
             self.history_.extend({"stage": stage.name, **row} for row in history)
             return StageResult(stage=stage.name, unfreeze=stage.unfreeze, val_auc=float(auc),
                                epochs=epochs, best_epoch=best_epoch,
-                               seconds=time.perf_counter() - t0,
+                               seconds=time.perf_counter() - t0 + resumed_s,
                                trainable_params=self.n_trainable_)
 
         def report(stage, result) -> None:
