@@ -1,6 +1,7 @@
 """Backbones: the registry, weight resolution and the uniform ``Backbone`` wrapper."""
 
-from medtl.models.backbone import Backbone, count_parameters, create_backbone
+from medtl.models.backbone import Backbone, count_parameters
+from medtl.models.factory import create_backbone
 from medtl.models.registry import (
     BackboneSpec,
     WeightSource,

@@ -9,7 +9,6 @@ reproduce the builder's own forward exactly (tests check it).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -380,39 +379,3 @@ def set_input_channels_unadapted(model: nn.Module, conv_path: str, in_chans: int
     grad = conv.weight.requires_grad
     conv.weight = nn.Parameter(conv.weight.new_zeros(shape), requires_grad=grad)
     conv.in_channels = in_chans
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Key names and shapes of a spec's builder model and of its medtl wrapper."""
-
-    builder_shapes: dict[str, tuple[int, ...]]
-    backbone_to_builder: dict[str, str]
-    head_keys: frozenset[str]
-    first_conv_key: str
-
-
-@functools.cache
-def layout(name: str) -> Layout:
-    """Computed once per backbone on the meta device: no memory, no initialisation cost."""
-    from medtl.models.backbone import Backbone
-    from medtl.models.registry import get_spec
-
-    spec = get_spec(name)
-    model = build_model(spec, device="meta")
-    builder_sd = model.state_dict(keep_vars=True)
-    by_id = {id(t): k for k, t in builder_sd.items()}
-    wrapper = Backbone(spec, model)
-    # Same tensor objects under both names: identity gives the renaming exactly.
-    backbone_to_builder = {
-        k: by_id[id(t)] for k, t in wrapper.state_dict(keep_vars=True).items() if id(t) in by_id
-    }
-    head_ids = {id(t) for t in wrapper.classifier.state_dict(keep_vars=True).values()}
-    if wrapper.imagenet_pool is not None:
-        head_ids |= {id(t) for t in wrapper.imagenet_pool.state_dict(keep_vars=True).values()}
-    return Layout(
-        builder_shapes={k: tuple(t.shape) for k, t in builder_sd.items()},
-        backbone_to_builder=backbone_to_builder,
-        head_keys=frozenset(k for k, t in builder_sd.items() if id(t) in head_ids),
-        first_conv_key=spec.first_conv + ".weight",
-    )

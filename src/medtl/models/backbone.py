@@ -1,4 +1,5 @@
-"""One backbone contract over torchvision and timm models: ``create_backbone`` and ``Backbone``.
+"""One backbone contract over torchvision and timm models: ``Backbone`` (built with weights by
+``create_backbone`` in factory.py) and the key layout that maps it to its builder model.
 
 Logits path: ``forward(x) = forward_head(forward_blocks(x))``, where ``forward_head`` pools the
 last feature map and applies ``classifier``. Feature path: ``forward_features(x) =
@@ -13,22 +14,40 @@ so ImageNet logits are exact, while their features are the globally pooled conv5
 
 from __future__ import annotations
 
+import functools
 import itertools
-import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from medtl.errors import MedtlError, WeightsError
-from medtl.models._build import (
-    build_model,
-    layout,
-    set_input_channels,
-    set_input_channels_unadapted,
-    split_model,
-)
+from medtl.errors import MedtlError
+from medtl.models._build import build_model, split_model
 from medtl.models.registry import BackboneSpec, get_spec
-from medtl.models.weights import RANDOM, ResolvedWeights, WeightsInfo, resolve_weights
+
+WeightsKind = Literal["imagenet", "random", "file"]
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a backbone's starting weights came from: what a run records (config.json)."""
+
+    kind: WeightsKind
+    source: str
+    path: Path | None
+    sha256: str | None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "path": str(self.path) if self.path is not None else None,
+            "sha256": self.sha256,
+        }
+
+
+RANDOM = WeightsInfo("random", "random", None, None)
 
 
 class Backbone(nn.Module):
@@ -128,63 +147,39 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _has_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+@dataclass(frozen=True)
+class Layout:
+    """Key names and shapes of a spec's builder model and of its medtl wrapper."""
+
+    builder_shapes: dict[str, tuple[int, ...]]
+    backbone_to_builder: dict[str, str]
+    head_keys: frozenset[str]
+    first_conv_key: str
 
 
-def _build_loaded(spec: BackboneSpec, resolved: ResolvedWeights) -> tuple[nn.Module, int]:
-    """The builder model with ``resolved`` loaded; returns it and its input channel count."""
-    sd = resolved.state_dict
-    if sd is None:
-        return build_model(spec), 3
-    lay = layout(spec.name)
-    chans = int(sd[lay.first_conv_key].shape[1])
-    complete = sd.keys() == lay.builder_shapes.keys()
-    if complete:
-        # Build without allocating or initialising (VGG's random init alone costs seconds),
-        # then adopt the checkpoint's tensors.
-        model = build_model(spec, device="meta")
-        set_input_channels_unadapted(model, spec.first_conv, chans)
-        model.load_state_dict(sd, strict=True, assign=True)
-        if not _has_meta(model):
-            return model, chans
-    model = build_model(spec)
-    set_input_channels_unadapted(model, spec.first_conv, chans)
-    result = model.load_state_dict(sd, strict=False)
-    # conform_state_dict guarantees every feature tensor; only the classifier may be absent.
-    unexpected_missing = set(result.missing_keys) - lay.head_keys
-    if result.unexpected_keys or unexpected_missing:
-        raise WeightsError(
-            f"{resolved.source}: failed to load into {spec.name}: missing "
-            f"{sorted(unexpected_missing)[:4]}, unexpected {result.unexpected_keys[:4]}"
-        )
-    return model, chans
+@functools.cache
+def layout(name: str) -> Layout:
+    """Computed once per backbone on the meta device: no memory, no initialisation cost.
 
-
-def create_backbone(
-    name: str, weights: str | os.PathLike[str] = "imagenet", in_chans: int = 3
-) -> Backbone:
-    """Build backbone ``name`` with ``weights`` ("imagenet", "random" or a state_dict file).
-
-    ``in_chans=1`` sums the first convolution's RGB filters, so a grey image gives exactly the
-    features of that image replicated to three channels. Raises MedtlError for an unknown
-    name and WeightsError when weights cannot be found or loaded.
+    It lives next to ``Backbone`` because the wrapper's key names are what it maps; the weights
+    resolver (weights.py) renames checkpoints with it, and ``create_backbone`` (factory.py)
+    builds on both.
     """
     spec = get_spec(name)
-    if in_chans < 1:
-        raise MedtlError(f"in_chans must be at least 1, got {in_chans}")
-    resolved = resolve_weights(spec, weights)
-    model, chans = _build_loaded(spec, resolved)
-    if in_chans != chans:
-        if chans != 3:
-            raise WeightsError(
-                f"{resolved.source}: the weights take {chans}-channel input; "
-                f"create the backbone with in_chans={chans}"
-            )
-        set_input_channels(model, spec.first_conv, in_chans)
-    backbone = Backbone(spec, model, resolved.info)
-    if resolved.head is not None:
-        backbone.reset_classifier(int(resolved.head["weight"].shape[0]))
-        with torch.no_grad():
-            backbone.classifier.load_state_dict(resolved.head)
-    return backbone
+    model = build_model(spec, device="meta")
+    builder_sd = model.state_dict(keep_vars=True)
+    by_id = {id(t): k for k, t in builder_sd.items()}
+    wrapper = Backbone(spec, model)
+    # Same tensor objects under both names: identity gives the renaming exactly.
+    backbone_to_builder = {
+        k: by_id[id(t)] for k, t in wrapper.state_dict(keep_vars=True).items() if id(t) in by_id
+    }
+    head_ids = {id(t) for t in wrapper.classifier.state_dict(keep_vars=True).values()}
+    if wrapper.imagenet_pool is not None:
+        head_ids |= {id(t) for t in wrapper.imagenet_pool.state_dict(keep_vars=True).values()}
+    return Layout(
+        builder_shapes={k: tuple(t.shape) for k, t in builder_sd.items()},
+        backbone_to_builder=backbone_to_builder,
+        head_keys=frozenset(k for k, t in builder_sd.items() if id(t) in head_ids),
+        first_conv_key=spec.first_conv + ".weight",
+    )

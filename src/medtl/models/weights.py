@@ -25,34 +25,15 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from medtl.errors import WeightsError
-from medtl.models._build import AUX_PREFIXES, layout
+from medtl.models._build import AUX_PREFIXES
+from medtl.models.backbone import WeightsInfo, WeightsKind, layout
 from medtl.models.registry import BackboneSpec, WeightSource
-
-WeightsKind = Literal["imagenet", "random", "file"]
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """What a run records about its starting weights (config.json)."""
-
-    kind: WeightsKind
-    source: str
-    path: Path | None
-    sha256: str | None
-
-    def to_dict(self) -> dict[str, str | None]:
-        return {
-            "kind": self.kind,
-            "source": self.source,
-            "path": str(self.path) if self.path is not None else None,
-            "sha256": self.sha256,
-        }
 
 
 @dataclass
@@ -78,9 +59,6 @@ class ResolvedWeights:
     @property
     def info(self) -> WeightsInfo:
         return WeightsInfo(self.kind, self.source, self.path, self.sha256)
-
-
-RANDOM = WeightsInfo("random", "random", None, None)
 
 
 def is_offline() -> bool:
