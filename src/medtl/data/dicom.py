@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.data.pixels import to_rgb_uint8
 from medtl.errors import DataReadError
 
 log = logging.getLogger("medtl")
@@ -105,8 +106,6 @@ def read_dicom(path: str | os.PathLike[str], *, window: str = "auto",
         pixels = decode_frame(p, ds, index)
         if pixels.ndim == 3:
             # Colour is already RGB; a window is a greyscale notion, so none is applied.
-            from medtl.data.readers import to_rgb_uint8
-
             return to_rgb_uint8(shrink(pixels))
         return _grey(ds, shrink(pixels), window, p)
     except DataReadError:
@@ -117,8 +116,6 @@ def read_dicom(path: str | os.PathLike[str], *, window: str = "auto",
 
 def _grey(ds: Any, pixels: np.ndarray, window: str, p: Path) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
-
-    from medtl.data.readers import to_rgb_uint8
 
     values = apply_modality_lut(pixels, ds)
     if window in WINDOWS:

@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medtl.data.dicom import read_dicom
+from medtl.data.pixels import to_rgb_uint8
 from medtl.errors import DataReadError
+
+# read_dicom and to_rgb_uint8 stay importable from here (existing callers); they live in
+# dicom.py and pixels.py so that dicom.py needs nothing from this module (no import cycle).
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 """File extensions (compared case-insensitively) that folder sources treat as images."""
@@ -28,46 +33,6 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 def is_image_file(path: str | os.PathLike[str]) -> bool:
     """True when the file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
-    """Turn a 2-D grayscale or ``(H, W, C)`` array into a new ``(H, W, 3)`` uint8 array.
-
-    Grayscale is replicated to three channels (what ImageNet backbones expect); a fourth (alpha)
-    channel is dropped; anything that is not already uint8 is min-max scaled to 0..255, because
-    medical intensities (CT Hounsfield units, 12-bit X-ray) have no fixed 8-bit mapping.
-    """
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    elif a.ndim == 3 and a.shape[-1] == 4:
-        a = a[..., :3]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3):
-        raise ValueError(
-            f"expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got {a.shape}"
-        )
-    if a.dtype != np.uint8:
-        a = _minmax_uint8(a)
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    return np.array(a, dtype=np.uint8, copy=True)
-
-
-def _minmax_uint8(a: np.ndarray) -> np.ndarray:
-    f = a.astype(np.float64)
-    finite = np.isfinite(f)
-    if not finite.all():
-        # NaN/inf in float images (damaged or masked data) would make the whole image NaN:
-        # scale by the finite values, NaN to black, +-inf to the ends.
-        if not finite.any():
-            return np.zeros(a.shape, dtype=np.uint8)
-        lo, hi = float(f[finite].min()), float(f[finite].max())
-        f = np.nan_to_num(f, nan=lo, posinf=hi, neginf=lo)
-    lo, hi = float(f.min()), float(f.max())
-    if hi <= lo:
-        # A constant image carries no contrast; black is as good as any value and avoids 0/0.
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.rint((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def probe_image(path: str | os.PathLike[str]) -> str | None:
@@ -173,14 +138,3 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     return np.array(img.convert("RGB"), dtype=np.uint8)
-
-
-def read_dicom(path: str | os.PathLike[str], *, window: str = "auto",
-               frame: int | None = None) -> np.ndarray:
-    """Decode a DICOM file to ``(H, W, 3)`` uint8: see :func:`medtl.data.dicom.read_dicom`.
-
-    Kept here for existing callers; the DICOM logic lives in :mod:`medtl.data.dicom`.
-    """
-    from medtl.data.dicom import read_dicom as _read
-
-    return _read(path, window=window, frame=frame)
