@@ -9,49 +9,20 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medtl.console import run_logging
 from medtl.errors import MedtlError
 from medtl.evaluation.stats import brier_score, expected_calibration_error
 from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY, choose_thresholds, split_summary
 from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
 
 log = logging.getLogger("medtl")
-
-
-@contextmanager
-def run_logging(out: Path, quiet: bool, append: bool = False) -> Iterator[None]:
-    """Everything logged under ``medtl`` goes to RUN/log.txt, and to the terminal unless quiet."""
-    from rich.logging import RichHandler
-
-    from medtl.console import console
-
-    out.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(out / "log.txt", mode="a" if append else "w",
-                                       encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handlers: list[logging.Handler] = [file_handler]
-    if not quiet:
-        term = RichHandler(console=console, show_path=False, show_time=False)
-        term.setLevel(logging.INFO)
-        handlers.append(term)
-    old_level = log.level
-    log.setLevel(logging.INFO)
-    for h in handlers:
-        log.addHandler(h)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
-        log.setLevel(old_level)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -444,115 +415,37 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
            title: str | None = None, by_group: bool = False) -> Path:
     """Compare saved runs in one self-contained HTML page: a leaderboard by AUC, with DeLong's
     paired test of each run against the best, a ROC overlay and AUC against training time."""
-    from medtl.reporting import plots
-    from medtl.reporting.html import render_comparison
+    from medtl.reporting.compare import compare_runs
+    from medtl.run import atomic_write_text
 
     if not runs:
         raise MedtlError("medtl report: name at least one run directory")
-    entries = []
-    for path in runs:
-        if (Path(path) / "folds").is_dir() and (Path(path) / "config.json").is_file():
-            entries.append(_cv_entry(Path(path), split))
-            continue
-        run = load_run(path)
-        metrics = run.metrics
-        if split not in metrics:
-            raise MedtlError(f"{run.path}: metrics.json has no '{split}' figures")
-        entries.append({"name": run.path.name, "run": run, "config": run.config,
-                        "metrics": metrics,
-                        "rows": [r for r in run.predictions() if r.get("split") == split]})
+    paths = [Path(p) for p in runs]
+    entries = [_report_entry(p, split) for p in paths]
     names = [e["name"] for e in entries]
-    for e in entries:
+    for e, p in zip(entries, paths, strict=True):
         if names.count(e["name"]) > 1:  # same leaf name: keep the parent to tell them apart
-            e["name"] = f"{e['run'].path.parent.name}/{e['run'].path.name}"
-    entries.sort(key=lambda e: -(e["metrics"][split].get("auc") or -1.0))
-    best = entries[0]
-    for e in entries[1:]:
-        e["delong"] = _delong_against(best, e)
-    figures = {}
-    curves = [c for e in entries if (c := _roc_curve_input(e)) is not None]
-    if curves:
-        figures[f"ROC curves, {split}"] = plots.roc_overlay_png(curves,
-                                                                title=f"ROC curves, {split}")
-    points = [{"run": e["name"], "auc": e["metrics"][split].get("auc"),
-               "train_s": e["metrics"].get("timing", {}).get("train_s"),
-               "strategy": e["config"].get("strategy"), "backbone": e["config"].get("backbone")}
-              for e in entries]
-    figures["AUC against training time"] = plots.scatter_cost_png(points)
-    if by_group:
-        figures["AUC by transfer approach"] = plots.grouped_png(points, group="strategy")
-        figures["AUC by backbone"] = plots.grouped_png(points, group="backbone")
+            e["name"] = f"{p.parent.name}/{p.name}"
     out = Path(out)
-    from medtl.run import atomic_write_text
-
-    atomic_write_text(out, render_comparison(entries, figures=figures, split=split,
-                                             title=title, best_per="strategy" if by_group
-                                             else None))
+    atomic_write_text(out, compare_runs(entries, split=split, title=title, by_group=by_group))
     return out
 
 
-def _cv_entry(path: Path, split: str) -> dict[str, Any]:
-    """A cross-validation run as a report entry: its out-of-fold predictions (every train + val
-    image, each scored by the fold that held it out) stand in for ``split``, so runs
-    cross-validated on the same data can be ranked and compared with DeLong's test."""
-    run = Run(path)
-    cfg = dict(run.config)
-    classes = cfg["classes"]
-    positive = len(classes) - 1 if len(classes) == 2 else None
-    cfg.setdefault("positive_class", classes[positive] if positive is not None else None)
-    cfg.setdefault("strategy", cfg.get("params", {}).get("strategy"))
-    rows = run.predictions()
-    ok = [r for r in rows if r.get(f"prob_{classes[0]}") not in (None, "")]
-    y = np.array([classes.index(r["label"]) for r in ok])
-    proba = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in ok])
-    folds = [Run(f) for f in sorted((path / "folds").glob("fold-*"))
-             if (f / "config.json").is_file()]
-    timing = {"train_s": sum(f.metrics.get("timing", {}).get("train_s") or 0 for f in folds)}
-    params = folds[0].metrics.get("params", {}) if folds else {}
-    return {"name": path.name, "run": run, "config": cfg,
-            "metrics": {split: split_summary(y, proba, classes=classes, positive=positive),
-                        "timing": timing, "params": params},
-            "rows": [{**r, "split": split} for r in ok]}
+def _report_entry(path: Path, split: str) -> dict[str, Any]:
+    """A saved run as the plain data medtl.reporting.compare works on."""
+    from medtl.reporting.compare import cv_entry
 
-
-def _labels_scores(entry: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]] | None:
-    """{path: 0/1 label} and {path: positive-class probability} of a binary run's rows."""
-    positive = entry["config"].get("positive_class")
-    if positive is None:
-        return None
-    labels, scores = {}, {}
-    for r in entry["rows"]:
-        if r.get(f"prob_{positive}") in (None, ""):
-            continue
-        labels[r["path"]] = int(r["label"] == positive)
-        scores[r["path"]] = float(r[f"prob_{positive}"])
-    return labels, scores
-
-
-def _roc_curve_input(entry: dict[str, Any]):
-    ls = _labels_scores(entry)
-    if ls is None or len(set(ls[0].values())) < 2:
-        return None
-    paths = sorted(ls[0])
-    return entry["name"], [ls[0][p] for p in paths], [ls[1][p] for p in paths]
-
-
-def _delong_against(best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | str:
-    """DeLong's paired test of ``best`` against ``other``, or why it cannot be computed."""
-    from medtl.evaluation.stats import delong_test
-
-    a, b = _labels_scores(best), _labels_scores(other)
-    if a is None or b is None:
-        return "binary runs only"
-    if set(a[0]) != set(b[0]):
-        return "different test images"
-    paths = sorted(a[0])
-    if any(a[0][p] != b[0][p] for p in paths) or len(set(a[0].values())) < 2:
-        return "labels differ or hold one class"
-    result = delong_test([a[0][p] for p in paths], [a[1][p] for p in paths],
-                         [b[1][p] for p in paths])
-    # Sign as "this run minus the best", which is what a leaderboard row reads.
-    return {**result, "difference": -result["difference"]}
+    if (path / "folds").is_dir() and (path / "config.json").is_file():
+        run = Run(path)
+        folds = [Run(f).metrics for f in sorted((path / "folds").glob("fold-*"))
+                 if (f / "config.json").is_file()]
+        return cv_entry(path.name, run.config, run.predictions(), folds, split)
+    run = load_run(path)
+    metrics = run.metrics
+    if split not in metrics:
+        raise MedtlError(f"{run.path}: metrics.json has no '{split}' figures")
+    return {"name": run.path.name, "config": run.config, "metrics": metrics,
+            "rows": [r for r in run.predictions() if r.get("split") == split]}
 
 
 def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],

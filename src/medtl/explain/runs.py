@@ -99,10 +99,10 @@ def explain(run, inputs: Sequence[str | Path], *, out: str | Path, method: str =
     Returns ``{"method": the method used, "rows": one dict per image, "sanity": the model
     randomisation check or None}`` and writes ``out/explanations.csv``.
     """
+    from medtl.console import run_logging
     from medtl.data import dataset_from_files
     from medtl.data.sources import make_view
     from medtl.run import Run, load_run
-    from medtl.workflow import run_logging
 
     check_choice("method", method, METHODS)
     run = run if isinstance(run, Run) else load_run(run)
