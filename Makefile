@@ -36,8 +36,10 @@ test: $(STAMP) chromium
 test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
+# ruff, then the import layers and the no-cycle rule of pyproject.toml [tool.importlinter].
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/feature_extraction.py

@@ -8,17 +8,44 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
+from medtl.errors import DataReadError, MedtlError, WeightsError
+
 __version__ = "0.1.0"
 
-from medtl.data import load_dataset
-from medtl.errors import DataReadError, MedtlError, WeightsError
-from medtl.models import create_backbone, list_specs
-from medtl.run import Run, load_run
-from medtl.transfer.strategies import TransferClassifier
-from medtl.workflow import demo, evaluate, predict, train
+# The public names below are imported on first use (PEP 562), not by `import medtl`: they pull
+# in torch, scikit-learn and SciPy (seconds), which `medtl --help`, `medtl.__version__` and the
+# error types do not need. Each name maps to the module that defines it.
+_LAZY = {
+    "Run": "medtl.run",
+    "TransferClassifier": "medtl.transfer.strategies",
+    "create_backbone": "medtl.models",
+    "demo": "medtl.workflow",
+    "evaluate": "medtl.workflow",
+    "list_specs": "medtl.models",
+    "load_dataset": "medtl.data",
+    "load_run": "medtl.run",
+    "predict": "medtl.workflow",
+    "train": "medtl.workflow",
+}
 
 __all__ = [
     "DataReadError", "MedtlError", "Run", "TransferClassifier", "WeightsError", "__version__",
     "create_backbone", "demo", "evaluate", "list_specs", "load_dataset", "load_run", "predict",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'medtl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
