@@ -109,14 +109,22 @@ def test_roc_band_is_reproducible_and_honours_level():
     assert a["level"] == 0.95 and narrow["level"] == 0.5
 
 
-def test_roc_band_default_size_is_fast():
-    import time
+def test_roc_band_defaults_cover_the_observed_curve():
+    """The default band (500 resamples, 101 points, 95 %) on a Kermany-sized test split.
+
+    No wall-clock bound: a busy machine made one flaky, and the cost is the resample count,
+    which is checked instead.
+    """
+    from sklearn.metrics import roc_curve
 
     y, s = _scores(624, seed=2, prevalence=390 / 624)
-    t0 = time.perf_counter()
-    roc_band(y, s)
-    # 500 resamples of 624 cases: well under 2 s on a laptop; loose for a busy CI machine.
-    assert time.perf_counter() - t0 < 5.0
+    band = roc_band(y, s)
+    assert band["n_resamples"] == 500 and band["level"] == 0.95
+    assert band["fpr"].shape == (101,)
+    fpr, tpr, _ = roc_curve(y, s)
+    observed = np.interp(band["fpr"], fpr, tpr)
+    inside = (band["tpr_low"] - 1e-9 <= observed) & (observed <= band["tpr_high"] + 1e-9)
+    assert inside.mean() > 0.9
 
 
 def test_pr_png():
