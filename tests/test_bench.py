@@ -23,8 +23,24 @@ ARGS = ["--backbones", "mobilenet_v2,efficientnet_lite0",
         "--patient-regex", r"(p\d+)", "--quiet"]
 
 
-def _bench_process(data: Path, out: Path, env: dict) -> subprocess.Popen:
+def _bench_process(data: Path, out: Path, env: dict, *, block_cell: int | None = None,
+                   marker: Path | None = None) -> subprocess.Popen:
+    """``medtl bench`` in a child process. With ``block_cell=K``, the K-th cell to train
+    (1-based) creates ``marker`` once its run has started, then blocks until killed: the kill
+    lands mid-cell whatever the machine's speed, with no race against a sleep."""
     code = "import sys; from medtl.cli import main; main(sys.argv[1:])"
+    if block_cell is not None:
+        code = (
+            "import sys, threading, pathlib, medtl\n"
+            "real_fit, fits = medtl.TransferClassifier.fit, []\n"
+            "def fit(self, *args, **kwargs):\n"
+            "    fits.append(1)\n"
+            f"    if len(fits) == {block_cell}:\n"
+            f"        pathlib.Path({str(marker)!r}).touch()\n"
+            "        threading.Event().wait()\n"
+            "    return real_fit(self, *args, **kwargs)\n"
+            "medtl.TransferClassifier.fit = fit\n"
+            "from medtl.cli import main; main(sys.argv[1:])\n")
     return subprocess.Popen([sys.executable, "-c", code, "bench", str(data), "--out", str(out),
                              *ARGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -41,18 +57,22 @@ def test_a_killed_bench_reruns_only_its_unfinished_cells(tmp_path):
     data = write_blob_images(tmp_path / "blobs", n_per_class=12)
     out = tmp_path / "bench"
     env = {**os.environ, "MEDTL_CACHE_DIR": str(tmp_path / "cache"), "MEDTL_OFFLINE": "1"}
-    proc = _bench_process(data, out, env)
+    marker = tmp_path / "second-cell-started"
+    proc = _bench_process(data, out, env, block_cell=2, marker=marker)
     cells = out / "cells"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(cells.glob("*/config.json"))) >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    # Generous: the first cell may take minutes on a busy machine. The child cannot get past
+    # the second cell's start, so there is nothing to race.
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not marker.exists():
+        proc.kill()
+        pytest.fail(f"the second cell never started (exit {proc.wait()}): "
+                    f"{proc.communicate()[1].decode()[-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/config.json")}
-    assert 1 <= len(finished) < 4
+    assert len(finished) == 1
     assert not (out / "leaderboard.csv").exists()
 
     rerun = _bench_process(data, out, env)
