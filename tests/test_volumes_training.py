@@ -3,6 +3,8 @@ as 2.5-D images with per-volume aggregation finds it; the middle slice alone can
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 
@@ -77,16 +79,29 @@ def test_2_5d_slices_with_volume_aggregation_beat_the_middle_slice(volumes, tmp_
     # lesion in some channel) is the robust choice, as the docs say.
     assert every.metrics["test"]["per_volume"]["n"] == 24
     assert every.config["view"] == {"window": "auto", "slices": "all", "mode": "2d"}
+    # predictions.csv: the volume file in path, the slice in its own column, no markers
+    assert "::" not in (stacked.path / "predictions.csv").read_text()
+    rows = stacked.predictions()
+    assert list(rows[0])[:2] == ["path", "slice"]
+    test = [r for r in rows if r["split"] == "test"]
+    assert len({(r["path"], r["slice"]) for r in test}) == len(test) == 24 * DEPTH
+    assert all(r["path"].endswith(".nii.gz") for r in rows)
 
 
 def test_predict_gives_one_row_per_volume_after_its_slices(volumes, tmp_path):
     run = _train(volumes, tmp_path / "run", slices="sample:5")
     files = sorted((volumes / "test" / "lesion").glob("*.nii.gz"))[:2]
-    rows = medtl.predict(run.path, files)
+    rows = medtl.predict(run.path, files, output=tmp_path / "predictions.csv")
     assert [r["level"] for r in rows] == ["slice"] * 10 + ["volume"] * 2
     slice_probs = np.array([r["prob_lesion"] for r in rows[:5]])
     assert rows[10]["prob_lesion"] == pytest.approx(slice_probs.mean())
     assert rows[10]["path"] == str(files[0].resolve())
+    assert all(r["path"] == str(files[0].resolve()) for r in rows[:5])
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert "::" not in (tmp_path / "predictions.csv").read_text()
+    assert [r["slice"] for r in written[:5]] == [r["slice"] for r in written[5:10]] != [""] * 5
+    assert [r["slice"] for r in written[10:]] == ["", ""]  # volume rows: no slice
 
 
 def test_bad_volume_options_are_one_line_errors(volumes):

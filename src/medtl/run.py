@@ -59,12 +59,22 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def prediction_rows(paths: Sequence[str], labels: Sequence[int] | None, proba: np.ndarray,
+def prediction_rows(images: Sequence[Any], labels: Sequence[int] | None, proba: np.ndarray,
                     classes: Sequence[str], split: str | None) -> list[dict[str, Any]]:
-    """One row per image: path, split, label, one probability per class, prediction."""
+    """One row per image: path, split, label, one probability per class, prediction.
+
+    ``images`` are :class:`medtl.data.Record` objects, or plain paths (a volume's aggregate
+    row). ``path`` is always the file; when some record is a slice of a volume or an image in an
+    .npz, a ``slice`` column or ``key`` and ``index`` columns follow it (empty where a row has
+    none), so that each row still names one image. Datasets of image files get none of them.
+    """
+    located = [(im, {}) if isinstance(im, str) else (im.path, im.location()) for im in images]
+    columns = [c for c in ("slice", "key", "index") if any(c in loc for _, loc in located)]
     rows = []
-    for i, path in enumerate(paths):
+    for i, (path, loc) in enumerate(located):
         row: dict[str, Any] = {"path": path}
+        for c in columns:
+            row[c] = loc.get(c, "")
         if split is not None:
             row["split"] = split
         if labels is not None:

@@ -67,8 +67,7 @@ def _split_metrics(clf, data, split: str, positive: int | None, *,
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(
             data.labels[ok], raw[ok])
         metrics["calibration"]["brier_uncalibrated"] = brier_score(data.labels[ok], raw[ok])
-    rows = prediction_rows([r.path for r in data.records], data.labels, proba, clf.classes_,
-                           split)
+    rows = prediction_rows(data.records, data.labels, proba, clf.classes_, split)
     return metrics, rows, proba
 
 
@@ -403,7 +402,7 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     ds = dataset_from_files(inputs, classes=clf.classes_,
                             view=make_view(**run.config.get("view", {})))
     proba = clf.predict_proba(ds)
-    rows = prediction_rows([r.path for r in ds.records], None, proba, clf.classes_, None)
+    rows = prediction_rows(ds.records, None, proba, clf.classes_, None)
     if any(ds.volumes):
         rows = _with_volume_rows(rows, ds.volumes, proba, clf.classes_)
     if output is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medtl.console import progress_bar
-from medtl.data.dataset import NPZ_SEPARATOR, Dataset, Record, volume_of
+from medtl.data.dataset import Dataset, Record
 from medtl.data.readers import DICOM_EXTENSIONS
 from medtl.data.sources import load_dataset
 from medtl.data.splits import patient_overlap
@@ -39,8 +39,9 @@ def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None
                 unreadable.append(f"{exc.path}: {exc.reason}")
             advance(1)
     modalities: Counter[str] = Counter()
-    for path in dict.fromkeys(v or p for v, p in zip(ds.volumes, ds.paths, strict=True)):
-        modalities[_modality(path)] += 1
+    # Per file, and per image of an .npz (each counts as one array image).
+    for path, key, _index in dict.fromkeys((r.path, r.key, r.index) for r in ds.records):
+        modalities["array" if key is not None else _modality(path)] += 1
     patients: dict[str, int] = {}
     for split in ds.split_names():
         ids = {p for p in ds.split(split).patients if p is not None}
@@ -130,7 +131,7 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
                 keys.append(key)
                 hashes.append(perceptual_hash(img))
                 sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
-                formats[_pixel_format(ds.records[i].path)] += 1
+                formats[_pixel_format(ds.records[i])] += 1
             advance(1)
 
     problems: list[dict[str, Any]] = []
@@ -185,14 +186,27 @@ def _problem(kind: str, leakage: bool, items: list[dict[str, Any]], paths: list[
 
 
 def _image(ds: Dataset, r: Record) -> dict[str, Any]:
-    return {"path": r.path, "split": r.split, "label": ds.classes[r.label],
+    """An image of a finding: its file, where in the file (slice, array key and index) when it
+    is not a file of its own, its split, label and patient."""
+    return {"path": r.path, **r.location(), "split": r.split, "label": ds.classes[r.label],
             "patient": r.patient_id}
+
+
+def _named(image: dict[str, Any], base: str) -> str:
+    """An image of :func:`_image` in a message: its file, then where in the file."""
+    shown = _shown(image["path"], base)
+    if "slice" in image:
+        return f"{shown} slice {image['slice']}"
+    if "key" in image:
+        return f"{shown} {image['key']}[{image['index']}]"
+    return shown
 
 
 def _in_split_order(ds: Dataset, records: list[Record]) -> list[Record]:
     """Train before val before test, then by path: examples read in the order data flows."""
     order = {s: k for k, s in enumerate(ds.split_names())}
-    return sorted(records, key=lambda r: (order.get(r.split or "", len(order)), r.path))
+    return sorted(records, key=lambda r: (order.get(r.split or "", len(order)), r.path,
+                                          r.key or "", r.index or 0, r.slice or 0))
 
 
 def _splits_of(ds: Dataset, records: list[Record]) -> list[str]:
@@ -217,7 +231,7 @@ def _exact_duplicates(ds: Dataset, decoded: list[int], keys: list[str],
     for across, items in found.items():
         if not items:
             continue
-        example = " = ".join(_shown(im["path"], base) for im in items[0]["images"])
+        example = " = ".join(_named(im, base) for im in items[0]["images"])
         conflicts = sum(it["conflicting_labels"] for it in items)
         why = ("the model would be tested on images it trained on" if across
                else "each counts, and weighs in training, more than once")
@@ -251,7 +265,7 @@ def _near_duplicates(ds: Dataset, decoded: list[int], keys: list[str], bits: np.
         if not items:
             continue
         first = items[0]
-        example = (" ~ ".join(_shown(im["path"], base) for im in first["images"])
+        example = (" ~ ".join(_named(im, base) for im in first["images"])
                    + f", {first['distance']} bits")
         why = ("a resized or re-encoded copy is still the same image, so the model would be "
                "tested on images it trained on" if across
@@ -312,7 +326,7 @@ def _patients_in_several_splits(ds: Dataset, base: str) -> list[dict[str, Any]]:
               "images": [_image(ds, r) for r in images[p]]} for p in leaked]
     where = ", ".join(f"{a} and {b}: {len(ids)}" for (a, b), ids in pairs.items() if ids)
     first = items[0]
-    example = f"{first['patient']}: " + ", ".join(_shown(im["path"], base)
+    example = f"{first['patient']}: " + ", ".join(_named(im, base)
                                                    for im in first["images"][:3])
     message = (f"{len(leaked)} patient(s) have images in more than one split ({where}): "
                f"split by patient so that none is on both sides (e.g. {example})")
@@ -395,15 +409,15 @@ def _shown(path: str, base: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else path
 
 
-def _pixel_format(path: str) -> str:
+def _pixel_format(record: Record) -> str:
     """The stored pixel format: Pillow's mode for image files, else the container."""
     from PIL import Image
 
-    if volume_of(path) is not None:
+    if record.is_volume:
         return "volume"
-    if NPZ_SEPARATOR in path:
+    if record.key is not None:
         return "array"
-    p = Path(path)
+    p = Path(record.path)
     if p.suffix.lower() in DICOM_EXTENSIONS:
         return "DICOM"
     try:
@@ -429,7 +443,5 @@ def _modality(path: str) -> str:
         return " ".join(t for t in (tags["modality"] or "DICOM", tags["body_part"]) if t)
     if ".nii" in p.name.lower():
         return "NIfTI volume"
-    if "::" in path:
-        return "array"
     return p.suffix.lower().lstrip(".") or "unknown"
 

@@ -16,14 +16,6 @@ from medtl.errors import DataReadError, MedtlError
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
 
-NPZ_SEPARATOR = "::"
-"""Separates the .npz file from ``<split>/<index>`` in the path of an npz record."""
-
-SLICE_MARK = "::slice/"
-"""``<volume path>::slice/<k>``: slice ``k`` of a volume (NIfTI file or DICOM series folder)."""
-MIP_MARK = "::mip"
-"""``<volume path>::mip``: the maximum intensity projection of a volume."""
-
 
 @dataclass(frozen=True)
 class View:
@@ -38,27 +30,76 @@ class View:
         return {"window": self.window, "slices": self.slices, "mode": self.mode}
 
 
-def volume_of(path: str) -> str | None:
-    """The volume a slice or MIP record comes from, ``None`` for a plain image."""
-    for mark in (SLICE_MARK, MIP_MARK):
-        if mark in path:
-            return path.split(mark, 1)[0]
-    return None
-
-
 @dataclass(frozen=True)
 class Record:
-    """One labelled image.
+    """One labelled image: an image file, an image stored in an .npz, or a view of a volume.
 
-    ``path`` is an absolute file path, or ``"<abs npz path>::<split>/<index>"`` for an image
-    stored in an .npz array (``<split>`` is the array it came from, which stays the same when the
-    record is moved to a carved ``val`` split).
+    Attributes:
+        path: the absolute path of the file that holds the image: the image file, the .npz
+            archive, or the volume (a NIfTI file or a DICOM series folder).
+        label: index into the dataset's classes.
+        split: ``train``, ``val``, ``test`` (or another name), ``None`` before one is assigned.
+        patient_id: the patient, when known; the slices of a volume share one.
+        key, index: for an image in an .npz, the array it is stored in (the split it came from
+            in the MedMNIST layout, which stays the same when the record is moved to a carved
+            ``val``) and its position in that array.
+        slice: for a volume shown slice by slice (``2d``, ``2.5d``), the slice shown, counted
+            along the volume's third axis as :func:`medtl.data.volumes.read_volume` returns it.
+        mip: the record is its volume's maximum intensity projection (``mip`` mode): one image
+            per volume, so no slice.
     """
 
     path: str
     label: int
     split: str | None
     patient_id: str | None = None
+    key: str | None = None
+    index: int | None = None
+    slice: int | None = None
+    mip: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.key is None) != (self.index is None):
+            raise ValueError(f"{self.path}: an array member needs both key and index")
+        if self.key is not None and self.is_volume:
+            raise ValueError(f"{self.path}: a record is an array member or a volume, not both")
+        if self.slice is not None and self.mip:
+            raise ValueError(f"{self.path}: a MIP shows the whole volume, not slice {self.slice}")
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the record is a slice or the MIP of a volume."""
+        return self.slice is not None or self.mip
+
+    @property
+    def volume(self) -> str | None:
+        """The volume the record shows (slices of one volume share it), ``None`` otherwise."""
+        return self.path if self.is_volume else None
+
+    @property
+    def uid(self) -> str:
+        """One string per record, unique within a dataset and stable across runs: the path, or
+        ``<path>::<key>/<index>``, ``<path>::slice/<k>``, ``<path>::mip``.
+
+        This is the string medtl 0.1 kept in ``path``, so keys derived from it stay valid. It is
+        an identity to compare and hash, never to parse: the fields above say where the image is.
+        """
+        if self.key is not None:
+            return f"{self.path}::{self.key}/{self.index}"
+        if self.slice is not None:
+            return f"{self.path}::slice/{self.slice}"
+        if self.mip:
+            return f"{self.path}::mip"
+        return self.path
+
+    def location(self) -> dict[str, str | int]:
+        """The fields that place the record inside its file: ``{"slice": k}``,
+        ``{"key": ..., "index": i}``, or ``{}`` for an image file or a MIP."""
+        if self.key is not None:
+            return {"key": self.key, "index": int(self.index)}  # type: ignore[arg-type]
+        if self.slice is not None:
+            return {"slice": self.slice}
+        return {}
 
 
 class Dataset:
@@ -75,7 +116,7 @@ class Dataset:
         source: str = "",
         *,
         skipped: Iterable[tuple[str, str]] = (),
-        arrays: dict[str, np.ndarray] | None = None,
+        arrays: dict[tuple[str, str], np.ndarray] | None = None,
         view: View | None = None,
         _key_cache: dict[str, str] | None = None,
         _volumes: _VolumeCache | None = None,
@@ -84,15 +125,15 @@ class Dataset:
         self.classes: list[str] = list(classes)
         self.source: str = str(source)
         self.skipped: list[tuple[str, str]] = list(skipped)
-        # Keyed by "<abs npz path>::<split>" (the record path up to its last "/").
-        self._arrays: dict[str, np.ndarray] = arrays if arrays is not None else {}
+        # The images of an .npz source, keyed by (record.path, record.key).
+        self._arrays: dict[tuple[str, str], np.ndarray] = arrays if arrays is not None else {}
         self._key_cache: dict[str, str] = _key_cache if _key_cache is not None else {}
         self.view: View = view or View()
         self._volumes = _volumes if _volumes is not None else _VolumeCache(self.view)
         n_classes = len(self.classes)
         for r in self.records:
             if not 0 <= r.label < n_classes:
-                raise ValueError(f"{r.path}: label {r.label} is not an index into {self.classes}")
+                raise ValueError(f"{r.uid}: label {r.label} is not an index into {self.classes}")
 
     # ---- structure ---------------------------------------------------------------------------
 
@@ -176,30 +217,36 @@ class Dataset:
 
     @property
     def paths(self) -> list[str]:
+        """The file of each record (an .npz or a volume is shared by its images)."""
         return [r.path for r in self.records]
+
+    @property
+    def uids(self) -> list[str]:
+        """:attr:`Record.uid` of each record: one distinct string per image."""
+        return [r.uid for r in self.records]
 
     @property
     def volumes(self) -> list[str | None]:
         """The volume of each record (slices of one volume share it), ``None`` for images."""
-        return [volume_of(r.path) for r in self.records]
+        return [r.volume for r in self.records]
 
     # ---- content -----------------------------------------------------------------------------
 
-    def _npz_ref(self, path: str) -> tuple[np.ndarray, int] | None:
-        key, sep, index = path.rpartition("/")
-        if sep and key in self._arrays:
-            return self._arrays[key], int(index)
-        return None
+    def _array_image(self, record: Record) -> np.ndarray:
+        try:
+            array = self._arrays[(record.path, record.key)]  # type: ignore[index]
+        except KeyError:
+            raise DataReadError(record.path, f"no array '{record.key}' loaded for this dataset"
+                                ) from None
+        return array[record.index]
 
     def read(self, i: int) -> np.ndarray:
         """Image ``i`` as ``(H, W, 3)`` uint8 RGB; a bad file raises :class:`DataReadError`."""
         record = self.records[i]
-        ref = self._npz_ref(record.path)
-        if ref is not None:
-            array, index = ref
-            return to_rgb_uint8(array[index])
-        if volume_of(record.path) is not None:
-            return self._volumes.image(record.path)
+        if record.key is not None:
+            return to_rgb_uint8(self._array_image(record))
+        if record.is_volume:
+            return self._volumes.image(record)
         if self.view.window != "auto" and Path(record.path).suffix.lower() in DICOM_EXTENSIONS:
             from medtl.data.dicom import read_dicom
 
@@ -210,29 +257,30 @@ class Dataset:
         """sha256 (hex) of image ``i``'s file bytes, or of an npz image's shape, dtype and bytes.
 
         Identical images get identical keys whatever their path, which is what feature caches
-        and duplicate checks need. Memoised per path.
+        and duplicate checks need. Memoised per :attr:`Record.uid`.
         """
-        path = self.records[i].path
-        cached = self._key_cache.get(path)
+        record = self.records[i]
+        uid = record.uid
+        cached = self._key_cache.get(uid)
         if cached is not None:
             return cached
-        ref = self._npz_ref(path)
-        volume = volume_of(path)
-        if ref is not None:
-            array, index = ref
-            image = np.ascontiguousarray(array[index])
+        path = record.path
+        if record.key is not None:
+            image = np.ascontiguousarray(self._array_image(record))
             digest = hashlib.sha256(f"{image.shape}|{image.dtype.str}|".encode())
             digest.update(image.tobytes())
             key = digest.hexdigest()
-        elif volume is not None:
+        elif record.is_volume:
             # The same slice of the same volume content, shown the same way, is the same image.
-            view = f"|{self.view.window}|{self.view.mode}|{path[len(volume):]}"
-            key = hashlib.sha256((_content_hash(volume) + view).encode()).hexdigest()
+            # The suffix "::slice/<k>" or "::mip" is what medtl 0.1 hashed: cached features
+            # keyed by these digests stay valid.
+            view = f"|{self.view.window}|{self.view.mode}|{uid[len(path):]}"
+            key = hashlib.sha256((_content_hash(path) + view).encode()).hexdigest()
         else:
             key = _content_hash(path)
             if self.view.window != "auto" and Path(path).suffix.lower() in DICOM_EXTENSIONS:
                 key = hashlib.sha256(f"{key}|window={self.view.window}".encode()).hexdigest()
-        self._key_cache[path] = key
+        self._key_cache[uid] = key
         return key
 
     def fingerprint(self) -> str:
@@ -255,10 +303,11 @@ class Dataset:
         """Write a CSV manifest ``path,label,patient_id,split`` that ``load_dataset`` reads back.
 
         Paths under the manifest's folder are written relative to it (the pair can be moved
-        together), others absolute. Labels are class names. Images inside an .npz have no file
-        of their own and cannot be listed: that is a :class:`MedtlError`.
+        together), others absolute. Labels are class names. A volume is listed once (loading
+        the manifest makes its slices again). Images inside an .npz have no file of their own
+        and cannot be listed: that is a :class:`MedtlError`.
         """
-        if self._arrays:
+        if self._arrays or any(r.key is not None for r in self.records):
             raise MedtlError(
                 f"{self.source}: images stored in an .npz cannot be listed in a CSV manifest"
             )
@@ -267,7 +316,12 @@ class Dataset:
         with open(out, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["path", "label", "patient_id", "split"])
+            listed: set[str] = set()
             for r in self.records:
+                if r.is_volume:
+                    if r.path in listed:
+                        continue  # its other slices: listed with the first
+                    listed.add(r.path)
                 p = Path(r.path)
                 try:
                     shown = p.relative_to(base).as_posix()
@@ -304,9 +358,8 @@ class _VolumeCache:
         self.size = size
         self._images: OrderedDict[str, list[np.ndarray]] = OrderedDict()
 
-    def image(self, path: str) -> np.ndarray:
-        volume = volume_of(path)
-        assert volume is not None
+    def image(self, record: Record) -> np.ndarray:
+        volume = record.path
         images = self._images.get(volume)
         if images is None:
             from medtl.data.volumes import read_volume, volume_slices
@@ -320,9 +373,10 @@ class _VolumeCache:
                 self._images.popitem(last=False)
         else:
             self._images.move_to_end(volume)
-        if MIP_MARK in path:
+        if record.mip:
             return images[0]
-        k = int(path.rsplit(SLICE_MARK, 1)[1])
+        k = record.slice
+        assert k is not None
         if not 0 <= k < len(images):
-            raise DataReadError(path, f"slice {k} is outside the volume's {len(images)} slices")
+            raise DataReadError(volume, f"slice {k} is outside the volume's {len(images)} slices")
         return images[k]

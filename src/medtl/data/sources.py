@@ -27,15 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.data.dataset import (
-    MIP_MARK,
-    NPZ_SEPARATOR,
-    SLICE_MARK,
-    SPLIT_ORDER,
-    Dataset,
-    Record,
-    View,
-)
+from medtl.data.dataset import SPLIT_ORDER, Dataset, Record, View
 from medtl.data.readers import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_image_file, probe_image
 from medtl.data.splits import (
     KERMANY_PATIENT_REGEX,
@@ -54,7 +46,7 @@ _EXTENSIONS_TEXT = ", ".join((*IMAGE_EXTENSIONS, *VOLUME_SUFFIXES))
 # Folders that zip tools and operating systems leave behind; never classes.
 _JUNK_DIRS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
 
-_Raw = tuple[list[Record], list[str], dict[str, np.ndarray]]
+_Raw = tuple[list[Record], list[str], dict[tuple[str, str], np.ndarray]]
 
 
 def load_dataset(
@@ -178,10 +170,10 @@ def _expand_volumes(records: list[Record], view: View) -> list[Record]:
         # No patient known: the volume is its own group, so its slices never straddle splits.
         patient = r.patient_id or f"volume:{Path(r.path).name}"
         if view.mode == "mip":
-            out.append(replace(r, path=r.path + MIP_MARK, patient_id=patient))
+            out.append(replace(r, mip=True, patient_id=patient))
             continue
         for k in slice_indices(_volume_depth(r.path), view.slices):
-            out.append(replace(r, path=f"{r.path}{SLICE_MARK}{k}", patient_id=patient))
+            out.append(replace(r, slice=k, patient_id=patient))
     return out
 
 
@@ -363,7 +355,7 @@ def _from_npz(path: Path) -> _Raw:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise MedtlError(f"{path}: not an .npz archive (a single array, .npy?)")
 
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[tuple[str, str], np.ndarray] = {}
     labels_by_split: dict[str, np.ndarray] = {}
     with npz:
         keys = set(npz.files)
@@ -385,7 +377,7 @@ def _from_npz(path: Path) -> _Raw:
                 raise DataReadError(
                     abs_path, f"cannot read '{img_key}'/'{lab_key}' ({exc})"
                 ) from exc
-            arrays[f"{abs_path}{NPZ_SEPARATOR}{split}"] = _check_npz_images(path, img_key, images)
+            arrays[(abs_path, split)] = _check_npz_images(path, img_key, images)
             labels_by_split[split] = _check_npz_labels(path, lab_key, labels, len(images))
 
     n_classes = 1 + max(int(y.max(initial=-1)) for y in labels_by_split.values())
@@ -393,7 +385,7 @@ def _from_npz(path: Path) -> _Raw:
         raise MedtlError(f"{path}: no images in {', '.join(labels_by_split)}")
     classes = [str(i) for i in range(n_classes)]
     records = [
-        Record(f"{abs_path}{NPZ_SEPARATOR}{split}/{i}", int(y), split, None)
+        Record(abs_path, int(y), split, None, key=split, index=i)
         for split, ys in labels_by_split.items()
         for i, y in enumerate(ys)
     ]
@@ -470,7 +462,7 @@ def _check_labels_in_train(records: list[Record], classes: list[str], source: st
         if r.split != "train" and r.label not in in_train:
             raise MedtlError(
                 f"{source}: class '{classes[r.label]}' appears in {r.split} but not in train "
-                f"(e.g. {r.path})"
+                f"(e.g. {r.uid})"
             )
 
 

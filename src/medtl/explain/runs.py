@@ -8,13 +8,16 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from medtl.errors import DataReadError, MedtlError, check_choice
 from medtl.explain.cam import CAM_METHODS, METHODS, Explainer, overlay, positive_part, spearman
+
+if TYPE_CHECKING:
+    from medtl.data.dataset import Record
 
 log = logging.getLogger("medtl")
 
@@ -67,13 +70,18 @@ def _target_index(target: str, classes: Sequence[str]) -> int | None:
     return list(classes).index(target)
 
 
-def _file_stem(path: str, taken: set[str]) -> str:
+def _file_stem(record: Record, taken: set[str]) -> str:
     """A readable, unique file name for an input (volume slices and npz rows included)."""
-    name = Path(path.replace("::", "/")).name
-    for ext in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    name = Path(record.path).name
+    for ext in (".nii.gz", ".nii", ".npz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
+                ".bmp"):
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
+    if record.slice is not None:
+        name = f"{name}_slice{record.slice}"
+    elif record.key is not None:
+        name = f"{name}_{record.key}_{record.index}"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
     unique, k = stem, 1
     while unique in taken:
@@ -155,13 +163,14 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
             targets = predicted if fixed is None else np.full(len(images), fixed)
             maps = explainer.maps(pixels, targets, used)
             for j, i in enumerate(indices):
-                path = ds.records[i].path
-                stem = _file_stem(path, taken)
+                record = ds.records[i]
+                stem = _file_stem(record, taken)
                 np.save(out / f"{stem}.npy", maps[j])
                 heat = display_map(maps[j], used, proba[j, targets[j]])
                 picture = overlay(display_image(images[j], mode), heat)
                 (out / f"{stem}.png").write_bytes(_png(picture))
-                rows.append({"path": path, "method": used, "target": classes[targets[j]],
+                rows.append({"path": record.path, **record.location(), "method": used,
+                             "target": classes[targets[j]],
                              "prediction": classes[predicted[j]],
                              "probability_target": float(proba[j, targets[j]]),
                              "overlay": f"{stem}.png", "map": f"{stem}.npy"})
