@@ -141,3 +141,90 @@ def test_the_proxy_catches_an_external_image(tmp_path):
                     "</body></html>")
     requests = screenshot(page, tmp_path / "leaky.png")
     assert any("example.org" in r for r in requests), requests
+
+
+# ------------------------------------------------------------------ figures that fail, many classes
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("the figure broke\nsecond line of a long traceback message")
+
+
+def test_a_figure_that_raises_is_left_out_with_a_note_and_a_warning(monkeypatch, caplog):
+    from medtl.reporting import html as report_html
+    from medtl.reporting import plots
+
+    monkeypatch.setattr(plots, "confusion_png", _boom)
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(30, int), np.ones(30, int)]
+    p1 = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
+    proba = np.c_[1 - p1, p1]
+    metrics = {"n": 60, "accuracy": 0.8, "auc": 0.85, "confusion_matrix": [[25, 5], [7, 23]]}
+    with caplog.at_level("WARNING", logger="medtl"):
+        figs = report_html.run_figures(classes=["a", "b"], positive=1, split="test", y_true=y,
+                                       proba=proba, metrics=metrics, history=[])
+    failed = figs["Confusion matrix, test (arg-max decision)"]
+    assert isinstance(failed, report_html.FigureFailure)
+    assert failed.reason == "RuntimeError: the figure broke"
+    # The other figures are drawn all the same.
+    assert all(isinstance(v, bytes) for k, v in figs.items() if not k.startswith("Confusion"))
+    assert len(figs) == 3
+    assert any(r.name == "medtl" and "Confusion matrix, test" in r.getMessage()
+               and "the figure broke" in r.getMessage() for r in caplog.records)
+    page = report_html.render_run_report({"classes": ["a", "b"]}, {"test": metrics},
+                                         figures=figs)
+    assert ("Figure left out: <b>Confusion matrix, test (arg-max decision)</b> could not be "
+            "drawn (RuntimeError: the figure broke)") in page
+    assert "second line" not in page
+    assert len(_images(page)) == 2
+
+
+def test_a_run_whose_figure_raises_is_still_complete(tmp_path, monkeypatch):
+    """Through the public API: the run ends with config.json and a report noting the loss."""
+    from medtl.reporting import plots
+
+    monkeypatch.setattr(plots, "reliability_png", _boom)
+    # The Grad-CAM gallery, not under test, would take most of this test's time.
+    monkeypatch.setattr("medtl.explain.gallery", _boom)
+    data = write_blob_images(tmp_path / "blobs", n_per_class=8)
+    run = medtl.train(data, strategy="hybrid", head="knn", patient_regex=r"(p\d+)",
+                      image_size=32, out=tmp_path / "run", quiet=True)
+    assert (run.path / "config.json").is_file()
+    page = (run.path / "report.html").read_text()
+    assert "Figure left out: <b>Reliability diagram, test</b>" in page
+    assert "RuntimeError: the figure broke" in page
+    assert 'alt="Confusion matrix, test (arg-max decision)"' in page
+    _assert_self_contained(page)
+
+
+@pytest.mark.parametrize("k", [11, 20])
+def test_every_figure_and_table_of_a_many_class_report(k):
+    from medtl.evaluation.summary import split_summary
+    from medtl.reporting.html import render_run_report, run_figures
+
+    rng = np.random.default_rng(k)
+    classes = [f"class {i:02d}" for i in range(k)]
+    y = np.repeat(np.arange(k), 4)
+    logits = rng.normal(size=(len(y), k)) + 3.0 * np.eye(k)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    metrics = split_summary(y, proba, classes=classes, n_resamples=20)
+    history = [{"stage": "hybrid", "C": c, "val_score": 0.9} for c in (0.1, 1.0)]
+    figs = run_figures(classes=classes, positive=None, split="test", y_true=y, proba=proba,
+                       metrics=metrics, history=history)
+    assert set(figs) == {"Confusion matrix, test (arg-max decision)",
+                         "Reliability diagram, test"}
+    assert all(isinstance(v, bytes) for v in figs.values()), figs
+    config = {"classes": classes,
+              "data": {"counts": {s: dict.fromkeys(classes, 4) for s in ("train", "test")}}}
+    page = render_run_report(config, {"test": metrics}, figures=figs)
+    assert "Figure left out" not in page
+    # The confusion matrix gets the page's width, not a 30em column.
+    assert re.search(r'<figure class=(wide|huge)><img [^>]*alt="Confusion matrix', page)
+    # ... and a table with every count, one row per true class.
+    table = page[page.index("<table class=cm>"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == k + 1
+    assert table.count("<td class=hit>") == k
+    # Counts per split: one row per class (plus the total), not k + 2 columns.
+    assert "<tr><th>class</th><th>train</th><th>test</th><th>all</th></tr>" in page
+    assert f"<tr><td>{classes[-1]}</td><td>4</td><td>4</td><td>8</td></tr>" in page

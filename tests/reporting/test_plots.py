@@ -152,10 +152,36 @@ def test_confusion_png_ten_classes():
     _check_png(confusion_png(np.eye(10, dtype=int) * 9 + 1, [f"class {i}" for i in range(10)]))
 
 
+@pytest.mark.parametrize("k", [11, 20, 40])
+def test_confusion_png_grows_with_many_classes(k):
+    """Past 10 classes the figure grows with the count: at least 40 px a cell up to 40 classes,
+    where tick labels and counts stay legible (a 6x5 inch figure gave 20 classes 20 px)."""
+    rng = np.random.default_rng(k)
+    cm = rng.integers(0, 3, size=(k, k)) + np.diag(rng.integers(5, 300, k))
+    cm[1] = 0  # an empty row among many classes
+    names = [f"class {i}" if i % 5 else f"a very long class name, number {i}" for i in range(k)]
+    png = confusion_png(cm, names, title="Confusion matrix, test")
+    assert png.startswith(PNG_SIGNATURE)
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    assert img.width >= 40 * k and img.height >= 40 * k
+    assert max(img.size) <= 2200
+
+
+def test_confusion_png_with_hundreds_of_classes_stays_one_screen_wide():
+    k = 150
+    img = Image.open(io.BytesIO(confusion_png(np.eye(k, dtype=int) * 1000 + 1,
+                                              [f"c{i}" for i in range(k)])))
+    img.load()
+    assert max(img.size) <= 2200
+    # Still a heat map a reader can zoom into: several pixels a cell.
+    assert min(img.size) >= 8 * k
+
+
 @pytest.mark.parametrize("cm, names, match", [
     ([[1, 2], [3, 4]], ["a", "b", "c"], "3 class names"),
     ([[1, 2, 3], [3, 4, 5]], ["a", "b"], "square"),
-    ([[5]], ["a"], "2 to 10 classes"),
+    ([[5]], ["a"], "at least 2 classes"),
     ([[1, -2], [3, 4]], ["a", "b"], "non-negative"),
 ])
 def test_confusion_png_bad_inputs(cm, names, match):

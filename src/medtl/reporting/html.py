@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medtl.reporting import plots
+
+log = logging.getLogger("medtl")
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:64em;color:#222;
 padding:0 1em}table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ccc;
@@ -25,10 +29,20 @@ td:first-child,th:first-child{text-align:left}code{background:#f6f6f6;padding:0 
 background:#000}.best{background:#eef7ee}table.kv td,table.kv th{text-align:left}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}figure.cam{margin:0;width:20em}
 figure.cam img{width:9.8em;height:9.8em;object-fit:contain;background:#000}
-figure.cam code{word-break:break-all}"""
+figure.cam code{word-break:break-all}.figs figure.wide{flex-basis:100%}
+.figs figure.wide img{max-width:100%}.figs figure.huge{flex-basis:100%;overflow-x:auto}
+.figs figure.huge img{max-width:none}.figs p.failed{max-width:30em;margin:0;padding:.6em;
+border:1px dashed #c99;background:#fff8f5}table.cm td,table.cm th{padding:.1em .35em;
+font-size:.85em}table.cm td.hit{font-weight:bold;background:#eef3fa}"""
 
 _FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision",
             "f1")
+# Beyond this many classes the report lays out class-wide tables the long way (one row per
+# class) and adds the confusion matrix as a table, as the figure then leaves zero cells blank.
+_MANY_CLASSES = 10
+# PNG widths (pixels) above which a figure gets the page's full width, and above which it
+# keeps its natural size in a scrolling box, since scaling it down would make it unreadable.
+_WIDE_PX, _HUGE_PX = 700, 1400
 _NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "f1": "F1",
           "youden": "Youden's J", "sensitivity_target": "target sensitivity"}
 
@@ -67,6 +81,29 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img src="{plots.png_to_data_uri(png)}" alt="{_e(alt)}">'
 
 
+@dataclass(frozen=True)
+class FigureFailure:
+    """A figure that could not be drawn. ``run_figures`` puts it in place of the PNG, and the
+    report shows ``reason`` where the figure would have been."""
+
+    reason: str
+
+
+def _figures_html(figures: Mapping[str, bytes | FigureFailure]) -> str:
+    out = []
+    for cap, fig in figures.items():
+        if isinstance(fig, FigureFailure):
+            out.append(f"<figure><p class=\"note failed\">Figure left out: <b>{_e(cap)}</b> "
+                       f"could not be drawn ({_e(fig.reason)}). The run and its other figures "
+                       "are complete.</p></figure>")
+            continue
+        # Width from the PNG header (IHDR): a large figure scaled into a column is unreadable.
+        width = int.from_bytes(bytes(fig[16:20]), "big")
+        css = " class=huge" if width > _HUGE_PX else " class=wide" if width > _WIDE_PX else ""
+        out.append(f"<figure{css}>{_img(fig, cap)}<figcaption>{_e(cap)}</figcaption></figure>")
+    return "<h2>Plots</h2><div class=figs>" + "".join(out) + "</div>"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] = (),
            css: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
@@ -79,30 +116,53 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequen
 # ------------------------------------------------------------------------------ one run
 def run_figures(*, classes: Sequence[str], positive: int | None, split: str,
                 y_true: np.ndarray, proba: np.ndarray, metrics: Mapping[str, Any],
-                history: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+                history: Sequence[Mapping[str, Any]]) -> dict[str, bytes | FigureFailure]:
     """The report's plots, as ``{caption: png}``: ROC with its CI band and PR (binary),
-    confusion matrix, reliability diagram and training curves."""
-    figs: dict[str, bytes] = {}
+    confusion matrix, reliability diagram and training curves.
+
+    Each figure is drawn on its own: one that raises becomes a :class:`FigureFailure` under
+    its caption (and a warning in the log), so a figure can cost the report that figure, never
+    a finished run its report.
+    """
+    figs: dict[str, bytes | FigureFailure] = {}
     ok = np.isfinite(proba).all(axis=1)
     y, p = np.asarray(y_true)[ok], np.asarray(proba)[ok]
     if positive is not None and len(np.unique(y)) == 2:
         yb, score = (y == positive).astype(int), p[:, positive]
-        band = plots.roc_band(yb, score, n_resamples=500, seed=0)
-        figs[f"ROC curve, {split}, with its 95% bootstrap band"] = plots.roc_png(
-            yb, score, auc=metrics.get("auc"), auc_ci=metrics.get("auc_ci95"), band=band,
-            title=f"ROC curve, {split}")
-        figs[f"Precision-recall, {split}"] = plots.pr_png(
-            yb, score, title=f"Precision-recall, {split}")
+
+        def roc() -> bytes:
+            band = plots.roc_band(yb, score, n_resamples=500, seed=0)
+            return plots.roc_png(yb, score, auc=metrics.get("auc"),
+                                 auc_ci=metrics.get("auc_ci95"), band=band,
+                                 title=f"ROC curve, {split}")
+
+        _draw(figs, f"ROC curve, {split}, with its 95% bootstrap band", roc)
+        _draw(figs, f"Precision-recall, {split}",
+              lambda: plots.pr_png(yb, score, title=f"Precision-recall, {split}"))
     if metrics.get("confusion_matrix"):
-        figs[f"Confusion matrix, {split} (arg-max decision)"] = plots.confusion_png(
-            metrics["confusion_matrix"], classes, title=f"Confusion matrix, {split}")
+        _draw(figs, f"Confusion matrix, {split} (arg-max decision)",
+              lambda: plots.confusion_png(metrics["confusion_matrix"], classes,
+                                          title=f"Confusion matrix, {split}"))
     cal = metrics.get("calibration")
     if cal:
-        figs[f"Reliability diagram, {split}"] = plots.reliability_png(
-            cal["reliability"], ece=cal["ece"], title=f"Reliability, {split}")
+        _draw(figs, f"Reliability diagram, {split}",
+              lambda: plots.reliability_png(cal["reliability"], ece=cal["ece"],
+                                            title=f"Reliability, {split}"))
     if history and any("val_auc" in r or "train_loss" in r or "loss" in r for r in history):
-        figs["Training curves"] = plots.training_curves_png(history)
+        _draw(figs, "Training curves", lambda: plots.training_curves_png(history))
     return figs
+
+
+def _draw(figs: dict[str, bytes | FigureFailure], caption: str,
+          draw: Callable[[], bytes]) -> None:
+    try:
+        figs[caption] = draw()
+    except Exception as exc:  # noqa: BLE001 - the run is finished; only this figure is lost
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        reason = reason if len(reason) <= 200 else reason[:199] + "…"
+        log.warning("figure %r left out of the report: %s", caption, reason)
+        figs[caption] = FigureFailure(reason)
 
 
 def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int = 8,
@@ -137,7 +197,7 @@ def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int 
 
 
 def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
-                      figures: Mapping[str, bytes] | None = None,
+                      figures: Mapping[str, bytes | FigureFailure] | None = None,
                       errors: Sequence[Mapping[str, Any]] | None = None,
                       explanations: Mapping[str, Any] | None = None) -> str:
     """The HTML of ``RUN/report.html``."""
@@ -153,11 +213,7 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     parts.append("<h2>Data</h2>")
     parts.append(f"<p><code>{_e(data.get('source'))}</code>, fingerprint "
                  f"<code>{_e(str(data.get('fingerprint', ''))[:16])}</code></p>")
-    counts = data.get("counts", {})
-    if counts:
-        parts.append(_table(["split", *map(_e, classes), "all"], [
-            [_e(s), *(_fmt(c.get(k, 0)) for k in classes), _fmt(sum(c.values()))]
-            for s, c in counts.items()]))
+    parts.append(_counts_html(data.get("counts", {}), classes))
     if data.get("skipped"):
         parts.append(f"<p class=note>{len(data['skipped'])} unreadable images skipped.</p>")
 
@@ -189,11 +245,11 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     parts.append(_calibration_html(metrics, splits))
     parts.append(_per_class_html(metrics, splits))
     parts.append(_per_group_html(metrics, splits))
+    if splits and len(classes) > _MANY_CLASSES:
+        parts.append(_confusion_html(metrics[splits[-1]], classes, splits[-1]))
 
     if figures:
-        parts.append("<h2>Plots</h2><div class=figs>" + "".join(
-            f"<figure>{_img(png, cap)}<figcaption>{_e(cap)}</figcaption></figure>"
-            for cap, png in figures.items()) + "</div>")
+        parts.append(_figures_html(figures))
     if errors is not None:
         parts.append(_errors_html(errors, splits[-1] if splits else "test"))
     if explanations is not None:
@@ -202,6 +258,39 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
                  f"{_e(config.get('created', ''))}</p>")
     return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
+
+
+def _counts_html(counts: Mapping[str, Mapping[str, int]], classes: Sequence[str]) -> str:
+    """Images per split and class: splits as rows, or with many classes (too many columns
+    for a page) classes as rows."""
+    if not counts:
+        return ""
+    if len(classes) <= _MANY_CLASSES:
+        return _table(["split", *map(_e, classes), "all"], [
+            [_e(s), *(_fmt(c.get(k, 0)) for k in classes), _fmt(sum(c.values()))]
+            for s, c in counts.items()])
+    rows = [[_e(k), *(_fmt(c.get(k, 0)) for c in counts.values()),
+             _fmt(sum(c.get(k, 0) for c in counts.values()))] for k in classes]
+    rows.append(["all", *(_fmt(sum(c.values())) for c in counts.values()),
+                 _fmt(sum(sum(c.values()) for c in counts.values()))])
+    return _table(["class", *map(_e, counts), "all"], rows)
+
+
+def _confusion_html(m: Mapping[str, Any], classes: Sequence[str], split: str) -> str:
+    """The confusion matrix as a table: every count, readable and copyable, however many
+    classes. Columns are numbered, as names would make the table too wide for a page."""
+    cm = m.get("confusion_matrix")
+    if not cm or len(cm) != len(classes):
+        return ""
+    head = "".join(f"<th>{j + 1}</th>" for j in range(len(classes)))
+    body = "".join(
+        f"<tr><th>{i + 1}. {_e(c)}</th>" + "".join(
+            f"<td{' class=hit' if i == j else ''}>{_fmt(int(v)) if v else ''}</td>"
+            for j, v in enumerate(row)) + "</tr>"
+        for i, (c, row) in enumerate(zip(classes, cm, strict=True)))
+    return (f"<h3>Confusion matrix, {_e(split)}</h3><p class=note>Rows: true class; columns: "
+            "predicted class, numbered as the rows; blank cells are zero.</p>"
+            f"<table class=cm><tr><th>true ↓, predicted →</th>{head}</tr>{body}</table>")
 
 
 def _summary_paragraph(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
@@ -339,7 +428,7 @@ def _cost_html(metrics: Mapping[str, Any]) -> str:
 
 
 def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[str, Any], *,
-                     figures: Mapping[str, bytes] | None = None,
+                     figures: Mapping[str, bytes | FigureFailure] | None = None,
                      errors: Sequence[Mapping[str, Any]] | None = None,
                      explanations: Mapping[str, Any] | None = None) -> Path:
     from medtl.run import atomic_write_text

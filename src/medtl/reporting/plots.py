@@ -239,10 +239,12 @@ def pr_png(y_true: Any, score: Any, *, title: str = "Precision-recall") -> bytes
 
 def confusion_png(cm: Any, class_names: Sequence[str], *,
                   title: str = "Confusion matrix") -> bytes:
-    """Confusion matrix (rows true, columns predicted): counts and row percentages per cell.
+    """Confusion matrix (rows true, columns predicted), cells coloured by row percentage.
 
     Cells are coloured by row percentage (recall per class), so a rare class's errors are as
-    visible as a common one's.
+    visible as a common one's. Up to 10 classes each cell prints its count and row percentage;
+    beyond that the figure grows with the class count and prints the non-zero counts while they
+    fit in a cell, so any number of classes gives a legible figure.
     """
     m = np.asarray(cm, dtype=float)
     k = len(class_names)
@@ -251,36 +253,92 @@ def confusion_png(cm: Any, class_names: Sequence[str], *,
     if m.shape[0] != k:
         raise MedtlError(f"confusion matrix is {m.shape[0]}x{m.shape[0]} but {k} class names "
                          "were given")
-    if not 2 <= k <= _MAX_CLASSES:
-        raise MedtlError(f"confusion matrix plot supports 2 to {_MAX_CLASSES} classes, got {k}")
+    if k < 2:
+        raise MedtlError(f"confusion matrix plot needs at least 2 classes, got {k}")
     if (m < 0).any() or not np.isfinite(m).all():
         raise MedtlError("confusion matrix counts must be finite and non-negative")
     rows = m.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         frac = np.where(rows > 0, m / rows, np.nan)
+    if k > _MAX_CLASSES:
+        return _confusion_many_png(m, frac, [str(c) for c in class_names], title)
 
     fig = _figure(_SIZE if k <= 5 else (6.0, 5.0))
     ax = fig.add_subplot()
-    cmap = colormaps["Blues"]
-    norm = Normalize(0.0, 1.0)
-    im = ax.imshow(np.nan_to_num(frac), cmap=cmap, norm=norm)
+    im = _confusion_image(ax, frac)
     fontsize = 10 if k <= 3 else 8 if k <= 6 else 6
     for i in range(k):
         for j in range(k):
             pct = "–" if np.isnan(frac[i, j]) else f"{100 * frac[i, j]:.1f}%"
-            r, g, b, _ = cmap(norm(np.nan_to_num(frac[i, j])))
-            # Relative luminance decides the text colour, so it stays readable on any cell.
-            dark = 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5
             ax.text(j, i, f"{int(round(m[i, j]))}\n{pct}", ha="center", va="center",
-                    fontsize=fontsize, color="white" if dark else "black")
+                    fontsize=fontsize, color=_cell_text_colour(frac[i, j]))
     rotate = k > 3 or max(len(str(c)) for c in class_names) > 8
     ax.set_xticks(range(k), [str(c) for c in class_names], rotation=45 if rotate else 0,
                   ha="right" if rotate else "center", fontsize=fontsize)
     ax.set_yticks(range(k), [str(c) for c in class_names], fontsize=fontsize)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    _confusion_colorbar(fig, im, ax)
+    return _png(fig)
+
+
+_CMAP = "Blues"
+# Beyond 10 classes: the side of a cell (inches) while the figure stays under _MAX_SIDE; past
+# ~40 classes cells shrink instead, so a 100-class matrix is still one screen wide.
+_CELL_IN = 0.42
+_MAX_SIDE_IN = 17.0
+_MIN_FONT = 4.5  # points; smaller text is not read, only squinted at
+_LABEL_CHARS = 24  # longer class names are cut with an ellipsis on the axes
+
+
+def _confusion_image(ax: Any, frac: np.ndarray) -> Any:
+    return ax.imshow(np.nan_to_num(frac), cmap=colormaps[_CMAP], norm=Normalize(0.0, 1.0))
+
+
+def _cell_text_colour(frac: float) -> str:
+    r, g, b, _ = colormaps[_CMAP](float(np.nan_to_num(frac)))
+    # Relative luminance decides the text colour, so it stays readable on any cell.
+    return "white" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5 else "black"
+
+
+def _confusion_colorbar(fig: Figure, im: Any, ax: Any) -> None:
     cbar = fig.colorbar(im, ax=ax, shrink=0.8)
     cbar.set_label("% of true class (row)")
     cbar.ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
+
+
+def _confusion_many_png(m: np.ndarray, frac: np.ndarray, names: list[str], title: str) -> bytes:
+    """More than 10 classes: a figure that grows with the class count, labels rotated and cut,
+    and counts printed only where the text fits its cell (a heat map beyond that)."""
+    k = len(names)
+    cell = min(_CELL_IN, _MAX_SIDE_IN / k)
+    cell_pt = cell * 72
+    labels = [n if len(n) <= _LABEL_CHARS else n[:_LABEL_CHARS - 1] + "…" for n in names]
+    label_font = min(9.0, 0.7 * cell_pt)
+    # Where even the smallest legible font is taller than a cell, name every n-th class only.
+    step = max(1, math.ceil(_MIN_FONT / label_font))
+    label_font = max(label_font, _MIN_FONT)
+    # Room for the rotated labels (about 0.55 of the font size per character) and colour bar.
+    label_in = 0.55 * label_font * max(len(n) for n in labels) / 72 + 0.6
+    fig = _figure((k * cell + label_in + 1.6, k * cell + label_in + 0.8))
+    ax = fig.add_subplot()
+    im = _confusion_image(ax, frac)
+    digits = len(str(int(round(m.max())))) if m.size else 1
+    # A digit is about 0.6 of the font size wide; keep a margin inside the cell.
+    count_font = min(10.0, 0.8 * cell_pt / (0.6 * digits), 0.6 * cell_pt)
+    counts_fit = count_font >= _MIN_FONT
+    if counts_fit:
+        for i, j in zip(*np.nonzero(m), strict=True):
+            # Zero cells stay blank: in a large matrix they are most cells, and noise.
+            ax.text(j, i, str(int(round(m[i, j]))), ha="center", va="center",
+                    fontsize=count_font, color=_cell_text_colour(frac[i, j]))
+    ticks = range(0, k, step)
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, ha="center",
+                  fontsize=label_font)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=label_font)
+    ax.set_xlabel("predicted class" + ("" if counts_fit else
+                                       f" (counts too small to print at {k} classes)"))
+    ax.set(ylabel="true class", title=f"{title} ({k} classes)")
+    _confusion_colorbar(fig, im, ax)
     return _png(fig)
 
 
