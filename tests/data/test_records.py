@@ -163,3 +163,23 @@ def test_npz_run_predictions_have_key_and_index_columns_and_no_markers(tmp_path)
     assert len({(r["key"], r["index"]) for r in rows}) == len(rows) == 12  # val 4 + test 8
     assert {r["key"] for r in rows if r["split"] == "val"} == {"train"}  # carved from train
     assert sorted(int(r["index"]) for r in rows if r["split"] == "test") == list(range(8))
+
+
+def test_comparison_pairs_npz_rows_by_key_and_index_not_by_path():
+    from sklearn.metrics import roc_auc_score
+
+    from medtl.reporting.compare import _delong_against
+
+    rng = np.random.default_rng(3)
+    y = np.arange(20) % 2
+    scores = [np.clip(0.5 * y + 0.25 + rng.normal(0, noise, 20), 0, 1) for noise in (0.1, 0.4)]
+
+    def entry(p):
+        rows = [{"path": "/d/x.npz", "key": "test", "index": str(i), "label": "b" if t else "a",
+                 "prob_b": float(q)} for i, (t, q) in enumerate(zip(y, p, strict=True))]
+        return {"config": {"positive_class": "b"}, "rows": rows}
+
+    result = _delong_against(entry(scores[0]), entry(scores[1]))
+    assert isinstance(result, dict)  # one shared path would read as a single image
+    assert result["auc_a"] == pytest.approx(roc_auc_score(y, scores[0]))
+    assert result["auc_b"] == pytest.approx(roc_auc_score(y, scores[1]))

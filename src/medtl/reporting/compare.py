@@ -23,6 +23,7 @@ from medtl.reporting import plots
 from medtl.reporting.html import render_comparison
 
 Entry = dict[str, Any]
+_Image = tuple[str, str, str, str]  # path, slice, key, index: one row's image
 
 
 def compare_runs(entries: Sequence[Entry], *, split: str = "test", title: str | None = None,
@@ -79,8 +80,8 @@ def cv_entry(name: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, s
             "rows": [{**r, "split": split} for r in ok]}
 
 
-def _labels_scores(entry: Entry) -> tuple[dict[str, int], dict[str, float]] | None:
-    """{path: 0/1 label} and {path: positive-class probability} of a binary run's rows."""
+def _labels_scores(entry: Entry) -> tuple[dict[_Image, int], dict[_Image, float]] | None:
+    """{image: 0/1 label} and {image: positive-class probability} of a binary run's rows."""
     positive = entry["config"].get("positive_class")
     if positive is None:
         return None
@@ -88,8 +89,12 @@ def _labels_scores(entry: Entry) -> tuple[dict[str, int], dict[str, float]] | No
     for r in entry["rows"]:
         if r.get(f"prob_{positive}") in (None, ""):
             continue
-        labels[r["path"]] = int(r["label"] == positive)
-        scores[r["path"]] = float(r[f"prob_{positive}"])
+        # The slices of a volume and the images of an .npz share their path: the image is the
+        # path with its slice or array key and index (empty for an image file).
+        image = (r["path"], str(r.get("slice", "")), str(r.get("key", "")),
+                 str(r.get("index", "")))
+        labels[image] = int(r["label"] == positive)
+        scores[image] = float(r[f"prob_{positive}"])
     return labels, scores
 
 
