@@ -43,11 +43,13 @@ def break_onnx_export(monkeypatch) -> None:
 
 
 # ACCESSOR: adapt when the core is restructured
-def check_runtime_against_torch(backbone, run) -> None:
-    """The check an ONNX export must pass before it is trusted; raises when it is refused."""
+def runtime_check():
+    """The check an ONNX export must pass before it is trusted, as ``check(backbone, run)``;
+    it raises when it refuses the export."""
     from medtl.training.features import _check_against_torch
 
-    _check_against_torch(backbone, run, IMAGE_SIZE, Path("/nonexistent/unused.onnx"))
+    return lambda backbone, run: _check_against_torch(backbone, run, IMAGE_SIZE,
+                                                      Path("/nonexistent/unused.onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +106,15 @@ def test_engine_onnx_does_not_fall_back(xrays, imagenet_backbone, tmp_path, monk
     assert "export broken by the test" in f"{info.value} {info.value.__cause__}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the runtime ONNX check is absolute below 1, so "
-                   "it accepts doubled features of a random-weights backbone (~1e-8); make it "
-                   "relative, then drop this mark")
+# DID NOT RAISE is the expected failure; any other error (a stale accessor) fails for real.
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
+                   reason="issue 14: the runtime ONNX check is absolute below 1, so it accepts "
+                   "doubled features of a random-weights backbone (~1e-8); make it relative, "
+                   "then drop this mark")
 def test_the_runtime_check_refuses_a_doubled_export_whatever_the_feature_scale():
     import torch
 
+    check = runtime_check()  # outside pytest.raises: a broken accessor must not pass
     torch.manual_seed(0)
     bb = medtl.create_backbone("mobilenet_v2", weights="random")
     bb.reset_classifier(0)
@@ -119,5 +124,6 @@ def test_the_runtime_check_refuses_a_doubled_export_whatever_the_feature_scale()
         with torch.inference_mode():
             return bb.forward_features(torch.from_numpy(pixels)).numpy() * 2
 
-    with pytest.raises(Exception):  # noqa: B017 - whatever the check raises on refusal
-        check_runtime_against_torch(bb, doubled)
+    with pytest.raises(Exception) as info:  # noqa: B017 - whatever the check raises on refusal
+        check(bb, doubled)
+    assert not isinstance(info.value, (AttributeError, TypeError, NameError))
