@@ -407,6 +407,34 @@ _SCORES = (("val_auc", "validation AUC", "C2", "-"),
            ("val_accuracy", "validation accuracy", "C4", ":"))
 
 
+class _History:
+    """history.csv rows on one x axis: row k at x = k + 1, whatever epoch number it carries,
+    so stages whose epochs restart at 1 follow one another."""
+
+    def __init__(self, history: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = list(history)
+        self.stages = [r.get("stage") for r in self.rows]
+        self.has_stages = any(s not in (None, "") for s in self.stages)
+        # First row of each stage (row 0 always starts one, named or not).
+        self.starts = [i for i in range(len(self.rows))
+                       if i == 0 or self.stages[i] != self.stages[i - 1]]
+        self.marker = {"marker": "o", "markersize": 3 if len(self.rows) < 40 else 1.5}
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """x and y of one column, missing values (None, '', NaN) left out."""
+        steps = np.arange(1, len(self.rows) + 1)
+        vals = [_num(r.get(key)) for r in self.rows]
+        ok = np.array([v is not None for v in vals], dtype=bool)
+        xs, ys = steps[ok].astype(float), np.array([v for v in vals if v is not None], float)
+        if self.has_stages and len(xs):
+            # A NaN at each stage boundary breaks the line: a new stage restarts from the best
+            # weights, so joining its first epoch to the last stage's final one would mislead.
+            breaks = np.array([i + 0.5 for i in self.starts[1:]])
+            at = np.searchsorted(xs, breaks)
+            xs, ys = np.insert(xs, at, breaks), np.insert(ys, at, np.nan)
+        return xs, ys
+
+
 def training_curves_png(history: Sequence[Mapping[str, Any]], *,
                         title: str = "Training") -> bytes:
     """Losses (left axis) and validation AUC/accuracy (right axis) per epoch.
@@ -415,67 +443,28 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *,
     epochs restart at 1 follow one another; with a ``stage`` key each stage is separated and
     named. Missing values (None, '', NaN) are skipped.
     """
-    rows = list(history)
-    steps = np.arange(1, len(rows) + 1)
-    stages = [r.get("stage") for r in rows]
-    has_stages = any(s not in (None, "") for s in stages)
-    starts = [i for i in range(len(rows)) if i == 0 or stages[i] != stages[i - 1]]
-    breaks = np.array([i + 0.5 for i in starts[1:]])
-    marker = {"marker": "o", "markersize": 3 if len(rows) < 40 else 1.5}
-
-    def series(key: str) -> tuple[np.ndarray, np.ndarray]:
-        vals = [_num(r.get(key)) for r in rows]
-        ok = np.array([v is not None for v in vals], dtype=bool)
-        xs, ys = steps[ok].astype(float), np.array([v for v in vals if v is not None], float)
-        if has_stages and len(xs):
-            # A NaN at each stage boundary breaks the line: a new stage restarts from the best
-            # weights, so joining its first epoch to the last stage's final one would mislead.
-            at = np.searchsorted(xs, breaks)
-            xs, ys = np.insert(xs, at, breaks), np.insert(ys, at, np.nan)
-        return xs, ys
-
+    hist = _History(history)
+    # Headroom at the top for the stage names, so they do not cover the curves.
+    headroom = 0.3 if hist.has_stages else 0.0
     fig = _figure()
     ax = fig.add_subplot()
     ax.set_title(title)
-    handles = []
-    for key, name, colour in _LOSSES:
-        xs, ys = series(key)
-        if np.isfinite(ys).any():
-            handles += ax.plot(xs, ys, color=colour, label=name, **marker)
-    scores = [(name, colour, ls, *series(key)) for key, name, colour, ls in _SCORES]
-    scores = [s for s in scores if np.isfinite(s[4]).any()]
-    # Headroom at the top for the stage names, so they do not cover the curves.
-    headroom = 0.3 if has_stages else 0.0
-    if scores:
-        right = ax.twinx()
-        for name, colour, ls, xs, ys in scores:
-            handles += right.plot(xs, ys, color=colour, linestyle=ls, label=name, **marker)
-        low = min(0.5, float(min(np.nanmin(s[4]) for s in scores))) - 0.02
-        right.set_ylim(low, 1.0 + max(0.02, headroom * (1.0 - low)))
-        # Ticks stop at 1: an AUC axis labelled 1.1 would puzzle a reader.
-        right.set_yticks([t for t in MaxNLocator(nbins=6).tick_values(low, 1.0)
-                          if low <= t <= 1.0 + 1e-9])
-        right.set_ylabel(" / ".join(s[0] for s in scores))
+    handles = _plot_losses(ax, hist)
+    handles += _plot_scores(ax, hist, headroom)
     if not handles:
         _note(ax, "no loss or validation scores recorded")
         return _png(fig)
 
-    has_loss = bool(ax.lines)
+    has_loss = bool(ax.lines)  # the scores, if any, are on the twin axis
     if has_loss:
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, hi + headroom * (hi - lo))
     else:
         ax.set_yticks([])
-    if has_stages:
-        for i in starts:
-            if i > 0:
-                ax.axvline(i + 0.5, color="0.5", linewidth=1, alpha=0.7)
-            # Placed in axes coordinates vertically: at the top whatever the data range.
-            ax.text(i + 0.6, 0.98, str(stages[i]), transform=ax.get_xaxis_transform(),
-                    ha="left", va="top", fontsize=7, color="0.2", rotation=90, zorder=5,
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
-    ax.set_xlim(0.5, len(rows) + 0.5)
-    ax.set_xlabel("epoch (all stages, in order)" if has_stages else "epoch")
+    if hist.has_stages:
+        _mark_stages(ax, hist)
+    ax.set_xlim(0.5, len(hist.rows) + 0.5)
+    ax.set_xlabel("epoch (all stages, in order)" if hist.has_stages else "epoch")
     if has_loss:
         ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -484,6 +473,47 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *,
     # Whole epochs only: fractional ticks on a count axis confuse.
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
+
+
+def _plot_losses(ax: Any, hist: _History) -> list[Any]:
+    """The loss curves on the left axis; their legend handles."""
+    handles = []
+    for key, name, colour in _LOSSES:
+        xs, ys = hist.series(key)
+        if np.isfinite(ys).any():
+            handles += ax.plot(xs, ys, color=colour, label=name, **hist.marker)
+    return handles
+
+
+def _plot_scores(ax: Any, hist: _History, headroom: float) -> list[Any]:
+    """The validation scores on a right axis of their own (a 0..1 scale, unlike losses);
+    their legend handles. No right axis when no score was recorded."""
+    scores = [(name, colour, ls, *hist.series(key)) for key, name, colour, ls in _SCORES]
+    scores = [s for s in scores if np.isfinite(s[4]).any()]
+    if not scores:
+        return []
+    handles = []
+    right = ax.twinx()
+    for name, colour, ls, xs, ys in scores:
+        handles += right.plot(xs, ys, color=colour, linestyle=ls, label=name, **hist.marker)
+    low = min(0.5, float(min(np.nanmin(s[4]) for s in scores))) - 0.02
+    right.set_ylim(low, 1.0 + max(0.02, headroom * (1.0 - low)))
+    # Ticks stop at 1: an AUC axis labelled 1.1 would puzzle a reader.
+    right.set_yticks([t for t in MaxNLocator(nbins=6).tick_values(low, 1.0)
+                      if low <= t <= 1.0 + 1e-9])
+    right.set_ylabel(" / ".join(s[0] for s in scores))
+    return handles
+
+
+def _mark_stages(ax: Any, hist: _History) -> None:
+    """A line between stages and each stage's name at the top of its first epoch."""
+    for i in hist.starts:
+        if i > 0:
+            ax.axvline(i + 0.5, color="0.5", linewidth=1, alpha=0.7)
+        # Placed in axes coordinates vertically: at the top whatever the data range.
+        ax.text(i + 0.6, 0.98, str(hist.stages[i]), transform=ax.get_xaxis_transform(),
+                ha="left", va="top", fontsize=7, color="0.2", rotation=90, zorder=5,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
 
 
 # --------------------------------------------------------------------------- leaderboard
