@@ -205,6 +205,27 @@ def conform_state_dict(
     ``origin`` when the feature extractor's tensors are not all there with the right shapes.
     """
     lay = layout(spec.name)
+    sd, ignored = _to_builder_keys(spec, sd, origin, allow_by_order)
+    _check_features(spec, sd, origin)
+    head: dict[str, Tensor] | None = None
+    missing_head = False
+    if all(k in sd and tuple(sd[k].shape) == lay.builder_shapes[k] for k in lay.head_keys):
+        # The builder's own classifier (ImageNet's) is there: anything else is a stray.
+        ignored += [k for k in sd if k not in lay.builder_shapes]
+    else:
+        head, head_ignored, missing_head = _other_head(spec, sd, origin)
+        ignored += head_ignored
+        sd = {k: v for k, v in sd.items() if k in lay.builder_shapes and k not in lay.head_keys}
+    sd = {k: sd[k] for k in lay.builder_shapes if k in sd}  # builder order, no strays
+    return sd, head, tuple(ignored), missing_head
+
+
+def _to_builder_keys(
+    spec: BackboneSpec, sd: dict[str, Tensor], origin: str, allow_by_order: bool
+) -> tuple[dict[str, Tensor], list[str]]:
+    """``sd`` renamed into the builder's key space, float32, auxiliary heads dropped; and the
+    dropped keys. Keys the builder does not know are kept: the head search looks at them."""
+    lay = layout(spec.name)
     sd = {k: _owned_float32(v) for k, v in sd.items()}
     if spec.family == "densenet":
         sd = {
@@ -224,7 +245,15 @@ def conform_state_dict(
         sd = {lay.backbone_to_builder.get(k, k): v for k, v in sd.items()}
     elif in_builder == 0 and allow_by_order:
         sd = _map_by_order(spec, sd, origin)
+    return sd, ignored
 
+
+def _check_features(spec: BackboneSpec, sd: dict[str, Tensor], origin: str) -> None:
+    """Raise unless every feature-extractor tensor is in ``sd`` with the model's shape.
+
+    Adds a missing BatchNorm batch counter to ``sd`` in place (see below).
+    """
+    lay = layout(spec.name)
     feature_keys = [k for k in lay.builder_shapes if k not in lay.head_keys]
     for k in feature_keys:
         # Checkpoints from before BatchNorm counted batches lack the counter; torch fills it.
@@ -251,37 +280,38 @@ def conform_state_dict(
             f"{_shape_list(wrong, 3)}"
         )
 
-    head_ok = all(k in sd and tuple(sd[k].shape) == lay.builder_shapes[k] for k in lay.head_keys)
+
+def _other_head(
+    spec: BackboneSpec, sd: dict[str, Tensor], origin: str
+) -> tuple[dict[str, Tensor] | None, list[str], bool]:
+    """``sd`` holds no classifier of the builder's shape: (head, ignored keys, missing_head).
+
+    ``head`` is a single linear layer on the features (a user's classifier for n classes);
+    anything else left over is ignored, with a warning when there was something to ignore.
+    """
+    lay = layout(spec.name)
     leftover = [k for k in sd if k not in lay.builder_shapes]
-    head: dict[str, Tensor] | None = None
-    missing_head = False
-    if head_ok:
-        ignored += leftover
-    else:
-        candidates = leftover + [k for k in lay.head_keys if k in sd]
-        weights = [k for k in candidates if sd[k].ndim == 2]
-        biases = [k for k in candidates if sd[k].ndim == 1]
-        if not candidates:
-            missing_head = True
-        elif (
-            len(candidates) == 2
-            and len(weights) == 1
-            and len(biases) == 1
-            and sd[weights[0]].shape[1] == spec.feature_dim
-            and sd[biases[0]].shape[0] == sd[weights[0]].shape[0]
-        ):
-            head = {"weight": sd[weights[0]], "bias": sd[biases[0]]}
-        else:
-            warnings.warn(
-                f"{origin}: classifier tensors do not fit {spec.name} and are ignored: "
-                f"{_shape_list(candidates)}",
-                stacklevel=3,
-            )
-            ignored += candidates
-            missing_head = True
-        sd = {k: v for k, v in sd.items() if k in lay.builder_shapes and k not in lay.head_keys}
-    sd = {k: sd[k] for k in lay.builder_shapes if k in sd}  # builder order, no strays
-    return sd, head, tuple(ignored), missing_head
+    candidates = leftover + [k for k in lay.head_keys if k in sd]
+    weights = [k for k in candidates if sd[k].ndim == 2]
+    biases = [k for k in candidates if sd[k].ndim == 1]
+    if not candidates:
+        return None, [], True
+    if (
+        len(candidates) == 2
+        and len(weights) == 1
+        and len(biases) == 1
+        and sd[weights[0]].shape[1] == spec.feature_dim
+        and sd[biases[0]].shape[0] == sd[weights[0]].shape[0]
+    ):
+        return {"weight": sd[weights[0]], "bias": sd[biases[0]]}, [], False
+    warnings.warn(
+        f"{origin}: classifier tensors do not fit {spec.name} and are ignored: "
+        f"{_shape_list(candidates)}",
+        # 4, not 3 as when this was inline in conform_state_dict: the same frame is blamed
+        # (the caller of conform_state_dict's caller), so the warning still shows once there.
+        stacklevel=4,
+    )
+    return None, candidates, True
 
 
 # --------------------------------------------------------------------------------------------
