@@ -98,34 +98,47 @@ def load_dataset(
         raise MedtlError(f"{source}: no such file or folder")
     regex = compile_patient_regex(patient_regex) if patient_regex else None
     view = make_view(window, slices, mode)
-
-    if path.is_dir():
-        records, classes, arrays = _from_folder(path, regex)
-    elif path.suffix.lower() == ".csv":
-        records, classes, arrays = _from_manifest(path, regex)
-    elif path.suffix.lower() == ".npz":
-        if regex is not None:
-            raise MedtlError(
-                f"{source}: a patient regex needs file names; images in an .npz have none"
-            )
-        records, classes, arrays = _from_npz(path)
-    else:
-        raise MedtlError(
-            f"{source}: not a folder, a .csv manifest or an .npz file (suffix '{path.suffix}')"
-        )
-
+    records, classes, arrays = _read_source(path, source, regex)
     skipped: list[tuple[str, str]] = []
     if not arrays:
         records, skipped = _probe_files(records, skip_bad)
         records = _patients_from_dicom(records)
         records = _expand_volumes(records, view)
     _check_class_sizes(records, classes, str(source))
+    records = _assign_splits(records, classes, str(source), val_fraction, seed)
+    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays, view=view)
+
+
+def _read_source(
+    path: Path, source: str | os.PathLike[str], regex: re.Pattern[str] | None
+) -> _Raw:
+    """Records, classes and arrays of a folder, a manifest or an .npz, as the source has them
+    (no files probed, no volumes expanded, no splits added)."""
+    if path.is_dir():
+        return _from_folder(path, regex)
+    if path.suffix.lower() == ".csv":
+        return _from_manifest(path, regex)
+    if path.suffix.lower() == ".npz":
+        if regex is not None:
+            raise MedtlError(
+                f"{source}: a patient regex needs file names; images in an .npz have none"
+            )
+        return _from_npz(path)
+    raise MedtlError(
+        f"{source}: not a folder, a .csv manifest or an .npz file (suffix '{path.suffix}')"
+    )
+
+
+def _assign_splits(
+    records: list[Record], classes: list[str], source: str, val_fraction: float, seed: int
+) -> list[Record]:
+    """Unsplit images join train; a validation split is carved when the source has none."""
     records = [replace(r, split="train") if r.split is None else r for r in records]
-    _check_labels_in_train(records, classes, str(source))
+    _check_labels_in_train(records, classes, source)
     splits = {r.split for r in records}
     if "train" in splits and "val" not in splits and val_fraction > 0:
         records = _carve(records, classes, val_fraction, seed)
-    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays, view=view)
+    return records
 
 
 def make_view(window: str = "auto", slices: str = "middle", mode: str = "2d") -> View:
