@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,57 +114,80 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
     # fail the load-time probe are findings here, not a reason to stop.
     ds = load_dataset(source, patient_regex=patient_regex, skip_bad=True, val_fraction=0)
     base = _base_folder(source)
-    unreadable = [{"path": p, "reason": why} for p, why in ds.skipped]
-    decoded: list[int] = []
-    keys: list[str] = []
-    hashes: list[np.ndarray] = []
-    sizes: Counter[str] = Counter()
-    formats: Counter[str] = Counter()
+    seen = _decode_all(ds, quiet)
+    problems = _problems(ds, seen, near_threshold, base)
+    structure = _patient_structure(ds)
+    counts = ds.counts()
+    balance = {split: _balance(c) for split, c in counts.items()}
+    summary = {
+        "images": len(ds) + len(ds.skipped),
+        "decoded": len(seen.decoded),
+        "classes": ds.classes,
+        "counts": counts,
+        "class_balance": balance,
+        "patients": structure,
+        "image_sizes": dict(seen.sizes.most_common(10)),
+        "distinct_image_sizes": len(seen.sizes),
+        "pixel_formats": dict(seen.formats.most_common()),
+        "near_duplicates": {"hash": f"pHash {HASH_BITS} bits (imagehash)",
+                            "threshold": near_threshold},
+    }
+    notes = _notes(ds, counts, balance, seen.sizes, seen.formats, structure)
+    return {"source": str(source), "problems": problems, "notes": notes, "summary": summary}
+
+
+@dataclass
+class _Decoded:
+    """What the one decode of every image yields, for all the checks that follow."""
+
+    unreadable: list[dict[str, str]]  # {path, reason}: failed the load-time probe or decode
+    decoded: list[int] = field(default_factory=list)  # dataset indices that decoded
+    keys: list[str] = field(default_factory=list)  # content key of each decoded image
+    hashes: list[np.ndarray] = field(default_factory=list)  # its packed pHash
+    sizes: Counter[str] = field(default_factory=Counter)  # "WxH" -> images
+    formats: Counter[str] = field(default_factory=Counter)  # stored pixel format -> images
+
+
+def _decode_all(ds: Dataset, quiet: bool) -> _Decoded:
+    """Decode every image once and take from that decode all that the checks need."""
+    seen = _Decoded(unreadable=[{"path": p, "reason": why} for p, why in ds.skipped])
     with progress_bar("checking images", len(ds), quiet=quiet) as advance:
         for i in range(len(ds)):
             try:
                 img = ds.read(i)
                 key = ds.content_key(i)
             except DataReadError as exc:
-                unreadable.append({"path": exc.path, "reason": exc.reason})
+                seen.unreadable.append({"path": exc.path, "reason": exc.reason})
             else:
-                decoded.append(i)
-                keys.append(key)
-                hashes.append(perceptual_hash(img))
-                sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
-                formats[_pixel_format(ds.records[i])] += 1
+                seen.decoded.append(i)
+                seen.keys.append(key)
+                seen.hashes.append(perceptual_hash(img))
+                seen.sizes[f"{img.shape[1]}x{img.shape[0]}"] += 1
+                seen.formats[_pixel_format(ds.records[i])] += 1
             advance(1)
+    return seen
 
-    problems: list[dict[str, Any]] = []
-    if unreadable:
-        first = unreadable[0]
-        problems.append(_problem(
-            "unreadable", False, unreadable, [u["path"] for u in unreadable],
-            f"{len(unreadable)} file(s) cannot be read or decoded (e.g. "
-            f"{_shown(first['path'], base)}: {first['reason']})"))
-    problems += _exact_duplicates(ds, decoded, keys, base)
-    bits = np.array(hashes, dtype=np.uint8).reshape(len(hashes), HASH_BITS // 8)
-    problems += _near_duplicates(ds, decoded, keys, bits, near_threshold, base)
+
+def _problems(ds: Dataset, seen: _Decoded, near_threshold: int,
+              base: str) -> list[dict[str, Any]]:
+    """Every problem, in the order reported: unreadable, exact, near-duplicates, patients."""
+    problems = _unreadable_problems(seen.unreadable, base)
+    problems += _exact_duplicates(ds, seen.decoded, seen.keys, base)
+    bits = np.array(seen.hashes, dtype=np.uint8).reshape(len(seen.hashes), HASH_BITS // 8)
+    problems += _near_duplicates(ds, seen.decoded, seen.keys, bits, near_threshold, base)
     problems += _patients_in_several_splits(ds, base)
+    return problems
 
-    structure = _patient_structure(ds)
-    counts = ds.counts()
-    balance = {split: _balance(c) for split, c in counts.items()}
-    summary = {
-        "images": len(ds) + len(ds.skipped),
-        "decoded": len(decoded),
-        "classes": ds.classes,
-        "counts": counts,
-        "class_balance": balance,
-        "patients": structure,
-        "image_sizes": dict(sizes.most_common(10)),
-        "distinct_image_sizes": len(sizes),
-        "pixel_formats": dict(formats.most_common()),
-        "near_duplicates": {"hash": f"pHash {HASH_BITS} bits (imagehash)",
-                            "threshold": near_threshold},
-    }
-    notes = _notes(ds, counts, balance, sizes, formats, structure)
-    return {"source": str(source), "problems": problems, "notes": notes, "summary": summary}
+
+def _unreadable_problems(unreadable: list[dict[str, str]], base: str) -> list[dict[str, Any]]:
+    """One problem listing every unreadable file, or none."""
+    if not unreadable:
+        return []
+    first = unreadable[0]
+    return [_problem(
+        "unreadable", False, unreadable, [u["path"] for u in unreadable],
+        f"{len(unreadable)} file(s) cannot be read or decoded (e.g. "
+        f"{_shown(first['path'], base)}: {first['reason']})")]
 
 
 def perceptual_hash(image: np.ndarray) -> np.ndarray:
