@@ -125,11 +125,13 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
 def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[str]:
     """Train one cell; a half-written cell directory from an earlier attempt is replaced,
     or resumed from its checkpoint when it has one. Returns failure messages."""
+    from medtl.run import resumable
     from medtl.workflow import train
 
     cell_dir = Path(out) / "cells" / cell.name
-    resume = any(cell_dir.rglob("*.pt")) if cell_dir.exists() else False
-    if cell_dir.exists() and not resume:
+    # An unfinished cell waits in its partial sibling (medtl.run), checkpoints included.
+    resume = resumable(cell_dir)
+    if cell_dir.exists() and not resume:  # half-written by medtl 0.1, which wrote in place
         shutil.rmtree(cell_dir)
     try:
         train(data, out=cell_dir, resume=resume, **cell.options(),

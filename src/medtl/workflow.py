@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl import run as bundle
 from medtl.console import run_logging
 from medtl.errors import MedtlError
 from medtl.evaluation.stats import brier_score, expected_calibration_error
@@ -23,16 +24,6 @@ from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY, choose_threshol
 from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
 
 log = logging.getLogger("medtl")
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise MedtlError(f"{out}: already exists and is not empty; "
-                             "pass --overwrite or choose another --out")
-        if not (out / "config.json").exists() and not (out / "log.txt").exists():
-            raise MedtlError(f"{out}: refusing to overwrite a directory that is not a medtl run")
-        shutil.rmtree(out)
 
 
 def _throughput(clf, data, n: int = 64) -> float | None:
@@ -132,12 +123,6 @@ def train(
     if out is None:
         out = Path("runs") / f"{Path(str(data)).stem}-{backbone}-{strategy}"
     out = Path(out)
-    checkpoints = out / "checkpoints"
-    if resume:
-        if not any(out.rglob("*.pt")) and not (out / "folds").is_dir():
-            raise MedtlError(f"{out}: nothing to resume (no checkpoint in {checkpoints})")
-    else:
-        _prepare_out(out, overwrite)
     request = {
         "data": data, "backbone": backbone, "strategy": strategy, "head": head,
         "weights": weights, "in_chans": in_chans, "seed": seed, "epochs": epochs,
@@ -146,7 +131,9 @@ def train(
         "view": {"window": window, "slices": slices, "mode": mode},
     }
     t_start = time.perf_counter()
-    with run_logging(out, quiet, append=resume):
+    # The run is written beside ``out`` and takes its place only when complete (medtl.run).
+    with bundle.writing_run(out, overwrite=overwrite, resume=resume) as draft, \
+            run_logging(draft.path, quiet, append=resume):
         ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
                           seed=seed, skip_bad=skip_bad, window=window, slices=slices, mode=mode)
         for path, reason in ds.skipped:
@@ -155,8 +142,11 @@ def train(
         log.info("data %s: classes %s; %s", data, ds.classes,
                  "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()))
         if folds is not None:
-            return _cross_validate(clf, ds, folds, out, request, resume=resume)
-        _fit_and_write(clf, ds, out, request, resume=resume, t_start=t_start)
+            _cross_validate(clf, ds, folds, draft.path, request, resume=resume)
+        else:
+            _fit_and_write(clf, ds, draft.path, request, resume=resume, t_start=t_start)
+        draft.commit()
+        log.info("run written to %s", out)
     return Run(out)
 
 
@@ -166,7 +156,7 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
     import medtl
     from medtl.reporting.html import confident_errors, run_figures, write_run_report
 
-    checkpoints = out / "checkpoints"
+    checkpoints = out / bundle.CHECKPOINTS
     train_ds, val_ds = ds.split("train"), ds.split("val")
     clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
     positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
@@ -214,7 +204,7 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         metrics["skipped_unreadable"] = len(skipped)
         log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
 
-    clf.save_model(out / "model")
+    clf.save_model(out / bundle.MODEL_DIR)
     w = clf.backbone_.weights_info
     strategy, data = request["strategy"], request["data"]
     config = {
@@ -247,9 +237,9 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     config.update(request.get("config_extra", {}))
-    write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", rows)
-    write_csv(out / "history.csv", clf.history_)
+    write_json(out / bundle.METRICS, metrics)
+    write_csv(out / bundle.PREDICTIONS, rows)
+    write_csv(out / bundle.HISTORY, clf.history_)
     report_split = eval_splits[-1]
     split_ds = ds.split(report_split)
     figures = run_figures(classes=ds.classes, positive=positive, split=report_split,
@@ -260,10 +250,9 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                      explanations=_gallery(clf, split_ds, probas[report_split], ds.classes,
                                            positive, ds.view.mode))
     # config.json last: its presence marks a complete run that load_run may trust.
-    write_json(out / "config.json", config)
+    bundle.write_config(out, {"kind": "single", **config})
     # The best weights are in model/; the last-epoch checkpoint only served resumption.
     shutil.rmtree(checkpoints, ignore_errors=True)
-    log.info("run written to %s", out)
 
 
 def _gallery(clf, data, proba, classes, positive, mode) -> dict[str, Any] | None:
@@ -282,7 +271,7 @@ CV_FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificit
 
 
 def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
-                    resume: bool) -> Run:
+                    resume: bool) -> None:
     """K folds over train + val, grouped by patient when known; the test split is not used.
 
     Each fold is a complete run in ``out/folds/fold-K`` (its held-out fold scored as
@@ -300,12 +289,14 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
              "patient" if any(ds.patients) else "image")
     per_fold, rows = [], []
     for k, fold_ds in enumerate(fold_sets, 1):
-        fold_dir = out / "folds" / f"fold-{k}"
+        fold_dir = bundle.fold_path(out, k)
         if resume and (fold_dir / "config.json").is_file():
             log.info("fold %d/%d: finished before, kept", k, folds)
         else:
             if fold_dir.exists() and not resume:
                 shutil.rmtree(fold_dir)
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            bundle.write_marker(fold_dir)  # each fold is a run of its own (load_run, evaluate)
             log.info("fold %d/%d: %s", k, folds, "; ".join(
                 f"{s} {sum(c.values())}" for s, c in fold_ds.counts().items()))
             fold_clf = type(clf)(**clf.get_params())
@@ -327,17 +318,23 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
         summary["sd"][f] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         if values:
             log.info("cv %s: %.3f +- %.3f", f, summary["mean"][f], summary["sd"][f] or 0.0)
-    write_csv(out / "cv.csv", per_fold)
-    write_csv(out / "predictions.csv", rows)
-    write_json(out / "metrics.json", {"cv": summary})
-    write_json(out / "config.json", {
-        **{k: v for k, v in request.items() if k != "data"},
+    write_csv(out / bundle.CV_TABLE, per_fold)
+    write_csv(out / bundle.PREDICTIONS, rows)
+    write_json(out / bundle.METRICS, {"cv": summary})
+    import medtl
+
+    options = ("weights", "patient_regex", "val_fraction", "data", "config_extra")
+    bundle.write_config(out, {
+        "kind": "cv", **{k: v for k, v in request.items() if k not in options},
+        "weights": {"requested": request["weights"]},
         "data": {"source": str(Path(str(request["data"])).resolve()),
-                 "fingerprint": ds.fingerprint(), "counts": ds.counts()},
-        "folds": folds, "classes": ds.classes, "params": clf.get_params(),
+                 "fingerprint": ds.fingerprint(), "counts": ds.counts(),
+                 "patient_regex": request["patient_regex"],
+                 "val_fraction": request["val_fraction"]},
+        "folds": folds, "classes": ds.classes,
+        "positive_class": ds.classes[-1] if len(ds.classes) == 2 else None,
+        "params": clf.get_params(), "medtl_version": medtl.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds")})
-    log.info("cross-validation written to %s", out)
-    return Run(out)
 
 
 def _engine(clf) -> str | None:
