@@ -204,20 +204,38 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     classes = list(config.get("classes", []))
     splits = [s for s, m in metrics.items()
               if isinstance(m, Mapping) and "accuracy" in m]
-    w = config.get("weights", {})
-    data = config.get("data", {})
     parts = [f"<h1>medtl run: {_e(config.get('backbone', ''))}, "
              f"{_e(config.get('strategy', ''))}</h1>",
-             _summary_paragraph(config, metrics)]
+             _summary_paragraph(config, metrics),
+             _data_html(config.get("data", {}), classes),
+             _config_html(config),
+             _metrics_html(metrics, splits, classes)]
+    if figures:
+        parts.append(_figures_html(figures))
+    if errors is not None:
+        parts.append(_errors_html(errors, splits[-1] if splits else "test"))
+    if explanations is not None:
+        parts.append(_gallery_html(explanations, splits[-1] if splits else "test"))
+    parts.append(_cost_html(metrics))
+    parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
+                 f"{_e(config.get('created', ''))}</p>")
+    return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
 
-    parts.append("<h2>Data</h2>")
-    parts.append(f"<p><code>{_e(data.get('source'))}</code>, fingerprint "
-                 f"<code>{_e(str(data.get('fingerprint', ''))[:16])}</code></p>")
-    parts.append(_counts_html(data.get("counts", {}), classes))
+
+def _data_html(data: Mapping[str, Any], classes: Sequence[str]) -> str:
+    """Where the data came from (source and fingerprint), its counts, and skipped files."""
+    parts = ["<h2>Data</h2>",
+             f"<p><code>{_e(data.get('source'))}</code>, fingerprint "
+             f"<code>{_e(str(data.get('fingerprint', ''))[:16])}</code></p>",
+             _counts_html(data.get("counts", {}), classes)]
     if data.get("skipped"):
         parts.append(f"<p class=note>{len(data['skipped'])} unreadable images skipped.</p>")
+    return "".join(parts)
 
-    parts.append("<h2>Configuration</h2>")
+
+def _config_html(config: Mapping[str, Any]) -> str:
+    """The settings that made the run: what a reader needs to reproduce it."""
+    w = config.get("weights", {})
     conf_rows = [["backbone", f"<code>{_e(config.get('backbone'))}</code>"],
                  ["strategy", _e(config.get("strategy"))],
                  ["head", _e(config.get("head"))],
@@ -233,31 +251,26 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     if cal:
         conf_rows.append(["calibration", f"temperature {cal['temperature']:.3f} fitted on "
                                          f"{_e(cal['fitted_on'])}"])
-    parts.append(_table(["setting", "value"], conf_rows, css="kv"))
+    return "<h2>Configuration</h2>" + _table(["setting", "value"], conf_rows, css="kv")
 
-    parts.append("<h2>Metrics</h2><p class=note>95% confidence intervals in brackets: "
-                 "stratified bootstrap of the images (2,000 resamples). Decisions are the "
-                 "arg-max class unless an operating point says otherwise.</p>")
-    parts.append(_table(["figure", *map(_e, splits)], [
-        [_NAMES.get(k, k), *(_with_ci(metrics[s], k) for s in splits)]
-        for k in ("n", *_FIGURES)]))
-    parts.append(_operating_points_html(metrics, splits))
-    parts.append(_calibration_html(metrics, splits))
-    parts.append(_per_class_html(metrics, splits))
-    parts.append(_per_group_html(metrics, splits))
+
+def _metrics_html(metrics: Mapping[str, Any], splits: Sequence[str],
+                  classes: Sequence[str]) -> str:
+    """Every figure per split with its interval, then operating points, calibration, per-class
+    and per-group tables; with many classes the confusion matrix as a table too."""
+    parts = ["<h2>Metrics</h2><p class=note>95% confidence intervals in brackets: "
+             "stratified bootstrap of the images (2,000 resamples). Decisions are the "
+             "arg-max class unless an operating point says otherwise.</p>",
+             _table(["figure", *map(_e, splits)], [
+                 [_NAMES.get(k, k), *(_with_ci(metrics[s], k) for s in splits)]
+                 for k in ("n", *_FIGURES)]),
+             _operating_points_html(metrics, splits),
+             _calibration_html(metrics, splits),
+             _per_class_html(metrics, splits),
+             _per_group_html(metrics, splits)]
     if splits and len(classes) > _MANY_CLASSES:
         parts.append(_confusion_html(metrics[splits[-1]], classes, splits[-1]))
-
-    if figures:
-        parts.append(_figures_html(figures))
-    if errors is not None:
-        parts.append(_errors_html(errors, splits[-1] if splits else "test"))
-    if explanations is not None:
-        parts.append(_gallery_html(explanations, splits[-1] if splits else "test"))
-    parts.append(_cost_html(metrics))
-    parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
-                 f"{_e(config.get('created', ''))}</p>")
-    return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
+    return "".join(parts)
 
 
 def _counts_html(counts: Mapping[str, Mapping[str, int]], classes: Sequence[str]) -> str:
