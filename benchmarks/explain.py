@@ -54,7 +54,7 @@ def main() -> None:
         preprocessing = Preprocessing.for_spec(backbone.spec, 224)
         model = "mobilenet_v2 ImageNet + new 2-class head"
     if args.run:
-        preprocessing = clf.preprocessing_
+        preprocessing = clf.model_.preprocessing
     size = preprocessing.size
     pixels = model_input(preprocessing, _images(args.images))
     with torch.no_grad():

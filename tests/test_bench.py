@@ -71,14 +71,14 @@ def test_a_killed_bench_reruns_only_its_unfinished_cells(tmp_path):
                     f"{proc.communicate()[1].decode()[-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/config.json")}
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("[!.]*/config.json")}
     assert len(finished) == 1
     assert not (out / "leaderboard.csv").exists()
 
     rerun = _bench_process(data, out, env)
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err.decode()[-2000:]
-    after = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("*/config.json")}
+    after = {p.parent.name: p.stat().st_mtime_ns for p in cells.glob("[!.]*/config.json")}
     assert len(after) == 4
     for name, mtime in finished.items():
         assert after[name] == mtime, f"{name} was computed again"
@@ -128,7 +128,7 @@ def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, blobs):
     out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
                 out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", ray="local",
                 quiet=True)
-    cells = sorted(p.parent.name for p in (out / "cells").glob("*/config.json"))
+    cells = sorted(p.parent.name for p in (out / "cells").glob("[!.]*/config.json"))
     assert cells == ["mobilenet_v2-hybrid-knn-seed0", "mobilenet_v2-hybrid-logreg-seed0"]
     with open(out / "leaderboard.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
@@ -141,7 +141,7 @@ def test_jobs_run_cells_in_parallel_processes(tmp_path, blobs):
     out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
                 out=tmp_path / "bench", image_size=64, patient_regex=r"(p\d+)", jobs=2,
                 quiet=True)
-    assert len(list((out / "cells").glob("*/config.json"))) == 2
+    assert len(list((out / "cells").glob("[!.]*/config.json"))) == 2
     assert (out / "report.html").is_file()
 
 

@@ -54,7 +54,7 @@ def test_grey_models_take_one_channel_and_reload_exactly(blobs, tmp_path, strate
                       quiet=True)
     assert run.config["preprocessing"]["channels"] == 1
     clf = run.load_model(quiet=True)
-    model = clf.model_ if clf.trainable_ else clf.backbone_
+    model = clf.model_.backbone
     assert model.in_chans == 1
     assert run.metrics["test"]["auc"] > 0.5
     saved = {r["path"]: r for r in run.predictions() if r["split"] == "test"}

@@ -99,7 +99,7 @@ def test_second_run_reuses_cached_features(tmp_path, fresh_cache, monkeypatch):
 
     data = write_blob_images(tmp_path / "d", n_per_class=10)
     passes = []
-    real = features.FeatureExtractor._runner
+    real = features.FrozenFeatures._runner
 
     def counting_runner(self):
         run = real(self)
@@ -109,7 +109,7 @@ def test_second_run_reuses_cached_features(tmp_path, fresh_cache, monkeypatch):
             return run(pixels)
         return counted
 
-    monkeypatch.setattr(features.FeatureExtractor, "_runner", counting_runner)
+    monkeypatch.setattr(features.FrozenFeatures, "_runner", counting_runner)
     medtl.train(data, strategy="hybrid", head="logreg", out=tmp_path / "a", **FAST)
     first = sum(passes)
     passes.clear()
@@ -148,8 +148,8 @@ def test_python_api_fit_save_load_predict(tmp_path):
     assert proba.shape == (len(ds.split("test")), 2)
     np.testing.assert_allclose(proba.sum(1), 1.0)
     # The ImageNet classifier is dropped: the bundle holds only what predicts.
-    assert clf.n_total_ == 2_223_872 + clf.n_trainable_
-    run = clf.save(tmp_path / "saved")
+    assert clf.model_.n_total == 2_223_872 + clf.model_.n_trainable
+    run = medtl.save_run(clf, tmp_path / "saved")
     loaded = medtl.load_run(run.path).load_model(quiet=True)
     np.testing.assert_array_equal(loaded.predict_proba(ds.split("test")), proba)
     with pytest.raises(medtl.MedtlError, match="pass DATA"):
@@ -170,3 +170,21 @@ def test_a_damaged_model_file_is_a_one_line_error(hybrid_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2
     assert "backbone.safetensors" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_report_that_cannot_be_written_costs_the_report_not_the_run(tmp_path, monkeypatch,
+                                                                       caplog):
+    """Everything but report.html is on disk by then: the run completes without it."""
+    from medtl.reporting import html
+
+    from .conftest import write_blob_images
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room for the page")
+
+    monkeypatch.setattr(html, "write_run_report", broken)
+    data = write_blob_images(tmp_path / "d", n_per_class=8)
+    run = medtl.train(data, strategy="hybrid", out=tmp_path / "run", **{**FAST, "image_size": 32})
+    assert medtl.load_run(run.path).config["kind"] == "single"
+    assert (run.path / "predictions.csv").is_file() and not (run.path / "report.html").exists()
+    assert "no report.html for this run: RuntimeError: no room for the page" in caplog.text

@@ -20,7 +20,9 @@ __version__ = "0.1.0"
 # error types do not need. Each name maps to the module that defines it.
 _LAZY = {
     "Run": "medtl.run",
-    "TransferClassifier": "medtl.transfer.strategies",
+    "Strategy": "medtl.transfer.strategies",
+    "TrainOptions": "medtl.training.options",
+    "TransferClassifier": "medtl.transfer.estimator",
     "create_backbone": "medtl.models",
     "demo": "medtl.workflow",
     "evaluate": "medtl.workflow",
@@ -28,13 +30,15 @@ _LAZY = {
     "load_dataset": "medtl.data",
     "load_run": "medtl.run",
     "predict": "medtl.workflow",
+    "register_strategy": "medtl.transfer.strategies",
+    "save_run": "medtl.run",
     "train": "medtl.workflow",
 }
 
 __all__ = [
-    "DataReadError", "MedtlError", "Run", "TransferClassifier", "WeightsError", "__version__",
-    "create_backbone", "demo", "evaluate", "list_specs", "load_dataset", "load_run", "predict",
-    "train",
+    "DataReadError", "MedtlError", "Run", "Strategy", "TrainOptions", "TransferClassifier",
+    "WeightsError", "__version__", "create_backbone", "demo", "evaluate", "list_specs",
+    "load_dataset", "load_run", "predict", "register_strategy", "save_run", "train",
 ]
 
 

@@ -10,6 +10,7 @@ leaderboard and the report are rebuilt from the cells' files at the end of every
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ class Cell:
 def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) -> list[Cell]:
     """Every (backbone, strategy, seed), validated before anything runs."""
     from medtl.models.registry import get_spec
-    from medtl.transfer.strategies import STRATEGIES
+    from medtl.transfer.strategies import STRATEGIES, get_strategy
 
     if not backbones or not strategies:
         raise MedtlError("medtl bench: name at least one backbone and one strategy")
@@ -66,8 +67,11 @@ def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) ->
         if name not in STRATEGIES:
             raise MedtlError(f"unknown strategy '{name}' in --strategies; choose from: "
                              f"{', '.join(STRATEGIES)}")
-        if head and name != "hybrid":
-            raise MedtlError(f"'{s}': only hybrid takes a head (hybrid:logreg|svm|rf|knn)")
+        takers = [n for n, cls in STRATEGIES.items() if cls.takes_head]
+        if head and not get_strategy(name).takes_head:
+            raise MedtlError(f"'{s}': only {' and '.join(takers)} "
+                             f"{'takes' if len(takers) == 1 else 'take'} a head "
+                             "(hybrid:logreg|svm|rf|knn)")
     return [Cell(b, s, k) for b in backbones for s in strategies for k in range(seeds)]
 
 
@@ -97,9 +101,13 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
     if ray is not None and todo:
         failures += _run_on_ray(ray, str(data), todo, str(out), train_options)
     elif jobs > 1 and len(todo) > 1:
+        # Each worker gets its share of the cores: N workers of all-core thread pools would
+        # start N times too many threads, which wait on each other.
+        per_job = {**train_options, "threads": train_options.get("threads")
+                   or max(1, (os.cpu_count() or 1) // jobs)}
         # spawn: a forked child would inherit torch's thread pools and locks half-initialised.
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_cell, str(data), c, str(out), train_options): c
+            futures = {pool.submit(_run_cell, str(data), c, str(out), per_job): c
                        for c in todo}
             for future in as_completed(futures):
                 failures += future.result()
@@ -155,7 +163,9 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
                  log_to_driver=False, ignore_reinit_error=True)
     try:
         task = ray.remote(num_cpus=1)(_run_cell)
-        results = ray.get([task.remote(data, c, out, options) for c in todo])
+        # One CPU per task, so one thread each unless the caller said otherwise.
+        per_task = {**options, "threads": options.get("threads") or 1}
+        results = ray.get([task.remote(data, c, out, per_task) for c in todo])
     finally:
         if started_here:
             ray.shutdown()

@@ -318,8 +318,9 @@ def train(
                                                  "rate of the block above.")] = 0.5,
     augment: Annotated[str, typer.Option(help="none | basic | strong (docs/augmentation.md)."
                                          )] = "basic",
-    no_hflip: Annotated[bool, typer.Option("--no-hflip", help="No horizontal flips: "
-                                           "laterality matters (chest X-rays).")] = False,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in "
+                                        "augmentation; --no-hflip where laterality matters "
+                                        "(chest X-rays).")] = True,
     patience: Annotated[int, typer.Option(help="Epochs without a better validation AUC "
                                                "before stopping.")] = 5,
     class_weight: Annotated[str, typer.Option(help="auto (balanced when minority/majority < "
@@ -357,8 +358,10 @@ def train(
                                              "volume).")] = "middle",
     mode: Annotated[str, typer.Option(help="Volumes: 2d (one slice) | 2.5d (slices k-1, k, "
                                            "k+1 as the three channels) | mip.")] = "2d",
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the "
-                                                              "feature cache.")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Read and write the "
+                                        "frozen-feature cache.")] = True,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch and ONNX "
+                                                     "Runtime (default: every core).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Train a transfer-learned classifier and write a run directory.
@@ -371,19 +374,16 @@ def train(
 
     Example: [bold]medtl train data/chest_xray --strategy hybrid --head svm --out runs/svm[/bold]
     """
+    from medtl.training.options import TrainOptions
     from medtl.workflow import train as run_train
 
-    run = run_train(data, backbone=backbone, strategy=strategy, head=head, weights=weights,
-                    image_size=image_size, in_chans=in_chans, epochs=epochs,
-                    batch_size=batch_size, unfreeze=unfreeze, gradual=gradual, keep=keep,
-                    class_weight=class_weight, sampler=sampler, calibrate=calibrate,
-                    target_sensitivity=target_sensitivity, lr=lr,
-                    lr_decay=lr_decay, augment=augment, hflip=not no_hflip, patience=patience,
-                    out=out, overwrite=overwrite, resume=resume, seed=seed,
-                    device=device, engine=engine, patient_regex=patient_regex,
-                    val_fraction=val_fraction, skip_bad=skip_bad, window=window,
-                    slices=slices, mode=mode, cache=not no_cache,
-                    folds=folds, quiet=quiet)
+    # The flags named as TrainOptions fields are the training options; the rest say what data
+    # and where (so a new option is a field there and a flag here, nothing else).
+    options = TrainOptions.from_mapping(locals())
+    run = run_train(data, options, target_sensitivity=target_sensitivity, out=out,
+                    overwrite=overwrite, resume=resume, patient_regex=patient_regex,
+                    val_fraction=val_fraction, window=window, slices=slices, mode=mode,
+                    folds=folds)
     if folds is not None:
         out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",
                                     run.metrics["cv"]))
@@ -479,7 +479,7 @@ def explain(
 
     Example: [bold]medtl explain runs/cxr scans/*.jpeg --method gradcam --out cxr-maps[/bold]
     """
-    from medtl.explain import explain as run_explain
+    from medtl.workflow import explain as run_explain
 
     result = run_explain(run, inputs, out=out, method=method, target=target, device=device,
                          sanity_check=sanity_check, skip_bad=skip_bad, quiet=quiet)
@@ -525,6 +525,8 @@ def bench(
     folds: Annotated[int | None, typer.Option(help="Cross-validate every cell with K "
                                                    "patient-grouped folds.")] = None,
     patient_regex: PatientRegex = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per cell (default: the cores "
+                                                     "divided among --jobs).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
@@ -538,7 +540,7 @@ def bench(
     path = run_bench(data, backbones=[b for b in backbones.split(",") if b],
                      strategies=[s for s in strategies.split(",") if s], seeds=seeds,
                      jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
-                     patient_regex=patient_regex, folds=folds, quiet=quiet)
+                     patient_regex=patient_regex, folds=folds, threads=threads, quiet=quiet)
     import csv
 
     with open(path / "leaderboard.csv", newline="") as f:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medtl.errors import MedtlError
-from medtl.files import LockHeldError, atomic_write, describe_holder, fsync_dir, hold_lock
+from medtl.files import LockHeldError, describe_holder, fsync_dir, hold_lock
 from medtl.files import write_csv as write_csv
 from medtl.files import write_json as write_json
 
@@ -52,7 +52,7 @@ KINDS = ("single", "cv", "model")
 _REQUIRED = ("backbone", "strategy", "head", "weights", "seed", "classes", "positive_class",
              "medtl_version")
 _REQUIRED_BY_KIND = {"single": ("preprocessing", "view", "data"),
-                     "cv": ("folds", "params", "view", "data"),
+                     "cv": ("folds", "options", "view", "data"),
                      "model": ("preprocessing",)}
 
 
@@ -134,6 +134,7 @@ def upgrade_config(cfg: Mapping[str, Any], *, source: str | Path = CONFIG) -> di
             if key in cfg:
                 data.setdefault(key, cfg.pop(key))
         cfg["data"] = data
+        cfg["options"] = cfg.pop("params")  # the training options, under their current name
     elif "data" in cfg:
         kind = "single"
     else:
@@ -419,11 +420,37 @@ class Run:
         with open(self.path / PREDICTIONS, newline="") as f:
             return list(csv.DictReader(f))
 
-    def load_model(self, *, device: str = "auto", quiet: bool = False, skip_bad: bool = False):
-        from medtl.transfer.strategies import TransferClassifier
+    def load_model(self, *, device: str = "auto", quiet: bool = False, skip_bad: bool = False,
+                   threads: int | None = None):
+        """The run's fitted :class:`~medtl.TransferClassifier`."""
+        from medtl.transfer.estimator import TransferClassifier
 
-        return TransferClassifier.load_model(self.path / MODEL_DIR, device=device, quiet=quiet,
-                                             skip_bad=skip_bad)
+        return TransferClassifier.load(self.path / MODEL_DIR, device=device, quiet=quiet,
+                                       skip_bad=skip_bad, threads=threads)
+
+
+def save_run(clf, out: str | Path, *, overwrite: bool = False) -> Run:
+    """A run directory (kind ``model``) around a classifier fitted from Python: its model and
+    config.json, so ``load_run``, ``evaluate`` and ``predict`` take it. Written like any run
+    (beside ``out``, swapped in when whole; ``overwrite`` replaces only a run). ``medtl train``
+    writes complete runs (metrics, predictions, report)."""
+    from sklearn.utils.validation import check_is_fitted
+
+    import medtl
+
+    check_is_fitted(clf, "model_")  # before anything is written
+    model, out = clf.model_, Path(out)
+    classes = list(model.classes)
+    with writing_run(out, overwrite=overwrite) as draft:
+        model.save(draft.path / MODEL_DIR)
+        write_config(draft.path, {
+            "kind": "model", "backbone": clf.backbone, "strategy": clf.strategy,
+            "head": clf.head, "weights": model.backbone.weights_info.to_dict(),
+            "seed": clf.seed, "classes": classes,
+            "positive_class": classes[-1] if len(classes) == 2 else None,
+            "preprocessing": model.preprocessing.to_dict(), "options": clf.options.to_dict(),
+            "medtl_version": medtl.__version__})
+    return Run(out)
 
 
 def load_run(path: str | Path) -> Run:
@@ -440,8 +467,3 @@ def load_run(path: str | Path) -> Run:
     if not (p / CONFIG).is_file() or not (p / MODEL_DIR / MODEL_META).is_file():
         raise MedtlError(f"{p}: not a medtl run directory ({CONFIG} or {MODEL_DIR}/ missing)")
     return Run(p)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Old name of :func:`medtl.files.atomic_write`, for callers not switched over yet."""
-    atomic_write(path, text)

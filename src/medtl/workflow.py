@@ -22,23 +22,18 @@ from medtl.errors import MedtlError
 from medtl.evaluation.stats import brier_score, expected_calibration_error
 from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY, choose_thresholds, split_summary
 from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
+from medtl.training.options import TrainOptions
 
 log = logging.getLogger("medtl")
 
 
-def _throughput(clf, data, n: int = 64) -> float | None:
+def _throughput(model, data, n: int = 64) -> float | None:
     """Images per second for the whole prediction path (decode, backbone, head), uncached."""
     if len(data) == 0:
         return None
     subset = data.subset(range(min(n, len(data))))
     t0 = time.perf_counter()
-    if clf.trainable_:
-        quiet, clf.quiet = clf.quiet, True
-        clf.predict_proba(subset)
-        clf.quiet = quiet
-    else:
-        x = clf.extractor_.transform(subset, skip_bad=True, use_cache=False, progress=False)
-        clf.predict_proba_features(x)
+    model.predict_proba(subset, cache=False)
     return len(subset) / (time.perf_counter() - t0)
 
 
@@ -46,7 +41,7 @@ def _split_metrics(clf, data, split: str, positive: int | None, *,
                    thresholds: dict[str, Any] | None = None, seed: int = 0):
     """The metrics.json entry of one split, its predictions.csv rows and probabilities."""
     raw = clf.predict_proba(data, calibrated=False)
-    proba = clf._apply_temperature(raw)
+    proba = clf.model_.calibrate(raw)
     ok = np.isfinite(proba).all(axis=1)
     metrics = split_summary(data.labels[ok], proba[ok], classes=clf.classes_, positive=positive,
                             patients=[q for q, keep in zip(data.patients, ok, strict=True)
@@ -54,7 +49,7 @@ def _split_metrics(clf, data, split: str, positive: int | None, *,
                             volumes=([v for v, keep in zip(data.volumes, ok, strict=True)
                                       if keep] if any(data.volumes) else None),
                             thresholds=thresholds, seed=seed)
-    if getattr(clf, "temperature_", None) is not None and ok.any():
+    if clf.model_.temperature is not None and ok.any():
         metrics["calibration"]["ece_uncalibrated"] = expected_calibration_error(
             data.labels[ok], raw[ok])
         metrics["calibration"]["brier_uncalibrated"] = brier_score(data.labels[ok], raw[ok])
@@ -64,83 +59,46 @@ def _split_metrics(clf, data, split: str, positive: int | None, *,
 
 def train(
     data: str | Path,
+    options: TrainOptions | None = None,
     *,
-    backbone: str = "mobilenet_v2",
-    strategy: str = "auto",
-    head: str = "logreg",
-    weights: str = "imagenet",
-    image_size: int | None = None,
-    in_chans: int = 3,
-    epochs: int | None = None,
-    batch_size: int = 64,
-    unfreeze: int | None = None,
-    gradual: bool = False,
-    keep: int | None = None,
-    lr: float = 1e-3,
-    lr_decay: float = 0.5,
-    augment: str = "basic",
-    hflip: bool = True,
-    patience: int = 5,
-    class_weight: str = "auto",
-    sampler: str = "none",
-    calibrate: bool = False,
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     out: str | Path | None = None,
     overwrite: bool = False,
     resume: bool = False,
-    seed: int = 0,
-    device: str = "auto",
-    engine: str = "auto",
     patient_regex: str | None = None,
     val_fraction: float = 0.2,
-    skip_bad: bool = False,
     window: str = "auto",
     slices: str = "middle",
     mode: str = "2d",
-    cache: bool = True,
     folds: int | None = None,
-    quiet: bool = False,
+    **option_values: Any,
 ) -> Run:
     """Load DATA, fit a TransferClassifier, score val and test, write a run directory.
 
-    With ``folds``: K-fold cross-validation over train + val instead (see _cross_validate).
+    ``options`` (a :class:`TrainOptions`) and ``option_values`` (its fields as keywords, which
+    win) say how to train; the other arguments say what data and where. With ``folds``: K-fold
+    cross-validation over train + val instead (see _cross_validate).
     """
-    from medtl.data import load_dataset
-    from medtl.transfer.strategies import TransferClassifier
+    from medtl.transfer.estimator import TransferClassifier
 
-    clf = TransferClassifier(
-        backbone=backbone, strategy=strategy, head=head, weights=weights,
-        image_size=image_size, in_chans=in_chans, epochs=epochs, batch_size=batch_size,
-        unfreeze=unfreeze, gradual=gradual, keep=keep, class_weight=class_weight,
-        sampler=sampler, calibrate=calibrate, lr=lr, lr_decay=lr_decay, augment=augment,
-        hflip=hflip, patience=patience, seed=seed, device=device, engine=engine, cache=cache,
-        skip_bad=skip_bad, quiet=quiet)
-    clf._validate()  # option mistakes before any slow work
+    options = (options or TrainOptions()).replace(**option_values)
+    clf = TransferClassifier.from_options(options)
+    clf.make_strategy()  # option mistakes before any slow work
     if not 0.0 < target_sensitivity <= 1.0:
         raise MedtlError(f"--target-sensitivity {target_sensitivity}: must lie in (0, 1]")
     if folds is not None and folds < 2:
         raise MedtlError(f"--folds {folds}: cross-validation needs at least 2 folds")
-    if out is None:
-        out = Path("runs") / f"{Path(str(data)).stem}-{backbone}-{strategy}"
-    out = Path(out)
-    request = {
-        "data": data, "backbone": backbone, "strategy": strategy, "head": head,
-        "weights": weights, "in_chans": in_chans, "seed": seed, "epochs": epochs,
-        "patient_regex": patient_regex, "val_fraction": val_fraction,
-        "target_sensitivity": target_sensitivity,
-        "view": {"window": window, "slices": slices, "mode": mode},
-    }
+    out = Path(out or Path("runs") / f"{Path(str(data)).stem}-{options.backbone}-"
+                                     f"{options.strategy}")
+    # What the run reads and how it scores; how it trains is ``options``.
+    request = {"data": data, "patient_regex": patient_regex, "val_fraction": val_fraction,
+               "target_sensitivity": target_sensitivity,
+               "view": {"window": window, "slices": slices, "mode": mode}}
     t_start = time.perf_counter()
     # The run is written beside ``out`` and takes its place only when complete (medtl.run).
     with bundle.writing_run(out, overwrite=overwrite, resume=resume) as draft, \
-            run_logging(draft.path, quiet, append=resume):
-        ds = load_dataset(data, patient_regex=patient_regex, val_fraction=val_fraction,
-                          seed=seed, skip_bad=skip_bad, window=window, slices=slices, mode=mode)
-        for path, reason in ds.skipped:
-            log.warning("skipped unreadable image %s: %s", path, reason)
-        counts = ds.counts()
-        log.info("data %s: classes %s; %s", data, ds.classes,
-                 "; ".join(f"{s} {sum(c.values())}" for s, c in counts.items()))
+            run_logging(draft.path, options.quiet, append=resume):
+        ds = _load(request, options)
         if folds is not None:
             _cross_validate(clf, ds, folds, draft.path, request, resume=resume)
         else:
@@ -150,25 +108,84 @@ def train(
     return Run(out)
 
 
+def _load(request: dict[str, Any], options: TrainOptions):
+    from medtl.data import load_dataset
+
+    data = request["data"]
+    ds = load_dataset(data, patient_regex=request["patient_regex"],
+                      val_fraction=request["val_fraction"], seed=options.seed,
+                      skip_bad=options.skip_bad, **request["view"])
+    for path, reason in ds.skipped:
+        log.warning("skipped unreadable image %s: %s", path, reason)
+    log.info("data %s: classes %s; %s", data, ds.classes,
+             "; ".join(f"{s} {sum(c.values())}" for s, c in ds.counts().items()))
+    return ds
+
+
 def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                    t_start: float, eval_names: Sequence[str] = ("val", "test")) -> None:
     """Fit ``clf`` on ds's train (val for choices), score ``eval_names``, write the run."""
-    import medtl
-    from medtl.reporting.html import confident_errors, run_figures, write_run_report
-
     checkpoints = out / bundle.CHECKPOINTS
     train_ds, val_ds = ds.split("train"), ds.split("val")
     clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
+    # Binary problems: the last class is the positive one (sensitivity, operating points).
     positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
+    eval_splits = [s for s in eval_names if s in ds.split_names()]
+    metrics, rows, probas = _score_splits(clf, ds, eval_splits, positive, request)
+    model = clf.model_
+    metrics["timing"] = {**clf.timing_,
+                         "predict_images_per_s": _throughput(model, ds.split(eval_splits[-1])),
+                         "total_s": time.perf_counter() - t_start, "engine": model.engine}
+    metrics["params"] = {"total": model.n_total, "trainable": model.n_trainable}
+    skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
+    if skipped:
+        metrics["skipped_unreadable"] = len(skipped)
+        log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
+    model.save(out / bundle.MODEL_DIR)
+    config = _run_config(clf, ds, request, positive, skipped)
+    config.update(request.get("config_extra", {}))
+    write_json(out / bundle.METRICS, metrics)
+    write_csv(out / bundle.PREDICTIONS, rows)
+    write_csv(out / bundle.HISTORY, clf.history_)
+    _write_report(clf, ds, out, config, metrics, probas[eval_splits[-1]], eval_splits[-1],
+                  positive)
+    # config.json last: its presence marks a complete run that load_run may trust.
+    bundle.write_config(out, {"kind": "single", **config})
+    # The best weights are in model/; the last-epoch checkpoint only served resumption.
+    shutil.rmtree(checkpoints, ignore_errors=True)
 
+
+def _write_report(clf, ds, out: Path, config: dict[str, Any], metrics: dict[str, Any],
+                  proba: np.ndarray, split: str, positive: int | None) -> None:
+    """report.html of the last scored split. Each figure is guarded by reporting itself; any
+    other failure costs the run its report (said in the log), never the finished run."""
+    from medtl.reporting.html import confident_errors, run_figures, write_run_report
+
+    split_ds = ds.split(split)
+    try:
+        figures = run_figures(classes=ds.classes, positive=positive, split=split,
+                              y_true=split_ds.labels, proba=proba, metrics=metrics[split],
+                              history=clf.history_)
+        write_run_report(out, config, metrics, figures=figures,
+                         errors=confident_errors(split_ds, proba, ds.classes),
+                         explanations=_gallery(clf, split_ds, proba, ds.classes, positive,
+                                               ds.view.mode))
+    except Exception as exc:  # noqa: BLE001 - metrics, predictions and model are on disk
+        log.warning("no report.html for this run: %s: %s", type(exc).__name__, exc)
+
+
+def _score_splits(clf, ds, eval_splits: Sequence[str], positive: int | None,
+                  request: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                    dict[str, np.ndarray]]:
+    """Metrics, predictions.csv rows and probabilities of each split in order: thresholds are
+    chosen on val and only applied to the splits after it (never chosen on test)."""
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     probas: dict[str, np.ndarray] = {}
-    eval_splits = [s for s in eval_names if s in ds.split_names()]
     thresholds = None
     for split in eval_splits:
         m, r, probas[split] = _split_metrics(clf, ds.split(split), split, positive,
-                                             thresholds=thresholds, seed=request["seed"])
+                                             thresholds=thresholds, seed=clf.seed)
         if split == "val":
             # Operating points are chosen here and only applied to the splits after it.
             ok = np.isfinite(probas[split]).all(axis=1)
@@ -192,67 +209,46 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
     if eval_splits[-1] == "val":
         log.warning("no test split in %s: only validation figures are reported",
                     request["data"])
-    throughput = _throughput(clf, ds.split(eval_splits[-1]))
-    metrics["timing"] = {"train_s": clf.train_s_, "resumed_s": clf.resumed_s_,
-                         "feature_s": clf.feature_s_,
-                         "predict_images_per_s": throughput,
-                         "total_s": time.perf_counter() - t_start,
-                         "engine": _engine(clf)}
-    metrics["params"] = {"total": clf.n_total_, "trainable": clf.n_trainable_}
-    skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
-    if skipped:
-        metrics["skipped_unreadable"] = len(skipped)
-        log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
+    return metrics, rows, probas
 
-    clf.save_model(out / bundle.MODEL_DIR)
-    w = clf.backbone_.weights_info
-    strategy, data = request["strategy"], request["data"]
-    config = {
-        "backbone": request["backbone"], "strategy": strategy,
-        "head": request["head"] if strategy == "hybrid" else "linear",
-        "head_params": getattr(clf.head_, "params_", None),
+
+def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
+                skipped: list[str]) -> dict[str, Any]:
+    """config.json of a single run (medtl.run owns its layout and format version)."""
+    import medtl
+
+    model, options = clf.model_, clf.options
+    strategy = clf.make_strategy()
+    w = model.backbone.weights_info
+    return {
+        "backbone": options.backbone, "strategy": options.strategy,
+        "head": strategy.head_name, "head_params": clf.head_params_,
         "class_weight": "balanced" if clf.balanced_ else None,
-        "calibration": {"method": "temperature", "temperature": clf.temperature_,
-                        "fitted_on": "val"} if clf.temperature_ is not None else None,
+        "calibration": {"method": "temperature", "temperature": model.temperature,
+                        "fitted_on": "val"} if model.temperature is not None else None,
         "target_sensitivity": request["target_sensitivity"],
-        "stages": getattr(clf, "stages_", None),
-        "weights": {"requested": request["weights"], "kind": w.kind, "source": w.source,
+        "stages": clf.stages_,
+        "weights": {"requested": options.weights, "kind": w.kind, "source": w.source,
                     "sha256": w.sha256},
-        "preprocessing": clf.preprocessing_.to_dict(), "in_chans": request["in_chans"],
+        "preprocessing": model.preprocessing.to_dict(), "in_chans": options.in_chans,
         "view": ds.view.to_dict(),
         "classes": ds.classes, "positive_class": None if positive is None
         else ds.classes[positive],
-        "seed": request["seed"], "epochs": request["epochs"], "device": clf.device_,
-        "engine": _engine(clf),
-        "strategy_params": {k: getattr(clf, k) for k in (
+        "seed": options.seed, "epochs": options.epochs, "device": model.device,
+        "engine": model.engine,
+        "strategy_params": {k: getattr(options, k) for k in (
             "unfreeze", "gradual", "keep", "lr", "lr_decay", "augment", "hflip", "patience",
-            "sampler")}
-        if clf.trainable_ else None,
-        "data": {"source": str(Path(str(data)).resolve()), "fingerprint": ds.fingerprint(),
-                 "counts": ds.counts(), "patient_regex": request["patient_regex"],
+            "sampler")} if strategy.trainable else None,
+        "options": options.to_dict(),
+        "data": {"source": str(Path(str(request["data"])).resolve()),
+                 "fingerprint": ds.fingerprint(), "counts": ds.counts(),
+                 "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"], "skipped": skipped},
         "medtl_version": medtl.__version__,
         "environment": {"python": platform.python_version(), "torch": _torch_version(),
                         "machine": platform.machine()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    config.update(request.get("config_extra", {}))
-    write_json(out / bundle.METRICS, metrics)
-    write_csv(out / bundle.PREDICTIONS, rows)
-    write_csv(out / bundle.HISTORY, clf.history_)
-    report_split = eval_splits[-1]
-    split_ds = ds.split(report_split)
-    figures = run_figures(classes=ds.classes, positive=positive, split=report_split,
-                          y_true=split_ds.labels, proba=probas[report_split],
-                          metrics=metrics[report_split], history=clf.history_)
-    write_run_report(out, config, metrics, figures=figures,
-                     errors=confident_errors(split_ds, probas[report_split], ds.classes),
-                     explanations=_gallery(clf, split_ds, probas[report_split], ds.classes,
-                                           positive, ds.view.mode))
-    # config.json last: its presence marks a complete run that load_run may trust.
-    bundle.write_config(out, {"kind": "single", **config})
-    # The best weights are in model/; the last-epoch checkpoint only served resumption.
-    shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _gallery(clf, data, proba, classes, positive, mode) -> dict[str, Any] | None:
@@ -279,10 +275,12 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
     finished fold is kept by ``--resume``. ``out`` gets cv.csv, metrics.json (``cv``: per-fold
     figures, mean and sd) and the out-of-fold predictions.
     """
+    from sklearn.base import clone
+
     from medtl.data.splits import cross_validation_folds
     from medtl.run import load_run as _load
 
-    fold_sets = cross_validation_folds(ds, folds, seed=request["seed"],
+    fold_sets = cross_validation_folds(ds, folds, seed=clf.seed,
                                        val_fraction=request["val_fraction"] or 0.2)
     log.info("cross-validation: %d folds over train + val (%d images), grouped by %s; the "
              "test split is not used", folds, sum(len(f.split("heldout")) for f in fold_sets),
@@ -299,7 +297,7 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
             bundle.write_marker(fold_dir)  # each fold is a run of its own (load_run, evaluate)
             log.info("fold %d/%d: %s", k, folds, "; ".join(
                 f"{s} {sum(c.values())}" for s, c in fold_ds.counts().items()))
-            fold_clf = type(clf)(**clf.get_params())
+            fold_clf = clone(clf)
             with run_logging(fold_dir, quiet=True, append=resume):
                 _fit_and_write(fold_clf, fold_ds, fold_dir,
                                {**request, "config_extra": {"fold": k, "folds": folds}},
@@ -321,26 +319,27 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
     write_csv(out / bundle.CV_TABLE, per_fold)
     write_csv(out / bundle.PREDICTIONS, rows)
     write_json(out / bundle.METRICS, {"cv": summary})
+    bundle.write_config(out, _cv_config(clf, ds, folds, request))
+
+
+def _cv_config(clf, ds, folds: int, request: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a cross-validation run (medtl.run owns its layout)."""
     import medtl
 
-    options = ("weights", "patient_regex", "val_fraction", "data", "config_extra")
-    bundle.write_config(out, {
-        "kind": "cv", **{k: v for k, v in request.items() if k not in options},
-        "weights": {"requested": request["weights"]},
+    o = clf.options
+    return {
+        "kind": "cv", "backbone": o.backbone, "strategy": o.strategy, "head": o.head,
+        "weights": {"requested": o.weights}, "in_chans": o.in_chans, "seed": o.seed,
+        "epochs": o.epochs, "target_sensitivity": request["target_sensitivity"],
+        "view": request["view"],
         "data": {"source": str(Path(str(request["data"])).resolve()),
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"]},
         "folds": folds, "classes": ds.classes,
         "positive_class": ds.classes[-1] if len(ds.classes) == 2 else None,
-        "params": clf.get_params(), "medtl_version": medtl.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds")})
-
-
-def _engine(clf) -> str | None:
-    if clf.trainable_:
-        return f"torch-{clf.device_}"
-    return clf.extractor_.engine_used
+        "options": o.to_dict(), "medtl_version": medtl.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _f(v: float | None) -> str:
@@ -411,8 +410,8 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
            title: str | None = None, by_group: bool = False) -> Path:
     """Compare saved runs in one self-contained HTML page: a leaderboard by AUC, with DeLong's
     paired test of each run against the best, a ROC overlay and AUC against training time."""
+    from medtl.files import atomic_write
     from medtl.reporting.compare import compare_runs
-    from medtl.run import atomic_write_text
 
     if not runs:
         raise MedtlError("medtl report: name at least one run directory")
@@ -423,7 +422,7 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
         if names.count(e["name"]) > 1:  # same leaf name: keep the parent to tell them apart
             e["name"] = f"{p.parent.name}/{p.name}"
     out = Path(out)
-    atomic_write_text(out, compare_runs(entries, split=split, title=title, by_group=by_group))
+    atomic_write(out, compare_runs(entries, split=split, title=title, by_group=by_group))
     return out
 
 
@@ -456,6 +455,22 @@ def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],
         row = prediction_rows([volume], None, mean[None, :], classes, None)[0]
         out.append({**row, "level": "volume"})
     return out
+
+
+def explain(run: str | Path | Run, inputs: Sequence[str | Path], *, out: str | Path,
+            method: str = "gradcam", target: str = "predicted", device: str = "auto",
+            sanity_check: bool = False, skip_bad: bool = False, quiet: bool = False,
+            ) -> dict[str, Any]:
+    """Attribution maps of a saved run for image files (medtl.explain.explain_images)."""
+    from medtl.errors import check_choice
+    from medtl.explain import METHODS, explain_images
+
+    check_choice("method", method, METHODS)  # before the model loads
+    run = run if isinstance(run, Run) else load_run(run)
+    clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
+    return explain_images(clf, inputs, out=out, view=run.config.get("view"), method=method,
+                          target=target, sanity_check=sanity_check, skip_bad=skip_bad,
+                          quiet=quiet)
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

@@ -21,7 +21,7 @@ from .conftest import FAST
 def network(clf: medtl.TransferClassifier) -> torch.nn.Module:
     """The fitted classifier's backbone (the whole trained network for trainable strategies,
     the frozen feature extractor for frozen ones), a module with the Backbone contract."""
-    return clf.model_ if clf.trainable_ else clf.backbone_
+    return clf.model_.backbone
 
 
 def _imagenet_state() -> dict[str, torch.Tensor]:

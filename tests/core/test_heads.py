@@ -24,19 +24,19 @@ from .conftest import FAST
 # ACCESSOR: adapt when the core is restructured
 def frozen_features(clf: medtl.TransferClassifier, data) -> np.ndarray:
     """The frozen backbone features a fitted frozen-strategy classifier computes for ``data``."""
-    return clf.transform(data)
+    return clf.model_.features(data)
 
 
 # ACCESSOR: adapt when the core is restructured
 def linear_head_standardisation(clf: medtl.TransferClassifier) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) the fitted linear head subtracts from and divides its features by."""
-    return clf.head_.mean.numpy(), clf.head_.std.numpy()
+    return clf.model_.head.mean.numpy(), clf.model_.head.std.numpy()
 
 
 # ACCESSOR: adapt when the core is restructured
 def sklearn_estimator(clf: medtl.TransferClassifier):
     """The fitted scikit-learn estimator of a hybrid classifier."""
-    return clf.head_.estimator_
+    return clf.model_.head.estimator_
 
 
 # ACCESSOR: adapt when the core is restructured

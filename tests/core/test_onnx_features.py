@@ -23,11 +23,11 @@ IMAGE_SIZE = 64
 def extract(backbone, data, *, engine: str, cache_dir: Path) -> tuple[np.ndarray, str]:
     """Frozen features of ``data`` by ``engine`` (no feature cache), and the engine used."""
     from medtl.data.transforms import Preprocessing
-    from medtl.training.features import FeatureExtractor
+    from medtl.training.features import FrozenFeatures
 
-    ext = FeatureExtractor(backbone, Preprocessing.for_spec(backbone.spec, IMAGE_SIZE),
-                           engine=engine, cache=False, cache_dir=cache_dir, quiet=True,
-                           batch_size=8)
+    ext = FrozenFeatures(backbone, Preprocessing.for_spec(backbone.spec, IMAGE_SIZE),
+                         engine=engine, cache=False, cache_dir=cache_dir, quiet=True,
+                         batch_size=8)
     return ext.transform(data), ext.engine_used
 
 
@@ -106,11 +106,6 @@ def test_engine_onnx_does_not_fall_back(xrays, imagenet_backbone, tmp_path, monk
     assert "export broken by the test" in f"{info.value} {info.value.__cause__}"
 
 
-# DID NOT RAISE is the expected failure; any other error (a stale accessor) fails for real.
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="issue 14: the runtime ONNX check is absolute below 1, so it accepts "
-                   "doubled features of a random-weights backbone (~1e-8); make it relative, "
-                   "then drop this mark")
 def test_the_runtime_check_refuses_a_doubled_export_whatever_the_feature_scale():
     import torch
 

@@ -135,7 +135,7 @@ def test_differentiable_runs_explain_the_probabilities_they_predict(blob_runs, k
     explainer = Explainer.for_classifier(clf)
     assert explainer.differentiable and explainer.method_for("gradcam") == "gradcam"
     test = medtl.load_dataset(data).split("test")
-    pixels = model_input(clf.preprocessing_, [test.read(i) for i in range(6)])
+    pixels = model_input(clf.model_.preprocessing, [test.read(i) for i in range(6)])
     expected = clf.predict_proba(test.subset(range(6)), calibrated=False)
     np.testing.assert_allclose(explainer.scores(pixels).double().numpy(), expected, atol=1e-4)
     maps = explainer.maps(pixels, [1] * 6, "gradcam")

@@ -33,7 +33,7 @@ def patch_maps(tmp_path_factory):
     boxes = patch_boxes(root)
     test = medtl.load_dataset(root).split("test")
     with_patch = test.subset([i for i, r in enumerate(test.records) if r.path in boxes])
-    pixels = model_input(clf.preprocessing_, [with_patch.read(i)
+    pixels = model_input(clf.model_.preprocessing, [with_patch.read(i)
                                               for i in range(len(with_patch))])
     targets = [clf.classes_.index("patch")] * len(with_patch)
     maps = np.concatenate([explainer.maps(pixels[s:s + 16], targets[s:s + 16], "gradcam")

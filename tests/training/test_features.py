@@ -5,7 +5,7 @@ import torch
 from medtl.data import load_dataset
 from medtl.data.transforms import Preprocessing
 from medtl.models import create_backbone
-from medtl.training.features import FeatureExtractor
+from medtl.training.features import FrozenFeatures
 
 
 def _backbone(seed=0):
@@ -14,7 +14,7 @@ def _backbone(seed=0):
 
 
 def _extractor(bb, cache_dir, **kw):
-    return FeatureExtractor(bb, Preprocessing.for_spec(bb.spec, 64), cache_dir=cache_dir,
+    return FrozenFeatures(bb, Preprocessing.for_spec(bb.spec, 64), cache_dir=cache_dir,
                             quiet=True, batch_size=8, **kw)
 
 
@@ -60,7 +60,7 @@ def test_other_preprocessing_does_not_share_the_cache(blob_data, tmp_path):
     ds = load_dataset(blob_data).split("train")
     bb = _backbone()
     _extractor(bb, tmp_path).transform(ds)
-    ext = FeatureExtractor(bb, Preprocessing.for_spec(bb.spec, 96), cache_dir=tmp_path,
+    ext = FrozenFeatures(bb, Preprocessing.for_spec(bb.spec, 96), cache_dir=tmp_path,
                            quiet=True)
     counter = CountingRunner()
     counter.wrap(ext).transform(ds)

@@ -20,7 +20,7 @@ def test_calibrate_fits_a_temperature_that_lowers_validation_nll_and_keeps_decis
     ds = medtl.load_dataset(blob_data, patient_regex=r"(p\d+)")
     clf = medtl.TransferClassifier(strategy=strategy, calibrate=True, image_size=64,
                                    quiet=True).fit(ds.split("train"), ds.split("val"))
-    t = clf.temperature_
+    t = clf.model_.temperature
     assert t is not None and t > 0 and t != 1.0
     val = ds.split("val")
     raw = clf.predict_proba(val, calibrated=False)
@@ -31,9 +31,9 @@ def test_calibrate_fits_a_temperature_that_lowers_validation_nll_and_keeps_decis
     assert np.array_equal(clf.predict_proba(test).argmax(1),
                           clf.predict_proba(test, calibrated=False).argmax(1))
 
-    run = clf.save(tmp_path / "run")
+    run = medtl.save_run(clf, tmp_path / "run")
     again = run.load_model()
-    assert again.temperature_ == t
+    assert again.model_.temperature == t
     assert np.allclose(again.predict_proba(test), clf.predict_proba(test))
 
 
@@ -41,6 +41,6 @@ def test_without_calibrate_probabilities_are_the_models_own(blob_data):
     ds = medtl.load_dataset(blob_data, patient_regex=r"(p\d+)")
     clf = medtl.TransferClassifier(strategy="feature-extractor", image_size=64,
                                    quiet=True).fit(ds.split("train"), ds.split("val"))
-    assert clf.temperature_ is None
+    assert clf.model_.temperature is None
     test = ds.split("test")
     assert np.array_equal(clf.predict_proba(test), clf.predict_proba(test, calibrated=False))

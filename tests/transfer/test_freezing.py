@@ -34,7 +34,7 @@ def test_fine_tune_trains_exactly_the_top_k_blocks_and_the_head(name):
     bb.reset_classifier(2)
     blocks = list(bb.blocks.items())
     for k in (0, 1, 2, len(blocks)):
-        set_trainable(bb, "fine-tune", unfreeze=k)
+        set_trainable(bb, unfreeze=k)
         trainable = _ids(p for p in bb.parameters() if p.requires_grad)
         expected = _ids(bb.classifier.parameters())
         for _, block in blocks[len(blocks) - k:]:
@@ -44,7 +44,7 @@ def test_fine_tune_trains_exactly_the_top_k_blocks_and_the_head(name):
         assert trainable == expected, (name, k)
         assert frozen_blocks(bb) == [n for n, _ in blocks[:len(blocks) - k]]
     with pytest.raises(MedtlError, match="--unfreeze"):
-        set_trainable(bb, "fine-tune", unfreeze=len(blocks) + 1)
+        set_trainable(bb, unfreeze=len(blocks) + 1)
 
 
 @pytest.mark.parametrize("name", backbone_names())
@@ -60,7 +60,7 @@ def test_truncated_keeps_the_lower_k_blocks_and_produces_logits(name):
     with torch.no_grad():
         logits = model(_input(bb))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
-    set_trainable(model, "truncated")
+    set_trainable(model)
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(MedtlError, match="--keep"):
         TruncatedBackbone(bb, n + 1, num_classes=3)
@@ -69,7 +69,7 @@ def test_truncated_keeps_the_lower_k_blocks_and_produces_logits(name):
 def test_frozen_blocks_stay_in_eval_mode_and_learning_rates_decay_downwards():
     bb = create_backbone("resnet18", weights="random")
     bb.reset_classifier(2)
-    set_trainable(bb, "fine-tune", unfreeze=2)
+    set_trainable(bb, unfreeze=2)
     train_mode_hook(bb)(bb)
     assert bb.classifier.training and bb.blocks["layer4"].training
     assert bb.blocks["layer3"].training

@@ -14,21 +14,22 @@ from medtl.data.samples import DEMO_PATIENT_REGEX, demo_data_path
 from medtl.errors import MedtlError
 from medtl.models import get_spec
 from medtl.training.loop import load_checkpoint
+from medtl.transfer.estimator import TransferClassifier
 from medtl.transfer.gradual import MIN_DELTA, StageResult, climb, plan_stages
-from medtl.transfer.strategies import TransferClassifier
+from medtl.transfer.strategies import FineTuneStrategy, _Climb
 
 BLOCKS = ["stem", "b1", "b2", "b3"]
 
 
 def test_plan_follows_the_reviews_order():
-    names = [s.name for s in plan_stages("auto", BLOCKS)]
+    names = [s.name for s in plan_stages(BLOCKS, full_name="full")]
     assert names == ["feature-extractor", "fine-tune top 1", "fine-tune top 2",
                      "fine-tune top 3", "full"]
-    assert [s.unfreeze for s in plan_stages("auto", BLOCKS)] == [0, 1, 2, 3, 4]
-    capped = plan_stages("fine-tune", BLOCKS, cap=2)
+    assert [s.unfreeze for s in plan_stages(BLOCKS, full_name="full")] == [0, 1, 2, 3, 4]
+    capped = plan_stages(BLOCKS, cap=2)
     assert [s.name for s in capped] == ["feature-extractor", "fine-tune top 1", "fine-tune top 2"]
     with pytest.raises(MedtlError, match="1 to 4 blocks"):
-        plan_stages("auto", BLOCKS, cap=5)
+        plan_stages(BLOCKS, cap=5, full_name="full")
 
 
 def scripted(aucs):
@@ -53,7 +54,8 @@ def scripted(aucs):
 def test_climb_stops_at_the_first_stage_that_does_not_improve():
     train_stage, accept, reject, trained, accepted, rejected = scripted([0.80, 0.85, 0.84, 0.99,
                                                                          0.99])
-    results = climb(plan_stages("auto", BLOCKS), train_stage, accept=accept, reject=reject)
+    results = climb(plan_stages(BLOCKS, full_name="full"), train_stage, accept=accept,
+                    reject=reject)
     # 0.99 at stage 4 is never seen: the climb stops when validation stops improving.
     assert trained == ["feature-extractor", "fine-tune top 1", "fine-tune top 2"]
     assert accepted == ["feature-extractor", "fine-tune top 1"]
@@ -64,19 +66,21 @@ def test_climb_stops_at_the_first_stage_that_does_not_improve():
 
 def test_an_improvement_below_min_delta_is_not_one():
     train_stage, accept, reject, trained, *_ = scripted([0.90, 0.90 + MIN_DELTA / 2, 0.99])
-    results = climb(plan_stages("auto", BLOCKS[:2]), train_stage, accept=accept, reject=reject)
+    results = climb(plan_stages(BLOCKS[:2], full_name="full"), train_stage, accept=accept,
+                    reject=reject)
     assert [r.accepted for r in results] == [True, False]
 
 
 def test_full_is_tried_last_and_kept_only_when_it_helps():
     train_stage, accept, reject, trained, accepted, _ = scripted([0.80, 0.81, 0.82, 0.83, 0.84])
-    results = climb(plan_stages("auto", BLOCKS), train_stage, accept=accept, reject=reject)
+    results = climb(plan_stages(BLOCKS, full_name="full"), train_stage, accept=accept,
+                    reject=reject)
     assert trained[-1] == "full" and accepted[-1] == "full"
     assert "no block left" in results[-1].decision
 
 
 def test_a_resumed_climb_continues_after_its_finished_stages():
-    stages = plan_stages("auto", BLOCKS)
+    stages = plan_stages(BLOCKS, full_name="full")
     train_stage, accept, reject, trained, *_ = scripted([0.0, 0.0, 0.90, 0.80, 0.0])
     done = [StageResult("feature-extractor", 0, 0.80, 1, 1, 0.0, 0, accepted=True),
             StageResult("fine-tune top 1", 1, 0.85, 1, 1, 0.0, 1, accepted=True)]
@@ -101,7 +105,7 @@ def test_auto_on_real_xrays_logs_each_stage_in_order_and_stops(tmp_path):
     log = (run.path / "log.txt").read_text()
     rows = [m.groups() for m in LINE.finditer(log)]
     assert rows, log
-    plan = [s.name for s in plan_stages("auto", list(get_spec("mobilenet_v2").blocks))]
+    plan = [s.name for s in plan_stages(list(get_spec("mobilenet_v2").blocks), full_name="full")]
     assert [int(r[0]) for r in rows] == list(range(1, len(rows) + 1))
     assert [r[2] for r in rows] == plan[:len(rows)]
     aucs = [float(r[3]) for r in rows]
@@ -140,26 +144,26 @@ def test_an_interrupted_climb_resumes_without_redoing_finished_stages(small_xray
     whole = TransferClassifier(**params).fit(train, val, checkpoint_dir=tmp_path / "a")
     expected = whole.predict_proba(test)
 
-    original = TransferClassifier._train_stage
+    original = FineTuneStrategy.train_stage
     calls = {"probe": 0}
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt  # the user's Ctrl-C as the first trainable stage starts
 
-    monkeypatch.setattr(TransferClassifier, "_train_stage", interrupted)
+    monkeypatch.setattr(FineTuneStrategy, "train_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
         TransferClassifier(**params).fit(train, val, checkpoint_dir=tmp_path / "b")
     assert (tmp_path / "b" / "climb.pt").is_file()
 
-    monkeypatch.setattr(TransferClassifier, "_train_stage", original)
+    monkeypatch.setattr(FineTuneStrategy, "train_stage", original)
     first_stage_s = load_checkpoint(tmp_path / "b" / "climb.pt")["results"][0]["seconds"]
-    probe = TransferClassifier._fit_linear_probe
+    probe = _Climb._linear_probe
 
     def counted(self, *args):
         calls["probe"] += 1
         return probe(self, *args)
 
-    monkeypatch.setattr(TransferClassifier, "_fit_linear_probe", counted)
+    monkeypatch.setattr(_Climb, "_linear_probe", counted)
     resumed = TransferClassifier(**params).fit(train, val, checkpoint_dir=tmp_path / "b",
                                                resume=True)
     assert calls["probe"] == 0  # the feature-extractor stage was not trained again
@@ -167,13 +171,14 @@ def test_an_interrupted_climb_resumes_without_redoing_finished_stages(small_xray
                                for s, r in zip(whole.stages_, resumed.stages_, strict=True)]
     np.testing.assert_array_equal(resumed.predict_proba(test), expected)
     # The finished stage's time, spent before the interruption, is part of the run's cost.
-    assert first_stage_s > 0 and resumed.resumed_s_ == pytest.approx(first_stage_s)
-    assert resumed.train_s_ > resumed.resumed_s_ and whole.resumed_s_ == 0.0
+    assert first_stage_s > 0 and resumed.timing_["resumed_s"] == pytest.approx(first_stage_s)
+    assert resumed.timing_["train_s"] > resumed.timing_["resumed_s"]
+    assert whole.timing_["resumed_s"] == 0.0
 
 
 def test_gradual_belongs_to_fine_tune():
     with pytest.raises(MedtlError, match="--gradual applies to --strategy fine-tune"):
-        TransferClassifier(strategy="full", gradual=True)._validate()
+        TransferClassifier(strategy="full", gradual=True).make_strategy()
 
 
 def test_auto_is_the_default_strategy():

@@ -6,10 +6,13 @@ the caller says otherwise); multi-class problems report their macro averages, on
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
+
+from medtl.training.selection import auc_or_none
 
 
 def classification_metrics(
@@ -30,14 +33,12 @@ def classification_metrics(
     out: dict[str, Any] = {
         "n": int(len(y_true)),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(_balanced_accuracy(cm)),
-        "auc": _auc(y_true, proba),
+        "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
+        "auc": auc_or_none(y_true, proba),
     }
     if n_classes == 2:
         pos = 1 if positive is None else positive
-        neg = 1 - pos
-        tp, fn = cm[pos, pos], cm[pos, neg]
-        tn, fp = cm[neg, neg], cm[neg, pos]
+        tp, fn, tn, fp = confusion_counts(cm, pos)
         out["sensitivity"] = _ratio(tp, tp + fn)
         out["specificity"] = _ratio(tn, tn + fp)
         out["precision"] = _ratio(tp, tp + fp)
@@ -56,21 +57,20 @@ def classification_metrics(
     return out
 
 
-def _auc(y_true: np.ndarray, proba: np.ndarray) -> float | None:
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return None
-    if proba.shape[1] == 2:
-        return float(skm.roc_auc_score(y_true, proba[:, 1]))
-    # Macro one-vs-rest, as sklearn's multi_class="ovr" computes it, but over the classes the
-    # labels hold: a class absent from a small test split has no AUC and must not be averaged.
-    return float(np.mean([skm.roc_auc_score(y_true == c, proba[:, c]) for c in present]))
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """scikit-learn's, over the classes the labels hold; a predicted class absent from the
+    labels is expected on small splits, so its warning is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
 
 
-def _balanced_accuracy(cm: np.ndarray) -> float:
-    support = cm.sum(axis=1)
-    present = support > 0
-    return float(np.mean(np.diag(cm)[present] / support[present]))
+def confusion_counts(cm: np.ndarray, positive: int) -> tuple[Any, Any, Any, Any]:
+    """(tp, fn, tn, fp) of class ``positive`` of a binary confusion matrix (rows: truth), or of
+    a stack of them (..., 2, 2), as the bootstrap has."""
+    neg = 1 - positive
+    return (cm[..., positive, positive], cm[..., positive, neg], cm[..., neg, neg],
+            cm[..., neg, positive])
 
 
 def _ratio(num: float, den: float) -> float | None:

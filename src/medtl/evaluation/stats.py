@@ -16,10 +16,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from scipy import optimize, special, stats
+from scipy import stats
 
 from medtl.errors import MedtlError
-from medtl.evaluation.metrics import classification_metrics
+from medtl.evaluation.metrics import classification_metrics, confusion_counts
+
+# Calibration is fitted at training time (transfer), so it lives below; re-exported here.
+from medtl.training.calibration import TemperatureScaler, logits_from_proba  # noqa: F401
 
 BOOTSTRAP_METRICS = (
     "auc",
@@ -93,14 +96,8 @@ def bootstrap_ci(
     n_resamples: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-    metrics: Iterable[str] = (
-        "auc",
-        "accuracy",
-        "balanced_accuracy",
-        "sensitivity",
-        "specificity",
-        "f1",
-    ),
+    metrics: Iterable[str] = ("auc", "accuracy", "balanced_accuracy", "sensitivity",
+                              "specificity", "f1"),
 ) -> dict[str, list[float] | None]:
     """Stratified bootstrap percentile intervals ``{metric: [low, high]}`` of the test figures.
 
@@ -137,20 +134,20 @@ def bootstrap_ci(
             chunks[name].append(values)
         done += b
 
+    return {name: _percentile_interval(chunks.get(name), level) for name in names}
+
+
+def _percentile_interval(chunks: list[np.ndarray] | None, level: float) -> list[float] | None:
+    """[low, high] of the finite resampled values; None when there are none."""
+    if chunks is None:
+        return None
+    values = np.concatenate(chunks)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
     alpha = (1.0 - level) / 2.0
-    out: dict[str, list[float] | None] = {}
-    for name in names:
-        if name not in chunks:
-            out[name] = None
-            continue
-        values = np.concatenate(chunks[name])
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            out[name] = None
-            continue
-        low, high = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
-        out[name] = [float(low), float(high)]
-    return out
+    low, high = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return [float(low), float(high)]
 
 
 def _stratified_indices(y: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -186,7 +183,7 @@ def _resampled_metrics(
         if k == 2:
             out["auc"] = _weighted_auc(p[:, 1], y == 1, weights)
         else:
-            # Over the classes the labels hold, as metrics._auc does; stratified resamples keep
+            # Over the classes the labels hold, as metrics' AUC does; stratified resamples keep
             # the same classes present.
             per_class = [_weighted_auc(p[:, c], y == c, weights) for c in np.unique(y)]
             out["auc"] = np.mean(per_class, axis=0)
@@ -204,9 +201,7 @@ def _resampled_metrics(
 
     if k == 2:
         pos = 1 if positive is None else positive
-        neg = 1 - pos
-        tp, fn = cm[:, pos, pos], cm[:, pos, neg]
-        tn, fp = cm[:, neg, neg], cm[:, neg, pos]
+        tp, fn, tn, fp = confusion_counts(cm, pos)
         out["sensitivity"] = _div(tp, tp + fn)
         out["specificity"] = _div(tn, tn + fp)
         out["precision"] = _div(tp, tp + fp)
@@ -377,11 +372,10 @@ def operating_point(y_true: Any, score: Any, threshold: float) -> dict[str, Any]
     A ratio whose denominator is zero is ``None``; the four counts come along.
     """
     y, s = _binary_labels_score(y_true, score)
-    pred = s >= threshold
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    fn = int(np.sum(~pred & (y == 1)))
-    tn = int(np.sum(~pred & (y == 0)))
+    pred = (s >= threshold).astype(np.int64)
+    cm = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(cm, (y.astype(np.int64), pred), 1)
+    tp, fn, tn, fp = (int(v) for v in confusion_counts(cm, 1))
 
     def ratio(num: int, den: int) -> float | None:
         return num / den if den else None
@@ -459,54 +453,3 @@ def reliability_curve(y_true: Any, proba: Any, n_bins: int = 10) -> dict[str, An
         "accuracy": [float(s / c) if c else None for s, c in zip(acc_sum, counts, strict=True)],
         "counts": counts.tolist(),
     }
-
-
-def logits_from_proba(proba: Any) -> np.ndarray:
-    """Log-probabilities, usable as logits: softmax ignores a constant added to a row."""
-    return np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0))
-
-
-class TemperatureScaler:
-    """Temperature scaling (Guo et al., 2017): ``softmax(logits / T)`` with T fitted by NLL.
-
-    One parameter, so it keeps the arg-max (and accuracy) and needs little held-out data.
-    """
-
-    # log T is searched in this range; T outside [0.01, 100] means something else is wrong.
-    log_bounds = (np.log(1e-2), np.log(1e2))
-
-    def __init__(self) -> None:
-        self.temperature_: float | None = None
-
-    def fit(self, logits: Any, y: Any) -> TemperatureScaler:
-        """Learn ``temperature_`` minimising the negative log-likelihood of ``y``."""
-        z, labels = self._check(logits, y)
-
-        def nll(log_t: float) -> float:
-            logp = special.log_softmax(z / np.exp(log_t), axis=1)
-            return float(-np.mean(logp[np.arange(len(labels)), labels]))
-
-        res = optimize.minimize_scalar(
-            nll, bounds=self.log_bounds, method="bounded", options={"xatol": 1e-6}
-        )
-        self.temperature_ = float(np.exp(res.x))
-        return self
-
-    def transform(self, logits: Any) -> np.ndarray:
-        """Calibrated probabilities ``softmax(logits / temperature_)``."""
-        if self.temperature_ is None:
-            raise MedtlError("TemperatureScaler is not fitted; call fit first")
-        z, _ = self._check(logits, None)
-        return special.softmax(z / self.temperature_, axis=1)
-
-    @staticmethod
-    def _check(logits: Any, y: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        z = np.asarray(logits, dtype=np.float64)
-        if z.ndim != 2 or z.shape[1] < 2:
-            raise MedtlError("logits must be 2-D (n_images, n_classes) with at least two classes")
-        if not np.all(np.isfinite(z)):
-            raise MedtlError("logits contain NaN or infinite values")
-        if y is None:
-            return z, None
-        labels, _ = _labels_proba(y, np.zeros_like(z))
-        return z, labels

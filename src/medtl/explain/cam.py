@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from medtl.errors import MedtlError, check_choice
+from medtl.transfer.heads import logreg_as_linear  # noqa: F401  (tests and users import it here)
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "occlusion", "integrated-gradients")
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -47,46 +48,19 @@ def _require(module: str, package: str):
                          ) from exc
 
 
-class _FeaturesThenHead(nn.Module):
-    """A frozen backbone's pooled features followed by a head: pixels to class logits."""
+class _FeaturesThenProba(nn.Module):
+    """A frozen backbone and a head with no gradient (a scikit-learn classifier) as one black
+    box: pixels to probabilities, for occlusion."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_features(x))
-
-
-class _SklearnProba(nn.Module):
-    """A frozen backbone and a scikit-learn head as one black box: pixels to probabilities."""
-
-    def __init__(self, backbone: nn.Module, estimator) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.estimator = estimator
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(x).double().cpu().numpy()
-        return torch.from_numpy(self.estimator.predict_proba(features)).to(x.device, x.dtype)
-
-
-def logreg_as_linear(pipeline) -> nn.Linear:
-    """A fitted ``StandardScaler -> LogisticRegression`` pipeline as one ``nn.Linear`` whose
-    softmax equals the pipeline's ``predict_proba`` (binary: logits -z/2 and z/2)."""
-    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
-    weight = logreg.coef_ / scaler.scale_
-    bias = logreg.intercept_ - weight @ scaler.mean_
-    if weight.shape[0] == 1:
-        weight = np.concatenate([-weight, weight]) / 2
-        bias = np.concatenate([-bias, bias]) / 2
-    linear = nn.Linear(weight.shape[1], weight.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(weight))
-        linear.bias.copy_(torch.from_numpy(bias))
-    return linear.requires_grad_(False)
+        return torch.from_numpy(self.head.predict_proba(features)).to(x.device, x.dtype)
 
 
 def _vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -134,25 +108,23 @@ class Explainer:
         return cls(backbone, backbone, layer, name, True, reshape)
 
     @classmethod
-    def for_classifier(cls, clf) -> Explainer:
-        """The model behind a fitted or loaded :class:`TransferClassifier`."""
-        from medtl.transfer.heads import SklearnHead
-
-        if clf.trainable_:
-            return cls.for_backbone(clf.model_)
-        backbone = clf.backbone_
+    def for_model(cls, model) -> Explainer:
+        """The module behind a fitted model (``medtl.transfer.fitted``): its ``torch_module``
+        (pixels to logits), or a black box when it has none."""
+        backbone = model.backbone
+        module = model.torch_module()
+        if module is None:
+            return cls(_FeaturesThenProba(backbone, model.head), backbone, None, None, False, None,
+                       why_not_differentiable=f"the {model.options.head} head of this hybrid "
+                                              "run has no gradient")
         layer, name = _cam_layer(backbone, backbone)
         reshape = _vit_tokens_to_map if backbone.spec.family == "vit" else None
-        if isinstance(clf.head_, SklearnHead):
-            if clf.head == "logreg":
-                head = logreg_as_linear(clf.head_.estimator_)
-                return cls(_FeaturesThenHead(backbone, head), backbone, layer, name, True,
-                           reshape)
-            return cls(_SklearnProba(backbone, clf.head_.estimator_), backbone, None, None,
-                       False, None,
-                       why_not_differentiable=f"the {clf.head} head of this hybrid run has no "
-                                              "gradient")
-        return cls(_FeaturesThenHead(backbone, clf.head_), backbone, layer, name, True, reshape)
+        return cls(module, backbone, layer, name, True, reshape)
+
+    @classmethod
+    def for_classifier(cls, clf) -> Explainer:
+        """The model behind a fitted or loaded :class:`TransferClassifier`."""
+        return cls.for_model(clf.model_)
 
     # ---------------------------------------------------------------- methods
     def method_for(self, method: str) -> str:
@@ -235,18 +207,20 @@ class Explainer:
         randomisation test of Adebayo et al. (2018)."""
         twin = copy.deepcopy(self)
         backbone = twin.backbone
-        torch.manual_seed(seed)
-        for module in backbone.blocks.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if hasattr(module, "reset_running_stats"):
-                module.reset_running_stats()
-        initialised = {id(p) for m in backbone.blocks.modules() if hasattr(m, "reset_parameters")
-                       for p in m.parameters(recurse=False)}
-        with torch.no_grad():
-            for p in backbone.blocks.parameters():
-                if id(p) not in initialised:  # ViT's class token and position embedding
-                    p.normal_(0.0, 0.02)
+        # Seeded for this copy only: the caller's global generator is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in backbone.blocks.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                if hasattr(module, "reset_running_stats"):
+                    module.reset_running_stats()
+            initialised = {id(p) for m in backbone.blocks.modules()
+                           if hasattr(m, "reset_parameters") for p in m.parameters(recurse=False)}
+            with torch.no_grad():
+                for p in backbone.blocks.parameters():
+                    if id(p) not in initialised:  # ViT's class token and position embedding
+                        p.normal_(0.0, 0.02)
         if twin.target_layer_name is not None:
             twin.target_layer = backbone.get_submodule(twin.target_layer_name)
         return twin

@@ -99,10 +99,12 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def explain(run, inputs: Sequence[str | Path], *, out: str | Path, method: str = "gradcam",
-            target: str = "predicted", device: str = "auto", sanity_check: bool = False,
-            skip_bad: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Write an overlay PNG and the raw map (.npy) per input image to ``out``.
+def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
+                   view: dict[str, str] | None = None, method: str = "gradcam",
+                   target: str = "predicted", sanity_check: bool = False,
+                   skip_bad: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Write an overlay PNG and the raw map (.npy) per input image to ``out``, for a fitted or
+    loaded classifier (``view``: how its run reads DICOM and volumes).
 
     Returns ``{"method": the method used, "rows": one dict per image, "sanity": the model
     randomisation check or None}`` and writes ``out/explanations.csv``.
@@ -110,14 +112,11 @@ def explain(run, inputs: Sequence[str | Path], *, out: str | Path, method: str =
     from medtl.console import run_logging
     from medtl.data import dataset_from_files
     from medtl.data.sources import make_view
-    from medtl.run import Run, load_run
 
     check_choice("method", method, METHODS)
-    run = run if isinstance(run, Run) else load_run(run)
-    clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
     classes = list(clf.classes_)
     fixed = _target_index(target, classes)
-    view = make_view(**run.config.get("view", {}))
+    view = make_view(**(view or {}))
     ds = dataset_from_files(inputs, classes=classes, view=view)
     explainer = Explainer.for_classifier(clf)
     with run_logging(Path(out), quiet, append=True):
@@ -129,7 +128,7 @@ def explain(run, inputs: Sequence[str | Path], *, out: str | Path, method: str =
 def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: int | None,
              mode: str, sanity_check: bool, skip_bad: bool, quiet: bool) -> dict[str, Any]:
     from medtl.console import progress_bar
-    from medtl.run import write_csv, write_json
+    from medtl.files import write_csv, write_json
 
     used = explainer.method_for(method)
     if used != method:
@@ -142,23 +141,13 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
     taken: set[str] = set()
     with progress_bar(f"explain ({used})", len(ds), quiet=quiet) as advance:
         for start in range(0, len(ds), BATCH):
-            images, indices = [], []
             batch = range(start, min(start + BATCH, len(ds)))
-            for i in batch:
-                try:
-                    images.append(ds.read(i))
-                    indices.append(i)
-                except DataReadError as exc:
-                    if not skip_bad:
-                        raise
-                    log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
-                    rows.append({"path": exc.path, "method": used, "target": "",
-                                 "prediction": "UNREADABLE"})
+            images, indices = _read_batch(ds, batch, skip_bad, used, rows)
             if not images:
                 advance(len(batch))
                 continue
-            pixels = model_input(clf.preprocessing_, images, dev)
-            proba = clf._apply_temperature(explainer.scores(pixels).double().cpu().numpy())
+            pixels = model_input(clf.model_.preprocessing, images, dev)
+            proba = clf.model_.calibrate(explainer.scores(pixels).double().cpu().numpy())
             predicted = proba.argmax(1)
             targets = predicted if fixed is None else np.full(len(images), fixed)
             maps = explainer.maps(pixels, targets, used)
@@ -188,6 +177,24 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
         write_json(out / "sanity_check.json", sanity)
     log.info("%d explanations (%s) written to %s", sum("overlay" in r for r in rows), used, out)
     return {"method": used, "rows": rows, "sanity": sanity}
+
+
+def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str, Any]],
+                ) -> tuple[list[np.ndarray], list[int]]:
+    """The readable images of ``batch`` and their indices; an unreadable one is a row saying
+    so (with ``skip_bad``) or the error."""
+    images, indices = [], []
+    for i in batch:
+        try:
+            images.append(ds.read(i))
+            indices.append(i)
+        except DataReadError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+            rows.append({"path": exc.path, "method": used, "target": "",
+                         "prediction": "UNREADABLE"})
+    return images, indices
 
 
 def randomisation_check(explainer: Explainer, pixels: torch.Tensor, targets: Sequence[int],
@@ -259,7 +266,7 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
             continue
     if images:
         dev = _device(explainer)
-        pixels = model_input(clf.preprocessing_, images, dev)
+        pixels = model_input(clf.model_.preprocessing, images, dev)
         targets = [positive if positive is not None else pred[i] for _, i in picked]
         maps = np.concatenate([explainer.maps(pixels[s:s + BATCH], targets[s:s + BATCH], used)
                                for s in range(0, len(picked), BATCH)])

@@ -444,11 +444,11 @@ def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[
                      figures: Mapping[str, bytes | FigureFailure] | None = None,
                      errors: Sequence[Mapping[str, Any]] | None = None,
                      explanations: Mapping[str, Any] | None = None) -> Path:
-    from medtl.run import atomic_write_text
+    from medtl.files import atomic_write
 
     path = Path(run_dir) / "report.html"
-    atomic_write_text(path, render_run_report(config, metrics, figures=figures, errors=errors,
-                                              explanations=explanations))
+    atomic_write(path, render_run_report(config, metrics, figures=figures, errors=errors,
+                                         explanations=explanations))
     return path
 
 

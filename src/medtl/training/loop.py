@@ -1,26 +1,32 @@
-"""The training loop shared by every trainable strategy (fine-tune, full, scratch, truncated).
+"""The one training loop: the backbone strategies (fine-tune, full, scratch, truncated, the climb
+of ``auto``) and the linear head on frozen features both train here.
 
-AdamW over caller-built parameter groups (discriminative learning rates are the caller's), a
-per-step linear warm-up then cosine schedule, early stopping on validation AUC, the best state
-restored at the end, and an atomic checkpoint every epoch that ``resume=True`` continues from.
+The loop does the epochs; what varies is a callback, as in fastai: early stopping on the
+validation selection score (AUC, accuracy where AUC is undefined) with the best state restored,
+an atomic checkpoint every epoch that ``resume=True`` continues from, the progress bar, the
+history. What a batch is (uint8 images to augment and normalise, or feature vectors) is an
+``Inputs`` object.
+
+AdamW over caller-built parameter groups (discriminative learning rates are the caller's), with
+a per-step linear warm-up then cosine schedule, or a constant rate (``schedule="constant"``).
 
 Reproducibility: shuffling, balanced sampling and augmentation draw from generators derived from
-(seed, epoch) only, and the global RNG states (dropout, a caller's augmentation) travel in the
-checkpoint, so on CPU a run killed and resumed is bitwise the same as one never interrupted.
+(seed, epoch) only; dropout draws from torch's global generator, which the loop forks (the
+caller's state is restored when it returns, nothing is reseeded behind its back) and whose state
+travels in the checkpoint, so on CPU a run killed and resumed is bitwise the same as one never
+interrupted.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
-import os
-import random
-import tempfile
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ from torch import nn
 
 from medtl.console import progress_bar
 from medtl.errors import MedtlError, check_choice
-from medtl.evaluation.metrics import classification_metrics
+from medtl.training.selection import selection_score, val_summary
 
 log = logging.getLogger("medtl")
 
@@ -51,6 +57,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-4
     patience: int = 5
+    # An epoch must beat the best score by more than this to count as an improvement.
+    min_delta: float = 0.0
+    schedule: str = "warmup-cosine"
     seed: int = 0
     device: str = "cpu"
     class_weight: str | None = None
@@ -59,6 +68,7 @@ class TrainConfig:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     quiet: bool = True
+    threads: int | None = None
 
 
 @dataclass
@@ -74,6 +84,175 @@ class FitResult:
     resumed_s: float = 0.0
 
 
+# ------------------------------------------------------------------------------ inputs
+class Inputs:
+    """How stored samples become a batch: float features as they are (the linear head)."""
+
+    channels_last = False
+
+    def check(self, x: torch.Tensor, y: torch.Tensor, split: str) -> None:
+        _check_labels(x, y, split)
+
+    def train_batch(self, xb: torch.Tensor, device: torch.device,
+                    gen: torch.Generator) -> torch.Tensor:
+        return xb.to(device).float()
+
+    def eval_batch(self, xb: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return xb.to(device).float()
+
+
+@dataclass
+class ImageInputs(Inputs):
+    """uint8 (N, H, W, 3) images: to [0, 1] on the device, augmented, normalised."""
+
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    augment: Augment | None = None
+    channels_last = True
+
+    def check(self, x: torch.Tensor, y: torch.Tensor, split: str) -> None:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise MedtlError(f"{split} images must be uint8 (N, H, W, 3); got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        _check_labels(x, y, split)
+
+    def train_batch(self, xb, device, gen):
+        xb = _to_float(xb, device)
+        if self.augment is not None:
+            xb = self.augment(xb, gen)
+        return self._normalise(xb, device)
+
+    def eval_batch(self, xb, device):
+        return self._normalise(_to_float(xb, device), device)
+
+    def _normalise(self, xb: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """RGB [0, 1] to the model's input; a one-channel ``mean`` means a grey model."""
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        if mean.shape[1] == 1:
+            xb = xb.mean(dim=1, keepdim=True)
+        return ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------ state, callbacks
+@dataclass
+class LoopState:
+    """What callbacks see and may change (``stop`` ends training after this epoch)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: TrainConfig
+    epoch: int = 0
+    start_epoch: int = 1
+    row: dict[str, Any] = field(default_factory=dict)
+    score: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {
+        "score": -math.inf, "epoch": 0, "state": None, "bad_epochs": 0})
+    stop: bool = False
+    resumed_s: float = 0.0
+
+
+class Callback:
+    """A behaviour of the loop; every hook is optional."""
+
+    def on_fit_start(self, state: LoopState) -> None: ...
+    def on_epoch_end(self, state: LoopState) -> None: ...
+    def on_fit_end(self, state: LoopState) -> None: ...
+
+
+class History(Callback):
+    def on_epoch_end(self, state: LoopState) -> None:
+        state.history.append(state.row)
+
+
+class EarlyStopping(Callback):
+    """Keep the best state by validation score; stop after ``patience`` epochs without one;
+    the model ends in its best state.
+
+    An epoch that ties the best score exactly but has a lower validation loss is better too:
+    on a small validation split AUC saturates at 1.0 within a few epochs, and the first epoch
+    to reach it is rarely the best model.
+    """
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        best, cfg = state.best, state.config
+        loss = state.row.get("val_loss")
+        tie_better = (state.score == best["score"] and loss is not None
+                      and loss < best.get("val_loss", math.inf))
+        if state.score > best["score"] + cfg.min_delta or tie_better:
+            best.update(score=state.score, epoch=state.epoch, val_loss=loss,
+                        state=copy.deepcopy(state.model.state_dict()), bad_epochs=0)
+        else:
+            best["bad_epochs"] += 1
+            state.stop = best["bad_epochs"] >= cfg.patience and state.epoch < cfg.epochs
+
+    def on_fit_end(self, state: LoopState) -> None:
+        if state.best["state"] is not None:
+            state.model.load_state_dict(state.best["state"])
+
+
+@dataclass
+class Checkpoint(Callback):
+    """An atomic checkpoint after every epoch; ``resume`` continues from it."""
+
+    directory: Path
+    resume: bool = False
+
+    @property
+    def path(self) -> Path:
+        return Path(self.directory) / CHECKPOINT_NAME
+
+    def on_fit_start(self, state: LoopState) -> None:
+        if not (self.resume and self.path.exists()):
+            return
+        ckpt = load_checkpoint(self.path)
+        _check_resumable(ckpt, state.config, self.path)
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        state.best = {**ckpt["early_stopping"], "state": ckpt["best_state"]}
+        state.history = ckpt["history"]
+        state.stop = ckpt["stopped_early"]
+        state.start_epoch = ckpt["epoch"] + 1
+        state.resumed_s = sum(row.get("seconds", 0.0) for row in state.history)
+        _set_rng_state(ckpt["rng"])
+        log.info("resuming %s after epoch %d (%.1f s of training already done)", self.path,
+                 ckpt["epoch"], state.resumed_s)
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        save_checkpoint(self.path, {
+            "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "config": asdict(state.config),
+            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "early_stopping": {k: v for k, v in state.best.items() if k != "state"},
+            "best_state": state.best["state"], "history": state.history,
+            "stopped_early": state.stop, "rng": _get_rng_state(),
+        })
+
+
+class LogEpochs(Callback):
+    def on_epoch_end(self, state: LoopState) -> None:
+        r = state.row
+        auc = r.get("val_auc")
+        log.info("epoch %d/%d: train loss %.4f, val loss %s, val AUC %s, %.1f s", state.epoch,
+                 state.config.epochs, r["train_loss"],
+                 "n/a" if r.get("val_loss") is None else f"{r['val_loss']:.4f}",
+                 "n/a" if auc is None else f"{auc:.4f}", r["seconds"])
+
+
+@dataclass
+class EpochHook(Callback):
+    """Calls ``fn(epoch)`` once the epoch (and its checkpoint) is done."""
+
+    fn: Callable[[int], Any]
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.fn(state.epoch)
+
+
+# ------------------------------------------------------------------------------ the loop
 def epoch_generator(seed: int, epoch: int, stream: int = 0, device: str = "cpu") -> torch.Generator:
     """A generator that depends on (seed, epoch, stream) only, never on what ran before."""
     # SeedSequence mixes the parts, so nearby (seed, epoch) pairs give unrelated streams.
@@ -97,6 +276,39 @@ def epoch_indices(
     return torch.multinomial(weights, len(y), replacement=True, generator=g)
 
 
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's 'balanced' weights, n / (n_classes * count), 1 for an absent class."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.asarray(y)
+    present = np.unique(y)
+    out = np.ones(n_classes)
+    out[present] = compute_class_weight("balanced", classes=present, y=y)
+    return out
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global generator seeded for this block only (new layers' initial weights); the
+    caller's generator state comes back afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's intra-op threads for this block only (None: every core), then restored."""
+    import os
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def fit(
     model: nn.Module,
     param_groups: list[dict],
@@ -111,136 +323,108 @@ def fit(
     augment: Augment | None = None,
     train_mode: Callable[[nn.Module], Any] | None = None,
     on_epoch_end: Callable[[int], Any] | None = None,
+    inputs: Inputs | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
-    """Train ``model`` on uint8 NHWC tensors; it ends in its best state, in eval mode.
+    """Train ``model``; it ends in its best state, in eval mode.
 
-    ``param_groups``: ``{"name", "params", "lr"}`` each (other AdamW keys pass through).
-    ``train_mode(model)`` replaces ``model.train()`` at each epoch start, so a caller can keep
-    frozen BatchNorm layers in eval mode. ``on_epoch_end(epoch)`` runs after the epoch's
-    checkpoint is on disk (epochs count from 1).
+    ``inputs``: what the samples are (default: uint8 NHWC images, ``config.mean``/``std``,
+    ``augment``). ``param_groups``: ``{"name", "params", "lr"}`` each. ``train_mode(model)``
+    replaces ``model.train()`` at each epoch start (frozen BatchNorm layers stay in eval).
+    ``on_epoch_end(epoch)`` runs once the epoch's checkpoint is on disk (epochs from 1).
     """
-    if config.class_weight is not None:
-        check_choice("class weight", config.class_weight, ["balanced"])
-    if config.sampler is not None:
-        check_choice("sampler", config.sampler, ["balanced"])
-    names = [g.get("name") for g in param_groups]
-    if None in names or len(set(names)) != len(names):
-        raise MedtlError(f"each parameter group needs a unique 'name'; got {names}")
-    _check_data(x_train, y_train, "train")
-    _check_data(x_val, y_val, "val")
-
+    inputs = inputs or ImageInputs(config.mean, config.std, augment)
+    _check_config(config, param_groups)
+    inputs.check(x_train, y_train, "train")
+    inputs.check(x_val, y_val, "val")
     device = torch.device(config.device)
-    _set_threads(device)
-    model.to(device=device, memory_format=torch.channels_last)
-    groups = [{**g, "params": list(g["params"])} for g in param_groups]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(config.warmup_epochs * steps_per_epoch,
-                                  config.epochs * steps_per_epoch)
-    )
-    n_classes = int(max(int(y_train.max()), int(y_val.max()))) + 1
-    class_weights = None
-    if config.class_weight == "balanced":
-        counts = torch.bincount(y_train, minlength=n_classes).clamp(min=1).float()
-        class_weights = (len(y_train) / (n_classes * counts)).to(device)
-    criterion = nn.CrossEntropyLoss(weight=class_weights)
+    model.to(device=device, memory_format=torch.channels_last if inputs.channels_last
+             else torch.contiguous_format)
+    state, criterion = _start(model, param_groups, y_train, y_val, config, device)
+    # History before early stopping, and both before the checkpoint that saves what they hold.
+    cbs: list[Callback] = [History(), EarlyStopping()]
+    cbs += [Checkpoint(Path(checkpoint_dir), resume)] if checkpoint_dir is not None else []
+    cbs += [LogEpochs()] if inputs.channels_last else []  # backbones log each epoch
+    cbs += [EpochHook(on_epoch_end)] if on_epoch_end is not None else []
+    cbs += list(callbacks)
     train_mode = train_mode or (lambda m: m.train())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    history: list[dict] = []
-    best = {"score": -math.inf, "epoch": 0, "state": None, "bad_epochs": 0}
-    start_epoch, stopped_early, resumed_s = 1, False, 0.0
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resumable(ckpt, config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        best = ckpt["early_stopping"]
-        best["state"] = ckpt["best_state"]
-        history = ckpt["history"]
-        stopped_early = ckpt["stopped_early"]
-        start_epoch = ckpt["epoch"] + 1
-        resumed_s = sum(row.get("seconds", 0.0) for row in history)  # older checkpoints: 0
-        _set_rng_state(ckpt["rng"])
-        log.info("resuming %s after epoch %d (%.1f s of training already done)", ckpt_path,
-                 ckpt["epoch"], resumed_s)
-    else:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch_threads(config.threads):
         torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        random.seed(config.seed)
+        for cb in cbs:
+            cb.on_fit_start(state)
+        _epochs(state, cbs, inputs, (x_train, y_train, x_val, y_val), criterion, device,
+                train_mode)
+        for cb in cbs:
+            cb.on_fit_end(state)
+    model.eval()
+    return FitResult(history=state.history, best_epoch=state.best["epoch"],
+                     best_val_auc=float(state.best["score"]), stopped_early=state.stop,
+                     resumed_s=state.resumed_s)
 
-    mean = torch.tensor(config.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(config.std, device=device).view(1, -1, 1, 1)
-    epoch = start_epoch
-    while epoch <= config.epochs and not stopped_early:
+
+def _epochs(state: LoopState, cbs: Sequence[Callback], inputs: Inputs, data, criterion,
+            device: torch.device, train_mode: Callable[[nn.Module], Any]) -> None:
+    x_train, y_train, x_val, y_val = data
+    model, config = state.model, state.config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state.epoch = state.start_epoch
+    while state.epoch <= config.epochs and not state.stop:
         t_epoch = time.perf_counter()
         train_mode(model)
-        order = epoch_indices(y_train, seed=config.seed, epoch=epoch,
-                              balanced=config.sampler == "balanced")
-        aug_gen = epoch_generator(config.seed, epoch, stream=1, device=device.type)
-        total_loss, seen = 0.0, 0
-        lrs = {}
-        with progress_bar(f"epoch {epoch}/{config.epochs}", steps_per_epoch,
-                          quiet=config.quiet) as advance:
-            for start in range(0, len(order), config.batch_size):
-                idx = order[start:start + config.batch_size]
-                xb = _to_float(x_train[idx], device)
-                if augment is not None:
-                    xb = augment(xb, aug_gen)
-                xb = _normalise(xb, mean, std)
-                yb = y_train[idx].to(device)
-                with _autocast(device):
-                    logits = model(xb)
-                loss = criterion(logits.float(), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                lrs = {f"lr_{g['name']}": float(g["lr"]) for g in optimizer.param_groups}
-                optimizer.step()
-                scheduler.step()
-                total_loss += float(loss.detach()) * len(idx)
-                seen += len(idx)
-                advance(1)
+        loss, lrs = _train_epoch(state, inputs, x_train, y_train, criterion, device)
+        proba, val_loss = _evaluate(model, inputs, x_val, y_val, config.batch_size, device)
+        state.score = selection_score(y_val.numpy(), proba)
+        state.row = {"epoch": state.epoch, "train_loss": loss, "val_loss": val_loss,
+                     **val_summary(y_val.numpy(), proba), **lrs,
+                     "trainable_params": trainable, "seconds": time.perf_counter() - t_epoch}
+        for cb in cbs:
+            cb.on_epoch_end(state)
+        state.epoch += 1
 
-        proba, val_loss = _evaluate(model, x_val, y_val, config, device)
-        metrics = classification_metrics(y_val.numpy(), proba)
-        auc = metrics["auc"]
-        score = auc if auc is not None else metrics["accuracy"]
-        history.append({
-            "epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
-            "val_auc": auc, "val_accuracy": metrics["accuracy"], **lrs,
-            "trainable_params": trainable, "seconds": time.perf_counter() - t_epoch,
-        })
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f s", epoch,
-                 config.epochs, history[-1]["train_loss"], val_loss,
-                 "n/a" if auc is None else f"{auc:.4f}", history[-1]["seconds"])
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch, state=copy.deepcopy(model.state_dict()),
-                        bad_epochs=0)
-        else:
-            best["bad_epochs"] += 1
-            stopped_early = best["bad_epochs"] >= config.patience and epoch < config.epochs
-        if ckpt_path is not None:
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": asdict(config),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "early_stopping": {k: v for k, v in best.items() if k != "state"},
-                "best_state": best["state"], "history": history,
-                "stopped_early": stopped_early, "rng": _get_rng_state(),
-            })
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-        epoch += 1
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    return FitResult(history=history, best_epoch=best["epoch"],
-                     best_val_auc=float(best["score"]), stopped_early=stopped_early,
-                     resumed_s=resumed_s)
+def _start(model: nn.Module, param_groups: list[dict], y_train: torch.Tensor,
+           y_val: torch.Tensor, config: TrainConfig, device: torch.device,
+           ) -> tuple[LoopState, nn.Module]:
+    """Optimizer, schedule and loss of a fit: AdamW, per-step schedule, class weights."""
+    optimizer = torch.optim.AdamW([{**g, "params": list(g["params"])} for g in param_groups],
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, steps_per_epoch))
+    n_classes = int(max(int(y_train.max()), int(y_val.max()))) + 1
+    weight = None
+    if config.class_weight == "balanced":
+        weight = torch.as_tensor(balanced_class_weights(y_train.numpy(), n_classes),
+                                 dtype=torch.float32, device=device)
+    return (LoopState(model, optimizer, scheduler, config),
+            nn.CrossEntropyLoss(weight=weight))
+
+
+def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Tensor,
+                 criterion: nn.Module, device: torch.device,
+                 ) -> tuple[float, dict[str, float]]:
+    cfg, model, optimizer = state.config, state.model, state.optimizer
+    steps = math.ceil(len(y) / cfg.batch_size)
+    order = epoch_indices(y, seed=cfg.seed, epoch=state.epoch, balanced=cfg.sampler == "balanced")
+    aug_gen = epoch_generator(cfg.seed, state.epoch, stream=1, device=device.type)
+    total_loss, seen, lrs = 0.0, 0, {}
+    with progress_bar(f"epoch {state.epoch}/{cfg.epochs}", steps, quiet=cfg.quiet) as advance:
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            xb = inputs.train_batch(x[idx], device, aug_gen)
+            yb = y[idx].to(device)
+            with _autocast(device):
+                logits = model(xb)
+            loss = criterion(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lrs = {f"lr_{g['name']}": float(g["lr"]) for g in optimizer.param_groups}
+            optimizer.step()
+            state.scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            advance(1)
+    return total_loss / max(seen, 1), lrs
 
 
 @torch.no_grad()
@@ -249,29 +433,18 @@ def predict_proba(model: nn.Module, x_uint8: torch.Tensor, config: TrainConfig) 
     device = torch.device(config.device)
     # The layout training used: a reloaded model must run the same kernels to give the same bits.
     model.to(device=device, memory_format=torch.channels_last)
-    return _evaluate(model, x_uint8, None, config, device)[0]
+    with torch_threads(config.threads):
+        return _evaluate(model, ImageInputs(config.mean, config.std), x_uint8, None,
+                         config.batch_size, device)[0]
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write ``payload`` so that ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must survive a power cut, not only the file's bytes.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    from medtl.files import atomic_write
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(Path(path), buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -290,7 +463,12 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def _warmup_cosine(warmup_steps: float, total_steps: int) -> Callable[[int], float]:
+def _schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    if config.schedule == "constant":
+        return lambda step: 1.0
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+
     def factor(step: int) -> float:
         # step counts optimizer steps taken; +1 so the very first step does not use lr 0.
         if step < warmup_steps:
@@ -300,10 +478,18 @@ def _warmup_cosine(warmup_steps: float, total_steps: int) -> Callable[[int], flo
     return factor
 
 
-def _check_data(x: torch.Tensor, y: torch.Tensor, split: str) -> None:
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise MedtlError(f"{split} images must be uint8 (N, H, W, 3); got {x.dtype} "
-                         f"{tuple(x.shape)}")
+def _check_config(config: TrainConfig, param_groups: list[dict]) -> None:
+    if config.class_weight is not None:
+        check_choice("class weight", config.class_weight, ["balanced"])
+    if config.sampler is not None:
+        check_choice("sampler", config.sampler, ["balanced"])
+    check_choice("schedule", config.schedule, ["warmup-cosine", "constant"])
+    names = [g.get("name") for g in param_groups]
+    if None in names or len(set(names)) != len(names):
+        raise MedtlError(f"each parameter group needs a unique 'name'; got {names}")
+
+
+def _check_labels(x: torch.Tensor, y: torch.Tensor, split: str) -> None:
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise MedtlError(f"{split} labels must be int64 ({x.shape[0]},); got {y.dtype} "
                          f"{tuple(y.shape)}")
@@ -319,11 +505,6 @@ def _check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
         raise MedtlError(f"{path}: cannot resume with different settings ({diffs})")
 
 
-def _set_threads(device: torch.device) -> None:
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -335,27 +516,18 @@ def _to_float(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x_uint8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """RGB [0, 1] to the model's input; a one-channel ``mean`` means a grey model."""
-    if mean.shape[1] == 1:
-        xb = xb.mean(dim=1, keepdim=True)
-    return ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: TrainConfig,
-              device: torch.device) -> tuple[np.ndarray, float | None]:
+def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor | None,
+              batch_size: int, device: torch.device) -> tuple[np.ndarray, float | None]:
     model.eval()
-    mean = torch.tensor(config.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(config.std, device=device).view(1, -1, 1, 1)
     probas, loss_sum = [], 0.0
-    for start in range(0, len(x), config.batch_size):
-        xb = _normalise(_to_float(x[start:start + config.batch_size], device), mean, std)
+    for start in range(0, len(x), batch_size):
+        xb = inputs.eval_batch(x[start:start + batch_size], device)
         with _autocast(device):
             logits = model(xb)
         logits = logits.float()
         if y is not None:
-            yb = y[start:start + config.batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         probas.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     proba = np.concatenate(probas)
@@ -363,15 +535,9 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config:
 
 
 def _get_rng_state() -> dict:
-    # Plain tensors and ints only, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
+    # Plain tensors only, so the checkpoint loads with weights_only=True. Only torch's
+    # generators: the loop draws from nothing else (numpy and Python's are the caller's).
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -379,10 +545,5 @@ def _get_rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -16,8 +16,6 @@ from torch import nn
 from medtl.errors import MedtlError
 from medtl.models.backbone import Backbone
 
-TRAINABLE_STRATEGIES = ("fine-tune", "full", "scratch", "truncated")
-
 
 def frozen_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks none of whose parameters train."""
@@ -29,22 +27,15 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return list(model.blocks.items())
 
 
-def set_trainable(model: nn.Module, strategy: str, *, unfreeze: int = 1) -> None:
-    """Mark parameters trainable for ``strategy``; the head (``classifier``) always trains.
-
-    ``fine-tune`` trains the top ``unfreeze`` blocks (0 = head only, the frozen feature
-    extractor); ``full``, ``scratch`` and ``truncated`` train every block they keep.
-    """
+def set_trainable(model: nn.Module, unfreeze: int | None = None) -> None:
+    """Train the top ``unfreeze`` blocks (0 = the head alone: the frozen feature extractor;
+    ``None`` = every block the model has); the head (``classifier``) always trains."""
     n = len(model.blocks)
-    if strategy == "fine-tune":
-        if not 0 <= unfreeze <= n:
-            raise MedtlError(f"--unfreeze {unfreeze}: {model.spec.name} has {n} blocks "
-                             f"({', '.join(model.blocks)}); choose 0 to {n}")
-        top = {name for name, _ in _blocks(model)[n - unfreeze:]} if unfreeze else set()
-    elif strategy in ("full", "scratch", "truncated"):
-        top = set(model.blocks)
-    else:
-        raise MedtlError(f"strategy '{strategy}' trains no backbone block")
+    unfreeze = n if unfreeze is None else unfreeze
+    if not 0 <= unfreeze <= n:
+        raise MedtlError(f"--unfreeze {unfreeze}: {model.spec.name} has {n} blocks "
+                         f"({', '.join(model.blocks)}); choose 0 to {n}")
+    top = {name for name, _ in _blocks(model)[n - unfreeze:]} if unfreeze else set()
     for name, block in _blocks(model):
         block.requires_grad_(name in top)
     # A ViT's final norm sits in its pool: it trains whenever the last block does.

@@ -46,12 +46,13 @@ class StageResult:
         return asdict(self)
 
 
-def plan_stages(strategy: str, block_names: Sequence[str], cap: int | None = None) -> list[Stage]:
+def plan_stages(block_names: Sequence[str], cap: int | None = None, *,
+                full_name: str | None = None) -> list[Stage]:
     """The stages of ``auto`` or ``fine-tune --gradual``, bottom of the climb first.
 
-    ``cap`` limits how many blocks may end up trainable (``--unfreeze``); by default all. In
-    ``auto`` the stage that trains every block is named ``full``, as Kim et al. call it
-    ("fine-tuning from scratch").
+    ``cap`` limits how many blocks may end up trainable (``--unfreeze``); by default all.
+    ``full_name`` names the stage that trains every block (``auto`` calls it ``full``, as Kim
+    et al. do, "fine-tuning from scratch").
     """
     n = len(block_names)
     top = n if cap is None else cap
@@ -60,7 +61,7 @@ def plan_stages(strategy: str, block_names: Sequence[str], cap: int | None = Non
                          f"({', '.join(block_names)})")
     stages = [Stage(0, "feature-extractor", 0)]
     for k in range(1, top + 1):
-        name = "full" if strategy == "auto" and k == n else f"fine-tune top {k}"
+        name = full_name if full_name and k == n else f"fine-tune top {k}"
         stages.append(Stage(k, name, k))
     return stages
 

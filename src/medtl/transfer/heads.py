@@ -9,9 +9,8 @@ honest.
 
 from __future__ import annotations
 
-import copy
 import itertools
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,7 @@ from sklearn.svm import SVC
 from torch import nn
 
 from medtl.errors import check_choice
-from medtl.evaluation.metrics import classification_metrics
-
-SKLEARN_HEADS = ("logreg", "svm", "rf", "knn")
+from medtl.training.selection import selection_score
 
 # skops refuses to load types it does not trust by default; these are the ones our own heads
 # contain. Anything else in a head file is refused rather than executed.
@@ -59,35 +56,51 @@ def needs_balancing(y: np.ndarray) -> bool:
     return bool(len(counts) > 1 and counts.min() / counts.max() < IMBALANCE_RATIO)
 
 
-def _score(y: np.ndarray, proba: np.ndarray) -> float:
-    """Validation criterion: AUC, falling back to accuracy when AUC is undefined."""
-    m = classification_metrics(y, proba)
-    return m["auc"] if m["auc"] is not None else m["accuracy"]
-
-
 # ---------------------------------------------------------------- scikit-learn heads (hybrid)
-def _grid(head: str, seed: int, class_weight: str | None,
-          ) -> list[tuple[dict[str, Any], ClassifierMixin]]:
-    cw = class_weight
-    if head == "logreg":
-        return [({"C": c}, make_pipeline(StandardScaler(), LogisticRegression(
-                    C=c, max_iter=2000, class_weight=cw)))
-                for c in (0.001, 0.01, 0.1, 1.0)]
-    if head == "svm":
-        return [({"C": c}, make_pipeline(StandardScaler(),
-                                         SVC(C=c, kernel="rbf", class_weight=cw)))
-                for c in (0.3, 1.0, 3.0, 10.0)]
-    if head == "rf":
-        return [({"min_samples_leaf": leaf, "max_features": mf},
-                 RandomForestClassifier(n_estimators=300, min_samples_leaf=leaf, max_features=mf,
-                                        class_weight=cw, n_jobs=-1, random_state=seed))
-                for leaf, mf in itertools.product((1, 3), ("sqrt", 0.1))]
-    if head == "knn":
-        # L2-normalised CNN features: Euclidean distance then ranks like cosine similarity.
-        return [({"n_neighbors": k}, make_pipeline(
-                    Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance")))
-                for k in (5, 11, 21, 41)]
-    raise AssertionError(head)
+# A head is a name and its grid: (seed, class_weight) -> [(params, unfitted estimator), ...],
+# the candidates that validation chooses among. register_head adds one from anywhere.
+HeadGrid = Callable[[int, "str | None"], list[tuple[dict[str, Any], ClassifierMixin]]]
+HEADS: dict[str, HeadGrid] = {}
+
+
+def register_head(name: str) -> Callable[[HeadGrid], HeadGrid]:
+    def add(grid: HeadGrid) -> HeadGrid:
+        HEADS[name] = grid
+        return grid
+    return add
+
+
+@register_head("logreg")
+def _logreg(seed: int, cw: str | None):
+    return [({"C": c}, make_pipeline(StandardScaler(), LogisticRegression(
+                C=c, max_iter=2000, class_weight=cw)))
+            for c in (0.001, 0.01, 0.1, 1.0)]
+
+
+@register_head("svm")
+def _svm(seed: int, cw: str | None):
+    # SVC has no probabilities of its own: SklearnHead adds Platt scaling fitted on validation.
+    return [({"C": c}, make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", class_weight=cw)))
+            for c in (0.3, 1.0, 3.0, 10.0)]
+
+
+@register_head("rf")
+def _rf(seed: int, cw: str | None):
+    return [({"min_samples_leaf": leaf, "max_features": mf},
+             RandomForestClassifier(n_estimators=300, min_samples_leaf=leaf, max_features=mf,
+                                    class_weight=cw, n_jobs=-1, random_state=seed))
+            for leaf, mf in itertools.product((1, 3), ("sqrt", 0.1))]
+
+
+@register_head("knn")
+def _knn(seed: int, cw: str | None):
+    # L2-normalised CNN features: Euclidean distance then ranks like cosine similarity.
+    return [({"n_neighbors": k}, make_pipeline(
+                Normalizer(), KNeighborsClassifier(n_neighbors=k, weights="distance")))
+            for k in (5, 11, 21, 41)]
+
+
+SKLEARN_HEADS = tuple(HEADS)  # the built-in ones, in the order the docs list them
 
 
 @dataclass
@@ -103,15 +116,15 @@ class SklearnHead:
 
     def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
             ) -> SklearnHead:
-        check_choice("head", self.head, SKLEARN_HEADS)
+        check_choice("head", self.head, HEADS)
         best = None
-        for params, est in _grid(self.head, self.seed, self.class_weight):
+        for params, est in HEADS[self.head](self.seed, self.class_weight):
             k = params.get("n_neighbors")
             if k is not None and k > len(x):
                 continue
             est = clone(est).fit(x, y)
             est = self._probabilistic(est, x_val, y_val)
-            score = _score(y_val, est.predict_proba(x_val))
+            score = selection_score(y_val, est.predict_proba(x_val))
             self.search_.append({**params, "val_score": score})
             if best is None or score > best[0]:
                 best = (score, params, est)
@@ -119,9 +132,9 @@ class SklearnHead:
         return self
 
     def _probabilistic(self, est, x_val, y_val):
-        # SVC has no probabilities of its own; Platt scaling fitted on validation gives them
-        # without the 5-fold internal CV that probability=True would cost.
-        if self.head == "svm":
+        # An estimator without probabilities of its own (SVC) gets Platt scaling fitted on
+        # validation, without the 5-fold internal CV that probability=True would cost.
+        if not hasattr(est, "predict_proba"):
             # A frozen estimator predicts the same whatever the folds, so the folds only have to
             # be valid: the default stratified 5-fold fails on a validation split with fewer
             # than five images of a class.
@@ -147,6 +160,16 @@ class SklearnHead:
             return int(sum(t.tree_.node_count for t in inner.estimators_))
         return 0
 
+    def as_linear(self) -> nn.Linear | None:
+        """A fitted ``StandardScaler -> LogisticRegression`` pipeline as one ``nn.Linear`` whose
+        softmax equals the pipeline's ``predict_proba`` (binary: logits -z/2 and z/2); ``None``
+        for heads that are no linear map of the features."""
+        est = self.estimator_
+        if not (isinstance(est, Pipeline) and isinstance(est.steps[-1][1], LogisticRegression)
+                and isinstance(est.steps[0][1], StandardScaler)):
+            return None
+        return logreg_as_linear(est)
+
     def save(self, path: Path) -> None:
         import skops.io as sio
 
@@ -163,6 +186,21 @@ class SklearnHead:
         return cls(head=head, estimator_=sio.load(path, trusted=_SKOPS_TRUSTED))
 
 
+def logreg_as_linear(pipeline) -> nn.Linear:
+    """``StandardScaler -> LogisticRegression`` as one frozen ``nn.Linear`` (see as_linear)."""
+    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
+    weight = logreg.coef_ / scaler.scale_
+    bias = logreg.intercept_ - weight @ scaler.mean_
+    if weight.shape[0] == 1:
+        weight = np.concatenate([-weight, weight]) / 2
+        bias = np.concatenate([-bias, bias]) / 2
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight))
+        linear.bias.copy_(torch.from_numpy(bias))
+    return linear.requires_grad_(False)
+
+
 # ---------------------------------------------------------------- torch linear head
 class LinearHead(nn.Module):
     """Standardise with the training features' statistics, dropout, then one linear layer."""
@@ -177,10 +215,26 @@ class LinearHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout((features - self.mean) / self.std))
 
+    def standardise_like(self, x: torch.Tensor) -> None:
+        """Mean and scale of the training features ``x``."""
+        self.mean.copy_(x.mean(0))
+        # Features (near-)constant on train, e.g. dead ReLUs, keep scale 1 as in scikit-learn's
+        # StandardScaler: dividing by their tiny std would blow up any variation on new images.
+        std = x.std(0)
+        self.std.copy_(torch.where(std > 1e-3 * std.mean(), std, torch.ones_like(std)))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of one linear layer on raw features equal to this head in eval mode:
+        (f - mean) / std @ W.T + b  ==  f @ (W / std).T + (b - (W / std) @ mean)."""
+        with torch.no_grad():
+            weight = self.fc.weight / self.std
+            return weight.clone(), (self.fc.bias - weight @ self.mean).clone()
+
 
 @dataclass
-class TorchHeadTrainer:
-    """Train a LinearHead on cached features; early stopping on validation AUC."""
+class LinearHeadTrainer:
+    """Train a LinearHead on cached features with the shared loop (early stopping on the
+    validation selection score)."""
 
     epochs: int = 200
     lr: float = 1e-3
@@ -189,56 +243,32 @@ class TorchHeadTrainer:
     patience: int = 20
     seed: int = 0
     balanced: bool = False
+    quiet: bool = True
+    threads: int | None = None
     history_: list[dict[str, Any]] = field(default_factory=list)
     best_epoch_: int = 0
 
     def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            num_classes: int, progress=None) -> LinearHead:
-        g = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
-        xv = torch.from_numpy(x_val).float()
-        head = LinearHead(x.shape[1], num_classes)
-        head.mean.copy_(xt.mean(0))
-        # Features (near-)constant on train, e.g. dead ReLUs, keep scale 1 as in scikit-learn's
-        # StandardScaler: dividing by their tiny std would blow up any variation on new images.
-        std = xt.std(0)
-        head.std.copy_(torch.where(std > 1e-3 * std.mean(), std, torch.ones_like(std)))
-        opt = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        weight = None
-        if self.balanced:  # scikit-learn's "balanced": n / (n_classes * count)
-            counts = torch.bincount(yt, minlength=num_classes).float().clamp_min(1)
-            weight = counts.sum() / (num_classes * counts)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
-        best_score, best_state, waited = -math.inf, None, 0
-        for epoch in range(1, self.epochs + 1):
-            head.train()
-            perm = torch.randperm(len(xt), generator=g)
-            total = 0.0
-            for i in range(0, len(xt), self.batch_size):
-                idx = perm[i:i + self.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(head(xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            head.eval()
-            with torch.no_grad():
-                proba = torch.softmax(head(xv), 1).numpy()
-            val = classification_metrics(y_val, proba)
-            score = val["auc"] if val["auc"] is not None else val["accuracy"]
-            self.history_.append({"epoch": epoch, "train_loss": total / len(xt),
-                                  "val_auc": val["auc"], "val_accuracy": val["accuracy"],
-                                  "lr": self.lr,
-                                  "trainable_params": sum(p.numel() for p in head.parameters())})
-            if progress:
-                progress(1)
-            if score > best_score + 1e-4:
-                best_score, best_state, waited = score, copy.deepcopy(head.state_dict()), 0
-                self.best_epoch_ = epoch
-            else:
-                waited += 1
-                if waited >= self.patience:
-                    break
-        head.load_state_dict(best_state)
+            num_classes: int) -> LinearHead:
+        from medtl.training.loop import Inputs, TrainConfig, fit, seeded
+
+        xt = torch.from_numpy(np.asarray(x)).float()
+        with seeded(self.seed):  # the same initial head for the same seed, whatever ran before
+            head = LinearHead(xt.shape[1], num_classes)
+        head.standardise_like(xt)
+        config = TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, weight_decay=self.weight_decay,
+            patience=self.patience, min_delta=1e-4, schedule="constant", seed=self.seed,
+            class_weight="balanced" if self.balanced else None, quiet=True,
+            threads=self.threads)
+        from medtl.console import progress_bar
+
+        with progress_bar("train head", self.epochs, quiet=self.quiet) as advance:
+            result = fit(head, [{"name": "head", "params": head.parameters(), "lr": self.lr}],
+                         xt, torch.from_numpy(np.asarray(y)).long(),
+                         torch.from_numpy(np.asarray(x_val)).float(),
+                         torch.from_numpy(np.asarray(y_val)).long(), config,
+                         inputs=Inputs(), on_epoch_end=lambda epoch: advance(1))
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
         return head.eval()

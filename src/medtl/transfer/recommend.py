@@ -75,14 +75,7 @@ def recommend(stats: DataStats, *,
     common: dict[str, Any] = {"backbone": backbone}
     notes: list[str] = []
 
-    if stats.median_side is not None and stats.median_side < 96:
-        common["image_size"] = 128
-        notes.append(f"images are small (median side {stats.median_side} px): upsampled to 128 "
-                     "px; ImageNet filters expect objects of tens of pixels")
-    if stats.volumes:
-        common.update(slices="all", mode="2.5d")
-        notes.append("volumes: every slice, three neighbouring slices as the three channels "
-                     "(2.5D), scored per volume")
+    notes += _input_settings(stats, common)
 
     if stats.n_images < TINY:
         start = Advice({**common, "strategy": "hybrid", "head": "logreg"},
@@ -121,6 +114,27 @@ def recommend(stats: DataStats, *,
                            f"{heavy[0]} has heavy fully connected layers: Kim et al. found it "
                            "used mostly as a frozen extractor feeding an SVM (hybrid)"))
 
+    notes += _data_notes(stats)
+    return Recommendation(start=start, grid=grid, notes=notes, stats=stats)
+
+
+def _input_settings(stats: DataStats, common: dict[str, Any]) -> list[str]:
+    """Image size and volume handling every advice shares (set in ``common``), and why."""
+    notes = []
+    if stats.median_side is not None and stats.median_side < 96:
+        common["image_size"] = 128
+        notes.append(f"images are small (median side {stats.median_side} px): upsampled to 128 "
+                     "px; ImageNet filters expect objects of tens of pixels")
+    if stats.volumes:
+        common.update(slices="all", mode="2.5d")
+        notes.append("volumes: every slice, three neighbouring slices as the three channels "
+                     "(2.5D), scored per volume")
+    return notes
+
+
+def _data_notes(stats: DataStats) -> list[str]:
+    """What the modality, the class balance and unknown patients mean for the plan."""
+    notes = []
     modality = (stats.modality or "").strip()
     if modality:
         natural = (any(w in modality.lower() for w in NATURAL_WORDS)
@@ -140,7 +154,7 @@ def recommend(stats: DataStats, *,
     if stats.n_patients is None:
         notes.append("patients unknown: if a patient can have several images, pass "
                      "--patient-regex so that no patient is on both sides of a split")
-    return Recommendation(start=start, grid=grid, notes=notes, stats=stats)
+    return notes
 
 
 def dataset_stats(ds) -> DataStats:

@@ -1,0 +1,103 @@
+"""The training options, written once: the estimator's parameters, workflow's, bench's and the
+CLI's are all this one dataclass (a new option is a field here and a flag in cli.py).
+
+``TransferClassifier`` takes these fields as its scikit-learn parameters; ``medtl.train`` and
+``medtl bench`` take a ``TrainOptions`` (or its fields as keywords); the CLI builds one from its
+flags by field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from medtl.errors import MedtlError, check_choice
+
+DEVICES = ("auto", "cpu", "cuda")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+SAMPLERS = ("none", "balanced")
+ENGINES = ("auto", "onnx", "torch")  # how frozen features are computed (training.features)
+
+
+@dataclass
+class TrainOptions:
+    """What a transfer run is asked to do (not what it learned)."""
+
+    backbone: str = "mobilenet_v2"
+    strategy: str = "auto"
+    head: str = "logreg"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    in_chans: int = 3
+    epochs: int | None = None
+    batch_size: int = 64
+    unfreeze: int | None = None
+    gradual: bool = False
+    keep: int | None = None
+    lr: float = 1e-3
+    lr_decay: float = 0.5
+    augment: str = "basic"
+    hflip: bool = True
+    patience: int = 5
+    class_weight: str = "auto"
+    sampler: str = "none"
+    calibrate: bool = False
+    seed: int = 0
+    device: str = "auto"
+    engine: str = "auto"
+    cache: bool = True
+    skip_bad: bool = False
+    # CPU threads for this call's PyTorch and ONNX Runtime work (None: every core); set per
+    # call and restored after, never for the whole process.
+    threads: int | None = None
+    quiet: bool = False
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> TrainOptions:
+        """Options from a dict that may hold other keys (a CLI's locals, a saved model.json);
+        keys this version does not know are ignored, so older bundles load."""
+        known = set(cls.names())
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes: Any) -> TrainOptions:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """The option mistakes that need no data: raised before any slow work."""
+        check_choice("class weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("device", self.device, DEVICES)
+        check_choice("engine", self.engine, ENGINES)
+        if self.in_chans not in (1, 3):
+            raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
+        if self.threads is not None and self.threads < 1:
+            raise MedtlError(f"--threads {self.threads}: at least 1")
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MedtlError(f"--{name.replace('_', '-')} {value}: at least 1")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when PyTorch sees a GPU, else ``cpu``."""
+    import torch
+
+    check_choice("device", device, DEVICES)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MedtlError("--device cuda: no CUDA GPU is available to PyTorch here")
+    return device

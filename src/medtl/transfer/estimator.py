@@ -1,0 +1,156 @@
+"""``TransferClassifier``: an ImageNet backbone transferred to a medical task, as a scikit-learn
+estimator.
+
+Its parameters are the fields of ``TrainOptions`` (``get_params``, ``set_params``, ``clone`` and
+``repr`` come from scikit-learn); ``fit`` looks the strategy up in the registry and keeps what
+it learned in attributes ending in ``_``: ``model_`` (the fitted model, ``medtl.transfer.fitted``),
+``classes_``, ``history_``, ``stages_``, ``timing_``, ``balanced_``, ``skipped_``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from medtl.errors import MedtlError
+from medtl.training.options import TrainOptions
+from medtl.transfer.fitted import FittedModel
+from medtl.transfer.strategies import FitOutcome, Strategy, get_strategy
+
+log = logging.getLogger("medtl")
+
+
+class TransferClassifier(ClassifierMixin, BaseEstimator):
+    """An ImageNet backbone transferred to a medical classification task.
+
+    >>> clf = TransferClassifier(backbone="mobilenet_v2", strategy="hybrid", head="logreg")
+    >>> clf.fit(ds.split("train"), val=ds.split("val")).predict_proba(ds.split("test"))
+
+    Parameters: every field of :class:`medtl.training.options.TrainOptions`.
+    """
+
+    def __init__(self, backbone: str = "mobilenet_v2", **params: Any) -> None:
+        # Parameters only, stored as given (scikit-learn's contract); checked in fit.
+        params["backbone"] = backbone
+        unknown = set(params) - set(TrainOptions.names())
+        if unknown:
+            raise TypeError(f"TransferClassifier got unexpected parameters {sorted(unknown)}")
+        defaults = TrainOptions()
+        for name in TrainOptions.names():
+            setattr(self, name, params.get(name, getattr(defaults, name)))
+
+    @property
+    def options(self) -> TrainOptions:
+        """The parameters as one typed object."""
+        return TrainOptions(**self.get_params(deep=False))
+
+    @classmethod
+    def from_options(cls, options: TrainOptions) -> TransferClassifier:
+        return cls(**options.to_dict())
+
+    def make_strategy(self) -> Strategy:
+        """The registry's strategy object for these parameters, checked (no data read)."""
+        options = self.options
+        options.check()
+        strategy = get_strategy(options.strategy)(options)
+        from medtl.models import get_spec
+
+        get_spec(options.backbone)
+        strategy.check()
+        return strategy
+
+    # ------------------------------------------------------------------------------ fitting
+    def fit(self, train, val=None, *, checkpoint_dir: Path | None = None,
+            resume: bool = False) -> TransferClassifier:
+        """Train on ``train``; ``val`` chooses hyper-parameters and the early-stopping epoch.
+
+        Trainable strategies checkpoint every epoch into ``checkpoint_dir`` when given, and
+        ``resume`` continues from the last checkpoint there.
+        """
+        strategy = self.make_strategy()
+        if val is None or len(val) == 0:
+            raise MedtlError("a validation split is needed to choose the head; "
+                             "load_dataset carves one from train when none exists")
+        t0 = time.perf_counter()
+        outcome: FitOutcome = strategy.fit(train, val, checkpoint_dir=checkpoint_dir,
+                                           resume=resume)
+        self.model_: FittedModel = outcome.model
+        self.classes_ = list(outcome.model.classes)
+        self.history_ = outcome.history
+        self.stages_ = outcome.stages
+        self.balanced_ = outcome.balanced
+        self.skipped_ = outcome.skipped
+        self.head_params_ = outcome.head_params
+        self.timing_ = {"train_s": time.perf_counter() - t0 + outcome.resumed_s,
+                        "resumed_s": outcome.resumed_s, "feature_s": outcome.feature_s}
+        if self.calibrate:
+            self._fit_temperature(val)
+        return self
+
+    def _fit_temperature(self, val) -> None:
+        """Temperature scaling on validation (Guo et al. 2017): fixes over-confidence, keeps
+        every arg-max, so accuracy, AUC and the confusion matrix do not move."""
+        from medtl.training.calibration import TemperatureScaler, logits_from_proba
+
+        quiet, self.model_.options.quiet = self.model_.options.quiet, True
+        proba = self.model_.predict_proba(val, calibrated=False)
+        self.model_.options.quiet = quiet
+        ok = np.isfinite(proba).all(axis=1)
+        self.model_.temperature = TemperatureScaler().fit(logits_from_proba(proba[ok]),
+                                                          val.labels[ok]).temperature_
+        log.info("calibration: temperature %.3f fitted on %d validation images",
+                 self.model_.temperature, int(ok.sum()))
+
+    # ------------------------------------------------------------------------------ predicting
+    def predict_proba(self, data, *, calibrated: bool = True) -> np.ndarray:
+        """(n, n_classes) probabilities; NaN rows for images skipped as unreadable.
+
+        With ``calibrate=True`` at fit time they are temperature-scaled unless
+        ``calibrated=False``.
+        """
+        check_is_fitted(self, "model_")
+        return self.model_.predict_proba(data, calibrated=calibrated)
+
+    def predict(self, data) -> np.ndarray:
+        """Class indices (into ``classes_``) of the most probable class."""
+        return np.nanargmax(self.predict_proba(data), axis=1)
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write the fitted model's directory (``RUN/model/`` in a run): enough to predict.
+
+        ``medtl.save_run(clf, out)`` writes a whole run directory around it.
+        """
+        check_is_fitted(self, "model_")
+        return self.model_.save(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "auto", quiet: bool = False,
+             skip_bad: bool = False, threads: int | None = None) -> TransferClassifier:
+        """A fitted classifier from a model directory written by :meth:`save`."""
+        model = FittedModel.load(directory, device=device, quiet=quiet, skip_bad=skip_bad,
+                                 threads=threads)
+        clf = cls.from_options(model.options)
+        clf.model_ = model
+        clf.classes_ = list(model.classes)
+        return clf
+
+
+def _signature() -> inspect.Signature:
+    """``__init__``'s signature from TrainOptions, so scikit-learn sees every parameter."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in TrainOptions.__dataclass_fields__.values():
+        kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name == "backbone"
+                else inspect.Parameter.KEYWORD_ONLY)
+        params.append(inspect.Parameter(f.name, kind, default=f.default))
+    return inspect.Signature(params)
+
+
+TransferClassifier.__init__.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -1,0 +1,403 @@
+"""The fitted-model contract: what every trained medtl model can do, whatever its strategy.
+
+``predict_proba`` on images, ``save(dir)`` / ``load(dir)``, parameter counts, preprocessing, and
+the torch module to explain or export (``None`` for black-box heads). Two implementations:
+
+- ``FrozenModel``: a frozen backbone's pooled features and a head on them (a linear torch head,
+  or a scikit-learn classifier); features are computed by ``training.features`` (ONNX Runtime on
+  CPU, cached).
+- ``NetworkModel``: one trained network, backbone and classifier (fine-tune, full, scratch,
+  truncated, the climb of ``auto``).
+
+The model directory (``RUN/model/``) holds ``model.json`` and the weights (safetensors; a
+scikit-learn head as skops); it is enough to predict with no other file. Bundles written by
+medtl 0.1 (no ``kind`` in model.json) still load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtl.data.transforms import Preprocessing
+from medtl.errors import DataReadError, MedtlError
+from medtl.files import atomic_path, atomic_write
+from medtl.models import create_backbone
+from medtl.training.loop import seeded
+from medtl.training.options import TrainOptions, resolve_device
+from medtl.transfer.heads import LinearHead, SklearnHead
+
+log = logging.getLogger("medtl")
+
+MODEL_FORMAT = 2
+MODEL_JSON = "model.json"
+
+
+class FittedModel(ABC):
+    """A trained model: classes, preprocessing, options it was trained (or is run) with."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, classes: list[str], preprocessing: Preprocessing,
+                 options: TrainOptions, temperature: float | None = None) -> None:
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.options = options
+        self.temperature = temperature
+        self.device = resolve_device(options.device)
+
+    # ---------------------------------------------------------------------- the contract
+    @abstractmethod
+    def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True,
+                      ) -> np.ndarray:
+        """(n, n_classes) probabilities; NaN rows for images skipped as unreadable."""
+
+    @property
+    @abstractmethod
+    def backbone(self) -> nn.Module:
+        """The network whose blocks, spec and weights provenance the model carries."""
+
+    @abstractmethod
+    def torch_module(self) -> nn.Module | None:
+        """Normalised pixels (N, C, S, S) to class logits, or ``None`` when no gradient exists
+        (a scikit-learn head other than logistic regression)."""
+
+    @property
+    @abstractmethod
+    def n_trainable(self) -> int:
+        """Parameters that training set (a scikit-learn head: values its fit set)."""
+
+    @property
+    @abstractmethod
+    def n_total(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def engine(self) -> str | None:
+        """What computes predictions: ``onnxruntime``, ``torch-cpu``, ..."""
+
+    @abstractmethod
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        """Write the weight files; return the kind's own model.json entries."""
+
+    @classmethod
+    @abstractmethod
+    def _load(cls, directory: Path, meta: dict[str, Any], options: TrainOptions
+              ) -> FittedModel: ...
+
+    # ---------------------------------------------------------------------- shared
+    def calibrate(self, proba: np.ndarray) -> np.ndarray:
+        """Temperature scaling fitted on validation, if any (every arg-max is kept)."""
+        if self.temperature is None:
+            return proba
+        from scipy.special import softmax
+
+        from medtl.training.calibration import logits_from_proba
+
+        out = np.full_like(proba, np.nan)
+        ok = np.isfinite(proba).all(axis=1)
+        out[ok] = softmax(logits_from_proba(proba[ok]) / self.temperature, axis=1)
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model directory: weights, then model.json (its presence marks it whole)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": MODEL_FORMAT, "kind": self.kind,
+            "params": {k: v for k, v in self.options.to_dict().items() if k != "quiet"},
+            "classes": self.classes, "preprocessing": self.preprocessing.to_dict(),
+            "num_classes": len(self.classes),
+            "weights_info": self.backbone.weights_info.to_dict(),
+            "temperature": self.temperature,
+            **self._save_weights(directory),
+        }
+        atomic_write(directory / MODEL_JSON, json.dumps(meta, indent=2))
+        return directory
+
+    @staticmethod
+    def load(directory: str | Path, *, device: str = "auto", quiet: bool = False,
+             skip_bad: bool = False, threads: int | None = None) -> FittedModel:
+        """A model directory written by :meth:`save` (or by medtl 0.1)."""
+        directory = Path(directory)
+        meta_path = directory / MODEL_JSON
+        if not meta_path.is_file():
+            raise MedtlError(f"{directory}: not a medtl model directory (no {MODEL_JSON})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise MedtlError(f"{meta_path}: unreadable ({exc})") from exc
+        options = TrainOptions.from_mapping({**meta["params"], "device": device, "quiet": quiet,
+                                             "skip_bad": skip_bad, "threads": threads})
+        kind = meta.get("kind") or ("network" if (directory / "model.safetensors").exists()
+                                    else "frozen")  # medtl 0.1 wrote no kind
+        cls = {c.kind: c for c in (FrozenModel, NetworkModel)}.get(kind)
+        if cls is None:
+            raise MedtlError(f"{meta_path}: unknown model kind '{kind}'")
+        model = cls._load(directory, meta, options)
+        model.temperature = meta.get("temperature")
+        return model
+
+
+# ------------------------------------------------------------------------------ frozen
+class FeaturesThenHead(nn.Module):
+    """A frozen backbone's pooled features followed by a head: pixels to class logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x))
+
+
+class FrozenModel(FittedModel):
+    """Frozen backbone features and a head: ``LinearHead`` or ``SklearnHead``."""
+
+    kind = "frozen"
+
+    def __init__(self, backbone: nn.Module, head: LinearHead | SklearnHead, classes: list[str],
+                 preprocessing: Preprocessing, options: TrainOptions,
+                 temperature: float | None = None) -> None:
+        super().__init__(classes, preprocessing, options, temperature)
+        self._backbone = backbone.eval()
+        self.head = head
+        self.extractor = make_extractor(backbone, preprocessing, options, self.device)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self._backbone
+
+    def features(self, data, *, cache: bool = True) -> np.ndarray:
+        """Frozen features (n, feature_dim); rows of unreadable images are NaN with skip_bad."""
+        return self.extractor.transform(data, skip_bad=self.options.skip_bad, use_cache=cache,
+                                        progress=cache)
+
+    def predict_proba_features(self, x: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
+        out = np.full((len(x), len(self.classes)), np.nan)
+        ok = np.isfinite(x).all(axis=1)
+        if ok.any():
+            if isinstance(self.head, SklearnHead):
+                out[ok] = self.head.predict_proba(x[ok])
+            else:
+                with torch.no_grad():
+                    logits = self.head.eval()(torch.from_numpy(x[ok]).float())
+                    out[ok] = torch.softmax(logits, 1).double().numpy()
+        return self.calibrate(out) if calibrated else out
+
+    def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
+        return self.predict_proba_features(self.features(data, cache=cache),
+                                           calibrated=calibrated)
+
+    def torch_module(self) -> nn.Module | None:
+        head = self.head.as_linear() if isinstance(self.head, SklearnHead) else self.head
+        return None if head is None else FeaturesThenHead(self._backbone, head).eval()
+
+    @property
+    def n_trainable(self) -> int:
+        if isinstance(self.head, SklearnHead):
+            return self.head.n_parameters
+        return sum(p.numel() for p in self.head.parameters() if p.requires_grad)
+
+    @property
+    def n_total(self) -> int:
+        return sum(p.numel() for p in self._backbone.parameters()) + self.n_trainable
+
+    @property
+    def engine(self) -> str | None:
+        return self.extractor.engine_used
+
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        _save_safetensors(self._backbone, directory / "backbone.safetensors")
+        if isinstance(self.head, SklearnHead):
+            import skops.io as sio
+
+            atomic_write(directory / "head.skops", sio.dumps(self.head.estimator_))
+        else:
+            _save_safetensors(self.head, directory / "head.safetensors")
+        return {"feature_dim": int(self._backbone.num_features),
+                "head_params": getattr(self.head, "params_", None)}
+
+    @classmethod
+    def _load(cls, directory: Path, meta: dict[str, Any], options: TrainOptions) -> FrozenModel:
+        from medtl.models.weights import WeightsInfo
+
+        with seeded(0):  # weights are overwritten: only keep the caller's generator untouched
+            backbone = create_backbone(options.backbone, weights="random",
+                                       in_chans=options.in_chans)
+            backbone.reset_classifier(0)
+        _load_weights(backbone, directory / "backbone.safetensors")
+        # Same identity as at training time, so the feature cache (and its exactness) carries.
+        wi = meta["weights_info"]
+        backbone.weights_info = WeightsInfo(
+            kind=wi["kind"], source=wi["source"], sha256=wi["sha256"],
+            path=Path(wi["path"]) if wi.get("path") else None)
+        if (directory / "head.skops").exists():
+            head: LinearHead | SklearnHead = SklearnHead.load(directory / "head.skops",
+                                                              options.head)
+        else:
+            with seeded(0):
+                head = LinearHead(meta["feature_dim"], len(meta["classes"]))
+            _load_weights(head, directory / "head.safetensors")
+        return cls(backbone, head.eval() if isinstance(head, nn.Module) else head,
+                   meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), options)
+
+
+def make_extractor(backbone: nn.Module, preprocessing: Preprocessing, options: TrainOptions,
+                   device: str):
+    from medtl.training.features import FrozenFeatures
+
+    return FrozenFeatures(backbone, preprocessing, engine=options.engine, device=device,
+                          batch_size=options.batch_size, cache=options.cache,
+                          quiet=options.quiet, threads=options.threads)
+
+
+# ------------------------------------------------------------------------------ network
+class NetworkModel(FittedModel):
+    """One trained network (Backbone or TruncatedBackbone with its classifier)."""
+
+    kind = "network"
+
+    def __init__(self, network: nn.Module, classes: list[str], preprocessing: Preprocessing,
+                 options: TrainOptions, temperature: float | None = None) -> None:
+        super().__init__(classes, preprocessing, options, temperature)
+        self.network = network
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.network
+
+    def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
+        from medtl.training.loop import predict_proba
+
+        x, keep, _ = decode_images(data, self.preprocessing, skip_bad=self.options.skip_bad,
+                                   quiet=self.options.quiet or not cache)
+        out = np.full((len(data), len(self.classes)), np.nan)
+        if len(keep):
+            out[keep] = predict_proba(self.network, x, self.loop_config())
+        return self.calibrate(out) if calibrated else out
+
+    def loop_config(self, **changes: Any):
+        """The training loop's settings for this model (batches, device, normalisation)."""
+        from medtl.training.loop import TrainConfig
+
+        o = self.options
+        settings = dict(batch_size=min(o.batch_size, 32), patience=o.patience, seed=o.seed,
+                        device=self.device, mean=self.preprocessing.model_mean,
+                        std=self.preprocessing.model_std, quiet=o.quiet, threads=o.threads)
+        return TrainConfig(**{**settings, **changes})
+
+    def torch_module(self) -> nn.Module:
+        return self.network.eval()
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+
+    @property
+    def n_total(self) -> int:
+        return sum(p.numel() for p in self.network.parameters())
+
+    @property
+    def engine(self) -> str:
+        return f"torch-{self.device}"
+
+    def trainable_blocks(self) -> int:
+        """How many top blocks train (they are the top ones for every strategy)."""
+        from medtl.transfer.freezing import frozen_blocks
+
+        return len(self.network.blocks) - len(frozen_blocks(self.network))
+
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        _save_safetensors(self.network, directory / "model.safetensors")
+        return {"feature_dim": int(self.network.num_features), "head_params": None,
+                "keep": getattr(self.network, "keep", None),
+                "trainable_blocks": self.trainable_blocks()}
+
+    @classmethod
+    def _load(cls, directory: Path, meta: dict[str, Any], options: TrainOptions
+              ) -> NetworkModel:
+        from medtl.transfer.freezing import TruncatedBackbone, set_trainable
+
+        num_classes = len(meta["classes"])
+        keep = meta.get("keep")
+        with seeded(0):  # weights are overwritten: only keep the caller's generator untouched
+            bb = create_backbone(options.backbone, weights="random", in_chans=options.in_chans)
+            bb.reset_classifier(num_classes)
+            if "kind" not in meta and options.strategy == "truncated":  # medtl 0.1
+                keep = options.keep if options.keep is not None else max(1, len(bb.blocks) // 2)
+            network = TruncatedBackbone(bb, keep, num_classes) if keep else bb
+        trainable = meta.get("trainable_blocks")
+        if trainable is None:  # medtl 0.1 recorded no count: what its loader marked
+            climbs = options.strategy == "auto" or options.gradual
+            trainable = 0 if climbs else (len(network.blocks) if options.strategy != "fine-tune"
+                                          else (1 if options.unfreeze is None
+                                                else options.unfreeze))
+        set_trainable(network, unfreeze=trainable)
+        _load_weights(network, directory / "model.safetensors")
+        network.eval()
+        return cls(network, meta["classes"], Preprocessing.from_dict(meta["preprocessing"]),
+                   options)
+
+
+def decode_images(data, preprocessing: Preprocessing, *, skip_bad: bool, quiet: bool,
+                  ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode and resize once into uint8 (N, S, S, 3): no epoch decodes a JPEG again.
+
+    Returns the images, the indices of ``data`` they are, and why others were skipped.
+    """
+    from medtl.console import progress_bar
+
+    images, keep, skipped = [], [], []
+    with progress_bar("decoding images", len(data), quiet=quiet) as advance:
+        for i in range(len(data)):
+            try:
+                images.append(preprocessing.resize_uint8(data.read(i)))
+                keep.append(i)
+            except DataReadError as exc:
+                if not skip_bad:
+                    raise
+                log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+                skipped.append(f"{exc.path}: {exc.reason}")
+            advance(1)
+    size = preprocessing.size
+    x = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return torch.from_numpy(x), np.asarray(keep, dtype=np.int64), skipped
+
+
+# ------------------------------------------------------------------------------ weight files
+def _save_safetensors(module: nn.Module, path: Path) -> None:
+    """safetensors' save_model (it drops tensors that share storage), written atomically."""
+    from safetensors.torch import save_model
+
+    with atomic_path(path) as tmp:
+        save_model(module, str(tmp))
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    """Load a bundle's safetensors file; a mismatch is the user's file, not a crash.
+
+    Bundles written before frozen runs dropped the ImageNet classifier still load: their
+    ``classifier.*`` tensors are ignored, since nothing in a frozen run uses them.
+    """
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise MedtlError(f"{path}: missing from the run's model directory")
+    try:
+        missing, unexpected = load_model(module, str(path), strict=False)
+    except Exception as exc:  # a corrupt or foreign file: safetensors raises several types
+        raise MedtlError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
+    unexpected = [k for k in unexpected if not k.startswith(("classifier.", "imagenet_pool."))]
+    if missing or unexpected:
+        raise MedtlError(f"{path}: does not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); was it written by another medtl?")
+

@@ -1,0 +1,105 @@
+"""TransferClassifier keeps scikit-learn's estimator contract, and the strategy registry takes a
+strategy written outside the package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+import medtl
+from medtl.training.options import TrainOptions
+from medtl.transfer.estimator import TransferClassifier
+from medtl.transfer.fitted import FrozenModel
+from medtl.transfer.heads import SklearnHead
+from medtl.transfer.strategies import STRATEGIES, FrozenStrategy, register_strategy
+
+
+def test_parameters_are_the_options_and_round_trip_through_clone_and_set_params():
+    clf = TransferClassifier("resnet18", strategy="hybrid", head="svm", epochs=3, threads=1)
+    assert set(clf.get_params()) == set(TrainOptions.names())
+    assert clf.get_params()["head"] == "svm" and clf.get_params()["epochs"] == 3
+    twin = clone(clf)
+    assert twin is not clf and twin.get_params() == clf.get_params()
+    assert twin.set_params(strategy="auto", seed=7) is twin
+    assert twin.strategy == "auto" and twin.seed == 7 and clf.strategy == "hybrid"
+    assert clone(twin).get_params() == twin.get_params()
+    # repr names what differs from the defaults, as scikit-learn's estimators do.
+    assert " ".join(repr(clf).split()) == ("TransferClassifier(backbone='resnet18', epochs=3, "
+                                           "head='svm', strategy='hybrid', threads=1)")
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        clf.set_params(no_such_option=1)
+    with pytest.raises(TypeError, match="unexpected"):
+        TransferClassifier(no_such_option=1)
+
+
+def test_init_stores_parameters_only_and_fit_checks_them():
+    clf = TransferClassifier(strategy="no-such-strategy", class_weight="sometimes")
+    assert clf.strategy == "no-such-strategy"  # stored as given, as scikit-learn requires
+    with pytest.raises(medtl.MedtlError, match="class weight"):
+        clf.fit(None, None)
+    with pytest.raises(medtl.MedtlError, match="unknown strategy"):
+        clf.set_params(class_weight="auto").fit(None, None)
+
+
+def test_predicting_before_fit_raises_not_fitted():
+    clf = TransferClassifier(strategy="hybrid")
+    with pytest.raises(NotFittedError):
+        clf.predict_proba([])
+    with pytest.raises(NotFittedError):
+        clf.predict([])
+    with pytest.raises(NotFittedError):
+        clf.save("unused")
+
+
+class _NearestCentroidHead(SklearnHead):
+    """A head that is no registered one: each class's mean feature, softmax of -distance."""
+
+    def fit(self, x, y, x_val, y_val):
+        self.centroids_ = np.stack([x[y == c].mean(0) for c in np.unique(y)])
+        self.params_ = {"centroids": len(self.centroids_)}
+        return self
+
+    def predict_proba(self, x):
+        d = -np.linalg.norm(x[:, None, :] - self.centroids_[None], axis=2)
+        e = np.exp(d - d.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    @property
+    def n_parameters(self) -> int:
+        return int(self.centroids_.size)
+
+
+@pytest.fixture
+def toy_strategy():
+    @register_strategy
+    class NearestCentroid(FrozenStrategy):
+        name = "toy-centroid"
+
+        def fit_head(self, x, y, xv, yv, classes, balanced):
+            head = _NearestCentroidHead(head="toy").fit(x, y, xv, yv)
+            return head, [{"stage": "toy", "centroids": len(classes)}]
+
+    yield NearestCentroid
+    STRATEGIES.pop("toy-centroid")
+
+
+def test_a_strategy_registered_outside_the_package_trains_and_predicts(toy_strategy,
+                                                                      blob_data):
+    ds = medtl.load_dataset(blob_data)
+    clf = TransferClassifier(strategy="toy-centroid", image_size=32, quiet=True)
+    clf.fit(ds.split("train"), ds.split("val"))
+    assert isinstance(clf.model_, FrozenModel)
+    assert clf.history_ == [{"stage": "toy", "centroids": 2}]
+    proba = clf.predict_proba(ds.split("test"))
+    assert proba.shape == (len(ds.split("test")), 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    assert (clf.predict(ds.split("test")) == ds.split("test").labels).mean() > 0.7
+    assert clf.model_.n_trainable == clf.model_.head.centroids_.size
+    assert clf.model_.torch_module() is None  # no gradient: explanations fall back
+
+
+def test_the_registry_lists_the_published_strategies():
+    assert {"feature-extractor", "hybrid", "fine-tune", "full", "scratch", "truncated",
+            "auto"} <= set(STRATEGIES)
