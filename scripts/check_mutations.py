@@ -37,7 +37,7 @@ class Mutation:
 
 MUTATIONS = (
     Mutation("linear head without standardisation", "src/medtl/transfer/heads.py",
-             "            head.standardise_like(xt)\n", "            pass\n",
+             "        head.standardise_like(xt)\n", "        pass\n",
              ("tests/core/test_heads.py",)),
     Mutation("frozen blocks not kept in eval mode", "src/medtl/transfer/freezing.py",
              "                block.eval()\n", "                pass\n",
