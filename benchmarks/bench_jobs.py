@@ -8,7 +8,8 @@ grid from nothing (its own bench directory and its own feature cache, so neither
 other's features), one after the other, and the wall time of each is printed and written to
 benchmarks/results/bench_jobs.json with every cell's AUC (the two must agree: the cells are
 the same runs). Since issue 14 each of N workers gets cores / N threads; before, each started
-one per core, so two workers ran four threads on two cores.
+one per core, so two workers ran four threads on two cores: a third setting, ``--jobs 2
+--threads <cores>``, measures that for comparison.
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
 STRATEGIES = ("feature-extractor", "hybrid:logreg", "fine-tune")
 
 
-def run(data: Path, jobs: int, root: Path, args) -> dict:
+def run(data: Path, jobs: int, root: Path, args, threads: int | None = None) -> dict:
     from medtl.bench import bench
 
-    out = root / f"jobs{jobs}"
+    name = f"jobs{jobs}" + (f"-threads{threads}" if threads else "")
+    out = root / name
     os.environ["MEDTL_CACHE_DIR"] = str(out / "cache")  # no features shared between settings
     t0 = time.perf_counter()
     bench(data, backbones=BACKBONES, strategies=STRATEGIES, seeds=args.seeds, out=out,
-          jobs=jobs, image_size=args.image_size, epochs=args.epochs, quiet=True)
+          jobs=jobs, image_size=args.image_size, epochs=args.epochs, threads=threads,
+          quiet=True)
     wall = time.perf_counter() - t0
     with open(out / "leaderboard.csv", newline="") as f:
         cells = {r["cell"]: float(r["auc"]) for r in csv.DictReader(f)}
-    print(f"--jobs {jobs}: {len(cells)} cells in {wall:.0f} s")
-    return {"jobs": jobs, "wall_s": wall, "cells": len(cells), "auc": cells}
+    print(f"--jobs {jobs}{f' --threads {threads}' if threads else ''}: {len(cells)} cells in "
+          f"{wall:.0f} s")
+    return {"jobs": jobs, "threads": threads, "wall_s": wall, "cells": len(cells), "auc": cells}
 
 
 def main() -> None:
@@ -51,10 +55,14 @@ def main() -> None:
     data = require(SHARED_DATA / "breastmnist_28_resaved.npz")
     root = args.out or Path(tempfile.mkdtemp(prefix="medtl-bench-jobs-"))
     results = [run(data, jobs, root, args) for jobs in (1, 2)]
-    one, two = results
+    # medtl 0.1's behaviour, for comparison: each of the two workers with a thread per core.
+    results.append(run(data, 2, root, args, threads=os.cpu_count() or 1))
+    one, two, _ = results
     same = {c: (one["auc"][c], two["auc"].get(c)) for c in one["auc"]}
     differ = {c: v for c, v in same.items() if v[1] is None or abs(v[0] - v[1]) > 1e-9}
-    print(f"speed-up of --jobs 2: {one['wall_s'] / two['wall_s']:.2f}x; "
+    print(f"speed-up of --jobs 2: {one['wall_s'] / two['wall_s']:.2f}x "
+          f"(with every worker on every core, as before: "
+          f"{one['wall_s'] / results[2]['wall_s']:.2f}x); "
           f"cells whose AUC differs between the settings: {len(differ)}")
     save("bench_jobs", {"grid": {"backbones": BACKBONES, "strategies": STRATEGIES,
                                  "seeds": args.seeds, "image_size": args.image_size,
