@@ -13,6 +13,7 @@ import numpy as np
 
 from medtl.data.readers import DICOM_EXTENSIONS, read_image, to_rgb_uint8
 from medtl.errors import DataReadError, MedtlError
+from medtl.files import atomic_open
 
 SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test")
 
@@ -313,7 +314,7 @@ class Dataset:
             )
         out = Path(path)
         base = Path(os.path.abspath(out)).parent
-        with open(out, "w", newline="", encoding="utf-8") as fh:
+        with atomic_open(out, "w") as fh:
             writer = csv.writer(fh)
             writer.writerow(["path", "label", "patient_id", "split"])
             listed: set[str] = set()

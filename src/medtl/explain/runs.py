@@ -128,7 +128,7 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
 def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: int | None,
              mode: str, sanity_check: bool, skip_bad: bool, quiet: bool) -> dict[str, Any]:
     from medtl.console import progress_bar
-    from medtl.files import write_csv, write_json
+    from medtl.files import atomic_open, atomic_write, write_csv, write_json
 
     used = explainer.method_for(method)
     if used != method:
@@ -154,10 +154,11 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
             for j, i in enumerate(indices):
                 record = ds.records[i]
                 stem = _file_stem(record, taken)
-                np.save(out / f"{stem}.npy", maps[j])
+                with atomic_open(out / f"{stem}.npy") as f:
+                    np.save(f, maps[j])
                 heat = display_map(maps[j], used, proba[j, targets[j]])
                 picture = overlay(display_image(images[j], mode), heat)
-                (out / f"{stem}.png").write_bytes(_png(picture))
+                atomic_write(out / f"{stem}.png", _png(picture))
                 rows.append({"path": record.path, **record.location(), "method": used,
                              "target": classes[targets[j]],
                              "prediction": classes[predicted[j]],

@@ -170,11 +170,6 @@ class SklearnHead:
             return None
         return logreg_as_linear(est)
 
-    def save(self, path: Path) -> None:
-        import skops.io as sio
-
-        sio.dump(self.estimator_, path)
-
     @classmethod
     def load(cls, path: Path, head: str) -> SklearnHead:
         import skops.io as sio
