@@ -169,3 +169,14 @@ def test_a_bad_path_is_one_error_before_any_cell_runs(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.count("no such file or folder") == 1
     assert not (tmp_path / "bench").exists()
+
+
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch):
+    from medtl.bench import worker_options
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_options({"epochs": 2}, 2) == {"epochs": 2, "threads": 4}
+    assert worker_options({}, 3)["threads"] == 2
+    assert worker_options({}, 16)["threads"] == 1  # never zero
+    assert worker_options({"threads": 6}, 2)["threads"] == 6  # the user's choice wins
+    assert worker_options({"threads": None}, 4)["threads"] == 2

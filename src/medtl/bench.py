@@ -101,10 +101,7 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
     if ray is not None and todo:
         failures += _run_on_ray(ray, str(data), todo, str(out), train_options)
     elif jobs > 1 and len(todo) > 1:
-        # Each worker gets its share of the cores: N workers of all-core thread pools would
-        # start N times too many threads, which wait on each other.
-        per_job = {**train_options, "threads": train_options.get("threads")
-                   or max(1, (os.cpu_count() or 1) // jobs)}
+        per_job = worker_options(train_options, jobs)
         # spawn: a forked child would inherit torch's thread pools and locks half-initialised.
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, str(data), c, str(out), per_job): c
@@ -128,6 +125,14 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
         raise MedtlError("bench: some cells failed (rerun to retry them):\n  " +
                          "\n  ".join(failures))
     return out
+
+
+def worker_options(train_options: dict[str, Any], jobs: int) -> dict[str, Any]:
+    """Each of ``jobs`` workers gets its share of the cores (unless ``threads`` is given): N
+    workers of all-core thread pools would start N times too many threads, which wait on each
+    other (benchmarks/bench_jobs.py: twice the wall time on two cores)."""
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    return {**train_options, "threads": train_options.get("threads") or share}
 
 
 def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[str]:
@@ -164,7 +169,7 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
     try:
         task = ray.remote(num_cpus=1)(_run_cell)
         # One CPU per task, so one thread each unless the caller said otherwise.
-        per_task = {**options, "threads": options.get("threads") or 1}
+        per_task = worker_options(options, os.cpu_count() or 1)  # one CPU each
         results = ray.get([task.remote(data, c, out, per_task) for c in todo])
     finally:
         if started_here:
