@@ -130,3 +130,28 @@ def test_a_network_model_saved_as_medtl_0_1_did_loads_and_predicts_the_same(
     np.testing.assert_array_equal(loaded.predict_proba(ds.split("test")), expected)
     assert loaded.model_.n_trainable == clf.model_.n_trainable
     assert loaded.get_params() == {**clf.get_params(), "threads": None, "device": "auto"}
+
+
+@pytest.mark.parametrize("strategy", ["feature-extractor", "fine-tune"])
+def test_fit_leaves_the_callers_generators_and_thread_count_alone(blob_data, strategy):
+    import random
+
+    import torch
+
+    ds = medtl.load_dataset(blob_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    try:
+        clf = TransferClassifier(strategy=strategy, image_size=32, epochs=2, augment="none",
+                                 threads=2, quiet=True).fit(ds.split("train"), ds.split("val"))
+        clf.predict_proba(ds.split("test"))
+        assert torch.get_num_threads() == 1  # threads=2 held only during the calls
+        assert torch.equal(torch.get_rng_state(), before[0])
+        assert np.array_equal(np.random.get_state()[1], before[1])
+        assert random.getstate() == before[2]
+    finally:
+        torch.set_num_threads(threads)
