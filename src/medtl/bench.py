@@ -67,8 +67,8 @@ def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) ->
         if name not in STRATEGIES:
             raise MedtlError(f"unknown strategy '{name}' in --strategies; choose from: "
                              f"{', '.join(STRATEGIES)}")
-        takers = [n for n, cls in STRATEGIES.items() if cls.takes_head]
-        if head and not get_strategy(name).takes_head:
+        takers = [n for n, cls in STRATEGIES.items() if "head" in cls.own_options]
+        if head and "head" not in get_strategy(name).own_options:
             raise MedtlError(f"'{s}': only {' and '.join(takers)} "
                              f"{'takes' if len(takers) == 1 else 'take'} a head "
                              "(hybrid:logreg|svm|rf|knn)")

@@ -155,3 +155,17 @@ def test_fit_leaves_the_callers_generators_and_thread_count_alone(blob_data, str
         assert random.getstate() == before[2]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_option_the_strategy_ignores_is_warned_about_and_its_own_are_recorded(caplog):
+    from medtl.transfer.strategies import get_strategy
+
+    TransferClassifier(strategy="hybrid", keep=3, head="svm").make_strategy()
+    assert "--keep 3 has no effect with --strategy hybrid" in caplog.text
+    assert "--head" not in caplog.text  # hybrid's own
+    caplog.clear()
+    TransferClassifier(strategy="truncated", keep=3).make_strategy()
+    assert "no effect" not in caplog.text
+    options = TransferClassifier(strategy="truncated", keep=3).options
+    assert get_strategy("truncated")(options).own_values()["keep"] == 3
+    assert "lr_decay" not in get_strategy("scratch").own_options  # one rate for every block

@@ -21,6 +21,12 @@ SAMPLERS = ("none", "balanced")
 ENGINES = ("auto", "onnx", "torch")  # how frozen features are computed (training.features)
 
 
+# What every strategy reads; the others belong to some strategies (Strategy.own_options).
+GENERAL_OPTIONS = ("backbone", "strategy", "weights", "image_size", "in_chans", "batch_size",
+                   "class_weight", "calibrate", "seed", "device", "engine", "cache", "skip_bad",
+                   "threads", "quiet")
+
+
 @dataclass
 class TrainOptions:
     """What a transfer run is asked to do (not what it learned)."""

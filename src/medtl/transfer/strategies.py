@@ -27,7 +27,7 @@ from medtl.data.transforms import Preprocessing
 from medtl.errors import MedtlError, check_choice
 from medtl.models import create_backbone
 from medtl.training.loop import seeded
-from medtl.training.options import TrainOptions
+from medtl.training.options import GENERAL_OPTIONS, TrainOptions
 from medtl.transfer.fitted import (
     FittedModel,
     FrozenModel,
@@ -73,25 +73,37 @@ class FitOutcome:
 class Strategy:
     """A way to transfer a backbone; subclasses set ``name`` and implement ``fit``.
 
-    ``trainable``: the backbone itself trains (the run records the training parameters, and
-    the fit may checkpoint and resume). ``head_name``: what config.json calls the head.
-    ``supports_gradual``: ``--gradual`` applies; ``takes_head``: ``--head`` applies.
+    ``own_options``: the fields of ``TrainOptions`` this strategy reads beyond those every
+    strategy reads (``GENERAL_OPTIONS``); a run records them, and one set away from its default
+    that the strategy would ignore is warned about. ``head_name``: what config.json calls the
+    head.
     """
 
     name: ClassVar[str]
-    trainable: ClassVar[bool] = False
-    supports_gradual: ClassVar[bool] = False
-    takes_head: ClassVar[bool] = False  # --head chooses among HEADS
+    own_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: TrainOptions) -> None:
         self.options = options
 
+    @classmethod
+    def takes(cls, option: str) -> bool:
+        return option in GENERAL_OPTIONS or option in cls.own_options
+
     def check(self) -> None:
         """Option mistakes of this strategy, raised before any data is read."""
         o = self.options
-        if o.gradual and not self.supports_gradual:
+        if o.gradual and not self.takes("gradual"):
             raise MedtlError(f"--gradual applies to --strategy fine-tune, not '{self.name}' "
                              "(auto always climbs gradually)")
+        defaults = TrainOptions()
+        for name in TrainOptions.names():
+            if not self.takes(name) and getattr(o, name) != getattr(defaults, name):
+                log.warning("--%s %s has no effect with --strategy %s", name.replace("_", "-"),
+                            getattr(o, name), self.name)
+
+    def own_values(self) -> dict[str, Any]:
+        """The strategy's own options and their values, as a run records them."""
+        return {k: getattr(self.options, k) for k in self.own_options}
 
     @property
     def head_name(self) -> str:
@@ -201,6 +213,7 @@ class FeatureExtractorStrategy(FrozenStrategy):
     """A new linear head (standardised features, dropout, softmax) on frozen features."""
 
     name = "feature-extractor"
+    own_options = ("epochs",)
 
     def fit_head(self, x, y, xv, yv, classes, balanced):
         o = self.options
@@ -218,7 +231,7 @@ class HybridStrategy(FrozenStrategy):
     validation AUC over a small grid and fitted on the training split only."""
 
     name = "hybrid"
-    takes_head = True
+    own_options = ("head",)
 
     @property
     def head_name(self) -> str:
@@ -243,7 +256,7 @@ class NetworkStrategy(Strategy):
     """The network trains through the shared loop; subclasses say which blocks and from which
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
-    trainable = True
+    own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
 
@@ -329,7 +342,7 @@ class FineTuneStrategy(NetworkStrategy):
     ``--gradual`` climbs one block at a time while validation AUC improves."""
 
     name = "fine-tune"
-    supports_gradual = True
+    own_options = (*NetworkStrategy.own_options, "unfreeze", "gradual")
     full_stage_name: ClassVar[str | None] = None
 
     @property
@@ -355,7 +368,7 @@ class AutoStrategy(FineTuneStrategy):
     improves; every layer ("full") only if that helps too."""
 
     name = "auto"
-    supports_gradual = False
+    own_options = (*NetworkStrategy.own_options, "unfreeze")
     full_stage_name = "full"
 
     @property
@@ -375,6 +388,7 @@ class ScratchStrategy(NetworkStrategy):
     """Every layer from random weights: the no-transfer baseline."""
 
     name = "scratch"
+    own_options = tuple(o for o in NetworkStrategy.own_options if o != "lr_decay")
     initial_weights = "random"
     lr_decay_applies = False
 
@@ -385,6 +399,7 @@ class TruncatedStrategy(NetworkStrategy):
     and a new head; the rest discarded."""
 
     name = "truncated"
+    own_options = (*NetworkStrategy.own_options, "keep")
 
     def make_network(self, num_classes: int) -> nn.Module:
         bb = super().make_network(num_classes)
