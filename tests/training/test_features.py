@@ -97,3 +97,34 @@ def test_onnx_runtime_matches_pytorch(blob_data, tmp_path):
     assert onnx.engine_used == "onnxruntime" and eager.engine_used.startswith("torch")
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     assert np.isfinite(a).all() and a.std() > 0
+
+
+def test_the_cache_key_is_the_tensors_never_a_claimed_hash(tmp_path):
+    """A run from elsewhere that claims ImageNet's sha256 (or a path) gets its own key."""
+    import dataclasses
+
+    imagenet = create_backbone("mobilenet_v2", weights="imagenet")
+    claimer = _backbone()
+    claimer.weights_info = dataclasses.replace(imagenet.weights_info)  # the claimed identity
+    key_imagenet = _extractor(imagenet, tmp_path).key
+    key_claimer = _extractor(claimer, tmp_path).key
+    assert key_claimer != key_imagenet
+    claimer.weights_info = dataclasses.replace(imagenet.weights_info,
+                                               sha256="/../../../../escaped")
+    crafted = _extractor(claimer, tmp_path)
+    assert crafted.key == key_claimer and "/" not in crafted.key and ".." not in crafted.key
+    assert crafted.store.directory.parent == tmp_path / "features"
+    # The same tensors give the same key, whatever they claim and wherever they came from.
+    twin = _backbone()
+    twin.load_state_dict(claimer.state_dict())
+    assert _extractor(twin, tmp_path).key == key_claimer
+
+
+def test_a_loaded_frozen_run_keys_the_cache_as_its_training_did(blob_data, tmp_path):
+    import medtl
+
+    ds = load_dataset(blob_data)
+    clf = medtl.TransferClassifier(strategy="hybrid", image_size=32, quiet=True)
+    clf.fit(ds.split("train"), ds.split("val"))
+    loaded = medtl.TransferClassifier.load(clf.save(tmp_path / "model"), quiet=True)
+    assert loaded.model_.extractor.key == clf.model_.extractor.key

@@ -235,7 +235,8 @@ class FrozenModel(FittedModel):
                                        in_chans=options.in_chans)
             backbone.reset_classifier(0)
         _load_weights(backbone, directory / "backbone.safetensors")
-        # Same identity as at training time, so the feature cache (and its exactness) carries.
+        # Provenance as recorded at training time, shown and saved again; never trusted as an
+        # identity (the feature cache keys on the loaded tensors themselves).
         wi = meta["weights_info"]
         backbone.weights_info = WeightsInfo(
             kind=wi["kind"], source=wi["source"], sha256=wi["sha256"],
