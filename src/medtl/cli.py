@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from medtl.console import console
 from medtl.errors import MedtlError
@@ -620,7 +621,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except MedtlError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        # The message names the user's files and patterns: printed as text, never as markup
+        # (a regex like '[/_](P\d+)' or a file 'scan[left].png' would be eaten or crash rich),
+        # and without control characters that could steer the terminal.
+        message = "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in str(exc))
+        console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
+                      soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: finished feature batches are kept in the cache")

@@ -14,6 +14,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from medtl.errors import MedtlError
+
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "nearest": Image.NEAREST}
+# Input sides a backbone can be given: below 8 px nothing survives the first strides; above
+# 4096 px one image of three float32 channels is 200 MB.
+MIN_SIZE, MAX_SIZE = 8, 4096
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -45,10 +53,27 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "squash"),
-                   interpolation=d.get("interpolation", "bilinear"),
-                   channels=int(d.get("channels", 3)))
+        """From a run's model.json: untrusted input, so every value is checked (a size of
+        100000 would exhaust memory at the first image)."""
+        try:
+            pre = cls(size=int(d["size"]), mean=tuple(float(v) for v in d["mean"]),
+                      std=tuple(float(v) for v in d["std"]), resize=d.get("resize", "squash"),
+                      interpolation=d.get("interpolation", "bilinear"),
+                      channels=int(d.get("channels", 3)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MedtlError(f"preprocessing {d!r}: not a medtl preprocessing ({exc})") from exc
+        problems = []
+        if not MIN_SIZE <= pre.size <= MAX_SIZE:
+            problems.append(f"size {pre.size} outside {MIN_SIZE}..{MAX_SIZE}")
+        if len(pre.mean) != 3 or len(pre.std) != 3 or not all(s > 0 for s in pre.std):
+            problems.append("mean and std need three values each, std positive")
+        if pre.resize != "squash" or pre.interpolation not in INTERPOLATIONS:
+            problems.append(f"resize {pre.resize!r} / interpolation {pre.interpolation!r} unknown")
+        if pre.channels not in (1, 3):
+            problems.append(f"channels {pre.channels} is not 1 or 3")
+        if problems:
+            raise MedtlError(f"preprocessing: {'; '.join(problems)}")
+        return pre
 
     def key(self) -> str:
         """Stable short hash, part of the feature-cache key."""
@@ -62,8 +87,7 @@ class Preprocessing:
         """(H, W, 3) uint8 to (size, size, 3) uint8, antialiased."""
         if image.shape[0] == self.size and image.shape[1] == self.size:
             return image
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-                    "nearest": Image.NEAREST}[self.interpolation]
+        resample = INTERPOLATIONS[self.interpolation]
         return np.asarray(Image.fromarray(image).resize((self.size, self.size), resample))
 
     def normalise(self, batch_uint8: np.ndarray) -> np.ndarray:

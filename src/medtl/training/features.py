@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,7 +89,9 @@ class FeatureStore:
                     with np.load(chunk, allow_pickle=False) as z:
                         for k, v in zip(z["keys"], z["features"], strict=True):
                             self._features[str(k)] = v
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                    # A truncated or foreign chunk costs its features (computed again), never
+                    # the run: every later run with this key would fail on it otherwise.
                     log.warning("ignoring unreadable feature-cache chunk %s", chunk)
 
     def __contains__(self, key: str) -> bool:

@@ -85,6 +85,10 @@ class TrainOptions:
         check_choice("engine", self.engine, ENGINES)
         if self.in_chans not in (1, 3):
             raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
+        from medtl.data.transforms import MAX_SIZE, MIN_SIZE
+
+        if self.image_size is not None and not MIN_SIZE <= self.image_size <= MAX_SIZE:
+            raise MedtlError(f"--image-size {self.image_size}: choose {MIN_SIZE} to {MAX_SIZE}")
         if self.threads is not None and self.threads < 1:
             raise MedtlError(f"--threads {self.threads}: at least 1")
         for name in ("epochs", "batch_size", "patience"):

@@ -1,0 +1,58 @@
+"""Issue 15's first guards: values read from a run are bounded, damaged cache chunks are
+skipped, and error messages reach the terminal as text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medtl.data.transforms import Preprocessing
+from medtl.errors import MedtlError
+
+GOOD = {"size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "resize": "squash", "interpolation": "bilinear", "channels": 3}
+
+
+def test_preprocessing_read_from_a_run_is_checked():
+    assert Preprocessing.from_dict(GOOD).size == 64
+    assert Preprocessing.from_dict(GOOD).key() == Preprocessing(
+        64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).key()
+    for bad, why in [({"size": 100000}, "size 100000"), ({"size": 2}, "size 2"),
+                     ({"interpolation": "lanczos9"}, "interpolation"),
+                     ({"std": [0.2, 0.0, 0.2]}, "std positive"), ({"mean": [0.5]}, "three"),
+                     ({"channels": 4}, "channels 4"), ({"size": "big"}, "not a medtl")]:
+        with pytest.raises(MedtlError, match=why):
+            Preprocessing.from_dict({**GOOD, **bad})
+
+
+def test_an_image_size_out_of_bounds_is_refused_before_any_work():
+    import medtl
+
+    with pytest.raises(MedtlError, match="--image-size 100000"):
+        medtl.TransferClassifier(image_size=100000).make_strategy()
+
+
+def test_a_truncated_or_foreign_cache_chunk_is_skipped(tmp_path, caplog):
+    from medtl.training.features import FeatureStore
+
+    store = FeatureStore(tmp_path)
+    store.add(["a", "b"], np.ones((2, 4), np.float32))
+    good = next(tmp_path.glob("*.npz"))
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:40])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    again = FeatureStore(tmp_path)
+    assert len(again) == 2 and "a" in again
+    assert caplog.text.count("ignoring unreadable feature-cache chunk") == 2
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic writer leaves no temp behind
+
+
+def test_an_error_message_is_printed_as_text_not_markup(tmp_path, capsys):
+    from medtl.cli import main
+
+    bad = tmp_path / "scan[left]" / "x\x1b[31m"
+    with pytest.raises(SystemExit) as exc:
+        main(["info", str(bad)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "scan[left]" in err and "\x1b[31m" not in err and "\\x1b" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
