@@ -56,3 +56,27 @@ def test_an_error_message_is_printed_as_text_not_markup(tmp_path, capsys):
     assert exc.value.code == 2
     assert "scan[left]" in err and "\x1b[31m" not in err and "\\x1b" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_salt_appears_whole_and_the_first_creator_wins(tmp_path, monkeypatch):
+    from medtl.data import privacy
+    from medtl.files import atomic_create
+
+    monkeypatch.delenv("MEDTL_SALT", raising=False)
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    first = privacy.salt()
+    assert len(first) == 64 and privacy.salt() == first
+    assert (tmp_path / "cache" / "salt").stat().st_mode & 0o777 == 0o600
+    assert atomic_create(tmp_path / "cache" / "salt", b"x" * 64) is False  # no replacing
+    assert privacy.salt() == first and not list((tmp_path / "cache").glob(".*tmp"))
+    (tmp_path / "cache" / "salt").write_bytes(b"")  # damaged: never hash without a salt
+    with pytest.raises(MedtlError, match="salt is damaged"):
+        privacy.salt()
+
+
+def test_the_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
+    from medtl.files import cache_root
+
+    monkeypatch.delenv("MEDTL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "medtl"

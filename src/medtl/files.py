@@ -112,6 +112,39 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
         f.write(data)
 
 
+def atomic_create(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` whole, only if it does not exist yet; ``False`` when
+    another process created it first. Readers never see it empty or half written: the file is
+    written and fsynced under a temporary name, then hard-linked into place (``link`` fails
+    when the name exists, so the first writer wins)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(path)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        fsync_dir(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_root() -> Path:
+    """medtl's cache folder: ``MEDTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/medtl``, else
+    ``~/.cache/medtl``."""
+    if os.environ.get("MEDTL_CACHE_DIR"):
+        return Path(os.environ["MEDTL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "medtl"
+
+
 def _json_default(o: Any) -> Any:
     # NumPy scalars and arrays without importing NumPy: both have tolist() (a scalar's gives
     # the Python number, as .item() does).

@@ -15,33 +15,36 @@ import os
 import secrets
 from pathlib import Path
 
+from medtl.errors import MedtlError
+from medtl.files import atomic_create, cache_root
+
 PREFIX = "pt-"
 _SALT_FILE = "salt"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEDTL_CACHE_DIR", Path.home() / ".cache" / "medtl"))
-
-
 def salt() -> bytes:
-    """``MEDTL_SALT`` when set, else this machine's secret salt (created on first use, 0600)."""
+    """``MEDTL_SALT`` when set, else this machine's secret salt (created on first use, 0600).
+
+    The salt file appears whole or not at all (``atomic_create``): a salt read empty, after a
+    crash or beside a concurrent first use, would make every pseudonym a plain SHA-256 of the
+    patient id, reversible by hashing candidate ids.
+    """
     env = os.environ.get("MEDTL_SALT")
     if env:
         return env.encode()
-    path = _cache_dir() / _SALT_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_hex(32).encode()
-        # O_EXCL: two processes starting at once must agree on one salt; the loser reads it.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        return value
+    path = cache_root() / _SALT_FILE
+    legacy = Path.home() / ".cache" / "medtl" / _SALT_FILE  # medtl 0.1 ignored XDG_CACHE_HOME
+    if not path.exists() and legacy.is_file() and not os.environ.get("MEDTL_CACHE_DIR"):
+        path = legacy  # keep the pseudonyms this machine already made
+    if not path.exists():
+        # Two processes starting at once must agree on one salt: the first to create it wins.
+        atomic_create(path, secrets.token_hex(32).encode())
+    value = path.read_bytes()
+    if len(value) < 32:
+        raise MedtlError(f"{path}: the pseudonym salt is damaged ({len(value)} bytes); delete "
+                         "it only if no pseudonyms made with it are still needed, or set "
+                         "MEDTL_SALT")
+    return value
 
 
 def pseudonym(identifier: str) -> str:

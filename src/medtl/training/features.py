@@ -28,21 +28,13 @@ from torch import nn
 from medtl.console import progress_bar
 from medtl.data.transforms import Preprocessing
 from medtl.errors import DataReadError, check_choice
-from medtl.files import atomic_path, atomic_write
+from medtl.files import atomic_path, atomic_write, cache_root
 from medtl.training.loop import torch_threads
 from medtl.training.options import ENGINES
 
 log = logging.getLogger("medtl")
 
 ONNX_TOLERANCE = 1e-4
-
-
-def cache_root() -> Path:
-    """``MEDTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/medtl``, else ``~/.cache/medtl``."""
-    if os.environ.get("MEDTL_CACHE_DIR"):
-        return Path(os.environ["MEDTL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "medtl"
 
 
 def weights_key(backbone: nn.Module) -> str:
