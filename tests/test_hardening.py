@@ -80,3 +80,40 @@ def test_the_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDTL_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "medtl"
+
+
+@pytest.mark.parametrize("damage", ["child", "feature", "knn"])
+def test_a_crafted_head_file_with_indices_outside_its_arrays_is_refused(tmp_path, damage):
+    """skops does not check a tree's node indices and scikit-learn's compiled predict follows
+    them without bounds checks: a head file is checked before anything predicts with it."""
+    import skops.io as sio
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
+
+    from medtl.transfer.heads import SklearnHead
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    y = (x[:, 0] > 0).astype(int)
+    if damage == "knn":
+        est = make_pipeline(Normalizer(), KNeighborsClassifier(5)).fit(x, y)
+        path = tmp_path / "knn.skops"
+        path.write_bytes(sio.dumps(est))
+        assert SklearnHead.load(path, "knn").predict_proba(x).shape == (40, 2)
+        est.steps[-1][1]._tree.get_arrays()[1][0] = 10**6
+    else:
+        est = RandomForestClassifier(n_estimators=3, random_state=0).fit(x, y)
+        path = tmp_path / "rf.skops"
+        path.write_bytes(sio.dumps(est))
+        assert SklearnHead.load(path, "rf").predict_proba(x).shape == (40, 2)
+        tree = est.estimators_[1].tree_
+        inner = int(np.flatnonzero(tree.children_left != -1)[0])
+        if damage == "child":
+            tree.children_left[inner] = 10**6
+        else:
+            tree.feature[inner] = 99
+    path.write_bytes(sio.dumps(est))
+    with pytest.raises(MedtlError, match="not a head medtl wrote"):
+        SklearnHead.load(path, "rf" if damage != "knn" else "knn")

@@ -29,7 +29,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC
 from torch import nn
 
-from medtl.errors import check_choice
+from medtl.errors import MedtlError, check_choice
 from medtl.training.selection import selection_score
 
 # skops refuses to load types it does not trust by default; these are the ones our own heads
@@ -176,9 +176,48 @@ class SklearnHead:
 
         untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in _SKOPS_TRUSTED]
         if untrusted:
-            from medtl.errors import MedtlError
             raise MedtlError(f"{path}: refusing to load untrusted types {untrusted}")
-        return cls(head=head, estimator_=sio.load(path, trusted=_SKOPS_TRUSTED))
+        estimator = sio.load(path, trusted=_SKOPS_TRUSTED)
+        try:
+            _check_index_structures(estimator)
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise MedtlError(f"{path}: not a head medtl wrote ({type(exc).__name__})") from exc
+        return cls(head=head, estimator_=estimator)
+
+
+def _check_index_structures(estimator) -> None:
+    """Refuse the trees whose node indices a crafted head file could point anywhere: skops does
+    not check them (it distrusts ``Tree`` for that reason), and scikit-learn's compiled
+    ``predict`` follows them without bounds checks. A forest's child and feature indices, and a
+    kNN index's sample indices and node ranges, must stay inside their arrays."""
+    steps = [s for _, s in estimator.steps] if isinstance(estimator, Pipeline) else [estimator]
+    for step in steps:
+        if isinstance(step, RandomForestClassifier):
+            for tree in step.estimators_:
+                _check_tree(tree.tree_, step.n_features_in_)
+        if isinstance(step, KNeighborsClassifier) and getattr(step, "_tree", None) is not None:
+            data, idx, nodes, _ = step._tree.get_arrays()
+            n = len(data)
+            if len(idx) != n or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+                raise ValueError("kNN index points outside its samples")
+            if len(nodes) and not (nodes["idx_start"].min() >= 0
+                                   and nodes["idx_end"].max() <= n
+                                   and (nodes["idx_start"] <= nodes["idx_end"]).all()):
+                raise ValueError("kNN index nodes outside its samples")
+
+
+def _check_tree(tree, n_features: int) -> None:
+    n = tree.node_count
+    left, right, feature = tree.children_left, tree.children_right, tree.feature
+    if not (len(left) == len(right) == len(feature) == n and tree.value.shape[0] == n):
+        raise ValueError("tree arrays of unequal lengths")
+    leaf = left == -1
+    inner = ~leaf
+    if (right[leaf] != -1).any() or ((left[inner] <= 0) | (left[inner] >= n)).any() \
+            or ((right[inner] <= 0) | (right[inner] >= n)).any():
+        raise ValueError("tree child index outside the tree")
+    if ((feature[inner] < 0) | (feature[inner] >= n_features)).any():
+        raise ValueError("tree feature index outside the features")
 
 
 def logreg_as_linear(pipeline) -> nn.Linear:
