@@ -44,15 +44,21 @@ def write_blob_images(root: Path, n_per_class: int = 12, size: int = 48, seed: i
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n_per_class):
-                img = rng.integers(0, 60, (size, size), dtype=np.uint8)
-                cy, cx = rng.integers(12, size - 12, 2)
-                yy, xx = np.mgrid[:size, :size]
-                if cls == "disc":
-                    img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 230
-                else:
-                    img[cy - 2:cy + 2, 4:size - 4] = 230
-                Image.fromarray(img).save(d / f"p{i:03d}_{split}_{cls}.png")
+                Image.fromarray(blob_image(rng, cls, size)).save(
+                    d / f"p{i:03d}_{split}_{cls}.png")
     return root
+
+
+def blob_image(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
+    """One grey image: noise with a bright disc (``shape="disc"``) or bar at a random place."""
+    img = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    cy, cx = rng.integers(12, size - 12, 2)
+    yy, xx = np.mgrid[:size, :size]
+    if shape == "disc":
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 230
+    else:
+        img[cy - 2:cy + 2, 4:size - 4] = 230
+    return img
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ..conftest import write_blob_images
+from ..conftest import blob_image, write_blob_images
 
 # Small images and ImageNet MobileNetV2 (installed offline with medtl): seconds per fit.
 FAST = dict(backbone="mobilenet_v2", weights="imagenet", image_size=32, quiet=True)
@@ -41,18 +41,12 @@ def write_noisy_binary(root: Path, counts: dict[str, dict[str, int]], *, flip: i
     split cannot pass by coincidence.
     """
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
     for split, per_class in counts.items():
         for cls, n in per_class.items():
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 shape = cls if i >= flip else ("bar" if cls == "disc" else "disc")
-                img = rng.integers(0, 60, (size, size), dtype=np.uint8)
-                cy, cx = rng.integers(12, size - 12, 2)
-                if shape == "disc":
-                    img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 230
-                else:
-                    img[cy - 2:cy + 2, 4:size - 4] = 230
-                Image.fromarray(img).save(d / f"{split}_{cls}_{i:03d}.png")
+                Image.fromarray(blob_image(rng, shape, size)).save(
+                    d / f"{split}_{cls}_{i:03d}.png")
     return root
