@@ -82,7 +82,7 @@ def test_the_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "xdg" / "medtl"
 
 
-@pytest.mark.parametrize("damage", ["child", "feature", "knn"])
+@pytest.mark.parametrize("damage", ["child", "cycle", "feature", "knn"])
 def test_a_crafted_head_file_with_indices_outside_its_arrays_is_refused(tmp_path, damage):
     """skops does not check a tree's node indices and scikit-learn's compiled predict follows
     them without bounds checks: a head file is checked before anything predicts with it."""
@@ -112,8 +112,31 @@ def test_a_crafted_head_file_with_indices_outside_its_arrays_is_refused(tmp_path
         inner = int(np.flatnonzero(tree.children_left != -1)[0])
         if damage == "child":
             tree.children_left[inner] = 10**6
+        elif damage == "cycle":  # in range, but pointing at itself: predict would never stop
+            deeper = int(np.flatnonzero(tree.children_left != -1)[1])
+            tree.children_right[deeper] = deeper
         else:
             tree.feature[inner] = 99
     path.write_bytes(sio.dumps(est))
     with pytest.raises(MedtlError, match="not a head medtl wrote"):
         SklearnHead.load(path, "rf" if damage != "knn" else "knn")
+
+
+def test_a_head_file_may_hold_only_the_types_its_kind_needs(tmp_path):
+    """Trees are trusted for forest heads only: a logistic-regression head holding one is
+    refused before skops builds anything."""
+    import skops.io as sio
+    from sklearn.ensemble import RandomForestClassifier
+
+    from medtl.transfer.heads import SklearnHead
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    path = tmp_path / "head.skops"
+    path.write_bytes(sio.dumps(RandomForestClassifier(n_estimators=2).fit(x, x[:, 0] > 0)))
+    assert SklearnHead.load(path, "rf").predict_proba(x).shape == (40, 2)
+    with pytest.raises(MedtlError, match="logreg head does not hold.*Tree"):
+        SklearnHead.load(path, "logreg")
+    path.write_bytes(b"not a zip")
+    with pytest.raises(MedtlError, match="not a head file"):
+        SklearnHead.load(path, "logreg")

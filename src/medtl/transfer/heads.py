@@ -10,7 +10,7 @@ honest.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,15 @@ from torch import nn
 from medtl.errors import MedtlError, check_choice
 from medtl.training.selection import selection_score
 
-# skops refuses to load types it does not trust by default; these are the ones our own heads
-# contain. Anything else in a head file is refused rather than executed.
-_SKOPS_TRUSTED = [
-    "sklearn.calibration._CalibratedClassifier",
-    "sklearn.calibration._SigmoidCalibration",
-    "sklearn.tree._tree.Tree",
-    "sklearn.metrics._dist_metrics.EuclideanDistance64",
-    "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree",
-    "sklearn.model_selection._split.KFold",
-]
+# skops refuses to load types it does not trust by default. Each head trusts only the types its
+# own estimators contain (register_head's ``trusted``): a logistic-regression head file holding a
+# Tree is refused, and the index structures a trusted type may carry are checked before use.
+_CALIBRATION_TYPES = ("sklearn.calibration._CalibratedClassifier",
+                      "sklearn.calibration._SigmoidCalibration",
+                      "sklearn.model_selection._split.KFold")  # in heads of medtl 0.1
+_TREE_TYPES = ("sklearn.tree._tree.Tree",)
+_NEIGHBOUR_TYPES = ("sklearn.metrics._dist_metrics.EuclideanDistance64",
+                    "sklearn.neighbors._kd_tree.KDTree", "sklearn.neighbors._ball_tree.BallTree")
 
 
 IMBALANCE_RATIO = 0.5
@@ -61,11 +59,15 @@ def needs_balancing(y: np.ndarray) -> bool:
 # the candidates that validation chooses among. register_head adds one from anywhere.
 HeadGrid = Callable[[int, "str | None"], list[tuple[dict[str, Any], ClassifierMixin]]]
 HEADS: dict[str, HeadGrid] = {}
+HEAD_TRUSTED_TYPES: dict[str, tuple[str, ...]] = {}
 
 
-def register_head(name: str) -> Callable[[HeadGrid], HeadGrid]:
+def register_head(name: str, *, trusted: Sequence[str] = ()) -> Callable[[HeadGrid], HeadGrid]:
+    """Add a head; ``trusted``: the types beyond skops' defaults that its fitted estimators hold
+    (``skops.io.get_untrusted_types`` of a saved one), the only ones its head files may hold."""
     def add(grid: HeadGrid) -> HeadGrid:
         HEADS[name] = grid
+        HEAD_TRUSTED_TYPES[name] = tuple(trusted)
         return grid
     return add
 
@@ -77,14 +79,14 @@ def _logreg(seed: int, cw: str | None):
             for c in (0.001, 0.01, 0.1, 1.0)]
 
 
-@register_head("svm")
+@register_head("svm", trusted=_CALIBRATION_TYPES)
 def _svm(seed: int, cw: str | None):
     # SVC has no probabilities of its own: SklearnHead adds Platt scaling fitted on validation.
     return [({"C": c}, make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", class_weight=cw)))
             for c in (0.3, 1.0, 3.0, 10.0)]
 
 
-@register_head("rf")
+@register_head("rf", trusted=_TREE_TYPES)
 def _rf(seed: int, cw: str | None):
     return [({"min_samples_leaf": leaf, "max_features": mf},
              RandomForestClassifier(n_estimators=300, min_samples_leaf=leaf, max_features=mf,
@@ -92,7 +94,7 @@ def _rf(seed: int, cw: str | None):
             for leaf, mf in itertools.product((1, 3), ("sqrt", 0.1))]
 
 
-@register_head("knn")
+@register_head("knn", trusted=_NEIGHBOUR_TYPES)
 def _knn(seed: int, cw: str | None):
     # L2-normalised CNN features: Euclidean distance then ranks like cosine similarity.
     return [({"n_neighbors": k}, make_pipeline(
@@ -174,10 +176,15 @@ class SklearnHead:
     def load(cls, path: Path, head: str) -> SklearnHead:
         import skops.io as sio
 
-        untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in _SKOPS_TRUSTED]
+        trusted = list(HEAD_TRUSTED_TYPES.get(head, ()))
+        try:
+            untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in trusted]
+        except Exception as exc:  # not a zip, no schema: skops raises several types
+            raise MedtlError(f"{path}: not a head file ({type(exc).__name__})") from exc
         if untrusted:
-            raise MedtlError(f"{path}: refusing to load untrusted types {untrusted}")
-        estimator = sio.load(path, trusted=_SKOPS_TRUSTED)
+            raise MedtlError(f"{path}: refusing to load types a {head} head does not hold: "
+                             f"{untrusted}")
+        estimator = sio.load(path, trusted=trusted)
         try:
             _check_index_structures(estimator)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
@@ -213,9 +220,12 @@ def _check_tree(tree, n_features: int) -> None:
         raise ValueError("tree arrays of unequal lengths")
     leaf = left == -1
     inner = ~leaf
-    if (right[leaf] != -1).any() or ((left[inner] <= 0) | (left[inner] >= n)).any() \
-            or ((right[inner] <= 0) | (right[inner] >= n)).any():
-        raise ValueError("tree child index outside the tree")
+    # scikit-learn numbers nodes depth first, so a child comes after its parent: that also rules
+    # out a cycle, which would keep predict walking for ever.
+    node = np.arange(n)
+    if (right[leaf] != -1).any() or ((left[inner] <= node[inner]) | (left[inner] >= n)).any() \
+            or ((right[inner] <= node[inner]) | (right[inner] >= n)).any():
+        raise ValueError("tree child index outside the tree or before its parent")
     if ((feature[inner] < 0) | (feature[inner] >= n_features)).any():
         raise ValueError("tree feature index outside the features")
 
