@@ -32,17 +32,23 @@ def test_an_image_size_out_of_bounds_is_refused_before_any_work():
         medtl.TransferClassifier(image_size=100000).make_strategy()
 
 
-def test_a_truncated_or_foreign_cache_chunk_is_skipped(tmp_path, caplog):
+def test_a_truncated_foreign_or_empty_cache_chunk_is_quarantined(tmp_path, caplog):
     from medtl.training.features import FeatureStore
 
-    store = FeatureStore(tmp_path)
+    store = FeatureStore(tmp_path, dim=4)
     store.add(["a", "b"], np.ones((2, 4), np.float32))
-    good = next(tmp_path.glob("*.npz"))
-    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:40])
-    (tmp_path / "empty.npz").write_bytes(b"")
-    again = FeatureStore(tmp_path)
-    assert len(again) == 2 and "a" in again
-    assert caplog.text.count("ignoring unreadable feature-cache chunk") == 2
+    chunks = {}
+    for key, damage in [("c", lambda b: b[:40]), ("d", lambda b: b""),
+                        ("e", lambda b: b"PK\x03\x04 not a zip")]:
+        store.add([key], np.ones((1, 4), np.float32))
+        chunks[key] = tmp_path / store._where[key]
+        chunks[key].write_bytes(damage(chunks[key].read_bytes()))
+    store.add(["f"], np.ones((1, 3), np.float32))  # another feature size: foreign here
+    again = FeatureStore(tmp_path, dim=4)
+    assert sorted(again.get_many(["a", "b", "c", "d", "e", "f"])) == ["a", "b"]
+    moved = sorted(p.name for p in (tmp_path / "quarantine").iterdir())
+    assert len(moved) == 4 and {c.name for c in chunks.values()} < set(moved)
+    assert caplog.text.count("is damaged") == 4 and "c" not in again
     assert not list(tmp_path.glob("*.tmp"))  # the atomic writer leaves no temp behind
 
 

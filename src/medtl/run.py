@@ -422,11 +422,20 @@ class Run:
 
     def load_model(self, *, device: str = "auto", quiet: bool = False, skip_bad: bool = False,
                    threads: int | None = None):
-        """The run's fitted :class:`~medtl.TransferClassifier`."""
+        """The run's fitted :class:`~medtl.TransferClassifier`.
+
+        It reads the shared feature cache and never adds to it: what predict, evaluate and
+        explain give it are new images, mostly seen once, and caching them would grow the cache
+        without bound (docs/decisions.md). Fitting is what fills the cache.
+        """
         from medtl.transfer.estimator import TransferClassifier
 
-        return TransferClassifier.load(self.path / MODEL_DIR, device=device, quiet=quiet,
-                                       skip_bad=skip_bad, threads=threads)
+        clf = TransferClassifier.load(self.path / MODEL_DIR, device=device, quiet=quiet,
+                                      skip_bad=skip_bad, threads=threads)
+        extractor = getattr(clf.model_, "extractor", None)  # a frozen model's features
+        if extractor is not None:
+            extractor.cache_writes = False
+        return clf
 
 
 def save_run(clf, out: str | Path, *, overwrite: bool = False) -> Run:

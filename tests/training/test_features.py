@@ -128,3 +128,143 @@ def test_a_loaded_frozen_run_keys_the_cache_as_its_training_did(blob_data, tmp_p
     clf.fit(ds.split("train"), ds.split("val"))
     loaded = medtl.TransferClassifier.load(clf.save(tmp_path / "model"), quiet=True)
     assert loaded.model_.extractor.key == clf.model_.extractor.key
+
+
+# ------------------------------------------------------------------ issue 15: stale or broken
+def test_a_bumped_pixel_pipeline_version_misses_the_cache(blob_data, tmp_path, monkeypatch):
+    from medtl.data import readers
+
+    ds = load_dataset(blob_data).split("test")
+    bb = _backbone()
+    _extractor(bb, tmp_path, engine="torch").transform(ds)
+    same = CountingRunner()
+    same.wrap(_extractor(bb, tmp_path, engine="torch")).transform(ds)
+    monkeypatch.setattr(readers, "PIXEL_PIPELINE_VERSION", readers.PIXEL_PIPELINE_VERSION + 1)
+    bumped = CountingRunner()
+    bumped.wrap(_extractor(bb, tmp_path, engine="torch")).transform(ds)
+    assert same.images == 0 and bumped.images == len(ds)
+
+
+def test_a_damaged_chunk_is_quarantined_and_recomputed(blob_data, tmp_path, caplog):
+    ds = load_dataset(blob_data).split("test")
+    bb = _backbone()
+    first = _extractor(bb, tmp_path, engine="torch")
+    expected = first.transform(ds)
+    folder = first.store.directory
+    chunk = sorted(folder.glob("*.npz"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated
+    counter = CountingRunner()
+    again = counter.wrap(_extractor(bb, tmp_path, engine="torch")).transform(ds)
+    assert counter.images == 8  # that chunk's batch only, computed again
+    np.testing.assert_allclose(again, expected, rtol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and chunk.name in warnings[0]
+    assert (folder / "quarantine" / chunk.name).is_file()
+    caplog.clear()
+    third = CountingRunner()
+    third.wrap(_extractor(bb, tmp_path, engine="torch")).transform(ds)
+    assert third.images == 0 and "damaged" not in caplog.text
+
+
+def test_lookups_open_only_the_chunks_asked_for(tmp_path, monkeypatch):
+    """No listing of the key folder, and one chunk read for a key, however big the cache."""
+    from pathlib import Path
+
+    from medtl.training import features
+
+    store = features.FeatureStore(tmp_path, dim=4)
+    for c in range(20):
+        store.add([f"k{c}-{i}" for i in range(3)], np.full((3, 4), c, np.float32))
+    opened = []
+    real_load = np.load
+    monkeypatch.setattr(features.np, "load", lambda p, **kw: opened.append(p) or real_load(p, **kw))
+    for name in ("glob", "iterdir", "rglob"):
+        monkeypatch.setattr(Path, name, lambda *a, **k: pytest.fail("listed the key folder"))
+    fresh = features.FeatureStore(tmp_path, dim=4)
+    assert len(fresh) == 60 and opened == []
+    got = fresh.get_many(["k7-1", "k7-2", "k12-0", "unknown"])
+    assert sorted(got) == ["k12-0", "k7-1", "k7-2"] and len(opened) == 2
+    assert got["k7-1"].tolist() == [7] * 4 and got["k12-0"].tolist() == [12] * 4
+    # What another process adds later is found without opening the store again.
+    store.add(["late"], np.ones((1, 4), np.float32))
+    assert "late" in fresh and fresh["late"].tolist() == [1] * 4
+
+
+def test_an_interrupted_chunk_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    from medtl import files
+    from medtl.training.features import FeatureStore
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    store = FeatureStore(tmp_path, dim=4)
+    store.add(["a"], np.ones((1, 4), np.float32))
+    monkeypatch.setattr(files.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.add(["b"], np.ones((1, 4), np.float32))
+    monkeypatch.undo()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    again = FeatureStore(tmp_path, dim=4)
+    assert "a" in again and "b" not in again and len(list(tmp_path.glob("*.npz"))) == 1
+
+
+_CONCURRENT = """
+import sys, time
+from pathlib import Path
+import torch
+from medtl.data import load_dataset
+from medtl.data.transforms import Preprocessing
+from medtl.models import create_backbone
+from medtl.training.features import FrozenFeatures
+
+data, cache, go, part = sys.argv[1:]
+torch.manual_seed(0)
+bb = create_backbone("mobilenet_v2", weights="random")
+ext = FrozenFeatures(bb, Preprocessing.for_spec(bb.spec, 32), cache_dir=cache, quiet=True,
+                     batch_size=3, engine="torch", threads=1)
+ds = load_dataset(data)
+third = len(ds) // 3  # two overlapping thirds each: shared and own images
+ds = ds.subset(range(0, 2 * third) if part == "0" else range(third, len(ds)))
+print("ready", flush=True)
+while not Path(go).exists():
+    time.sleep(0.005)
+ext.transform(ds)
+print(ext.n_computed, flush=True)
+"""
+
+
+def test_two_processes_extracting_the_same_key_leave_one_consistent_cache(blob_data, tmp_path):
+    import subprocess
+    import sys
+
+    from medtl.training.features import FeatureStore
+
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(blob_data), str(cache),
+                               str(go), part], stdout=subprocess.PIPE, text=True)
+             for part in "01"]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()  # both start extracting at once
+    computed = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    ds = load_dataset(blob_data)
+    torch.manual_seed(0)
+    bb = create_backbone("mobilenet_v2", weights="random")
+    alone = FrozenFeatures(bb, Preprocessing.for_spec(bb.spec, 32), cache=False, quiet=True,
+                           batch_size=3, engine="torch", threads=1)
+    expected = alone.transform(ds)
+    shared = FrozenFeatures(bb, Preprocessing.for_spec(bb.spec, 32), cache_dir=cache,
+                            quiet=True, engine="torch", threads=1)
+    folder = shared.store.directory
+    store = FeatureStore(folder, dim=bb.num_features)
+    keys = [ds.content_key(i) for i in range(len(ds))]
+    assert len(store) == len(set(keys)) and sum(computed) >= len(set(keys))
+    for chunk in folder.glob("*.npz"):  # every chunk whole, none quarantined
+        assert len(store._read_chunk(chunk.name)) > 0, chunk
+    assert not (folder / "quarantine").exists() and not list(folder.glob(".*.tmp"))
+    got = store.get_many(keys)
+    np.testing.assert_array_equal(np.stack([got[k] for k in keys]), expected)
+    counter = CountingRunner()
+    np.testing.assert_array_equal(counter.wrap(shared).transform(ds), expected)
+    assert counter.images == 0

@@ -24,6 +24,12 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 
 DICOM_EXTENSIONS: tuple[str, ...] = (".dcm",)
 
+# Version of the pixel pipeline: file to uint8 RGB (this module, dicom.py, pixels.py, the volume
+# slicing of volumes.py) and uint8 to the model's square (transforms.Preprocessing.resize_uint8).
+# It is part of every feature-cache key, so bump it whenever decoding or resizing changes output
+# pixels: features cached by the old code are then computed again instead of served stale.
+PIXEL_PIPELINE_VERSION = 1
+
 # Pillow modes that hold more than 8 bits per sample; converting them with Image.convert("L")
 # clips instead of rescaling, which turns a 12-bit X-ray into a white square.
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})

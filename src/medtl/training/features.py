@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from medtl.console import progress_bar
+from medtl.data import readers
 from medtl.data.transforms import Preprocessing
 from medtl.errors import DataReadError, check_choice
 from medtl.files import atomic_path, atomic_write, cache_root
@@ -65,44 +67,140 @@ class _FeatureHead(nn.Module):
         return self.backbone.forward_features(x)
 
 
-class FeatureStore:
-    """Append-only store of feature vectors keyed by image content hash.
+INDEX_NAME = "index.log"
+QUARANTINE_DIR = "quarantine"
+_CHUNK_NAME = re.compile(r"[0-9a-f]{20}\.npz")
 
-    Each finished batch is one ``.npz`` chunk written atomically (temp file + rename), so a run
-    killed mid-way leaves only whole chunks behind.
+
+class FeatureStore:
+    """Feature vectors keyed by image content hash: one folder per cache key, shared by every
+    process that extracts with that key.
+
+    - Each finished batch is one immutable ``.npz`` chunk (its keys and features), written
+      atomically and fsynced (temp file + rename), so a run killed mid-way leaves whole chunks.
+    - ``index.log`` says which chunk holds which key, one ``key chunk`` line each, appended
+      under an exclusive ``flock`` once the chunk is in place. A process reads the index once,
+      then only what was appended since, and a lookup opens only the chunks holding the keys
+      asked for: the cost of a call follows the request, not the size of the cache.
+    - A chunk that cannot be read (truncated, foreign) is moved into ``quarantine/`` with one
+      warning and its keys count as missing, so they are computed and written again.
+    - Two processes writing the same key at once are safe: a chunk's name is the hash of its
+      keys, so a repeated batch replaces a chunk with an equal one, and a key listed twice in
+      the index is simply listed twice (the last line wins).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, dim: int | None = None) -> None:
         self.directory = Path(directory)
-        self._features: dict[str, np.ndarray] = {}
-        if self.directory.is_dir():
-            for chunk in sorted(self.directory.glob("*.npz")):
-                try:
-                    with np.load(chunk, allow_pickle=False) as z:
-                        for k, v in zip(z["keys"], z["features"], strict=True):
-                            self._features[str(k)] = v
-                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                    # A truncated or foreign chunk costs its features (computed again), never
-                    # the run: every later run with this key would fail on it otherwise.
-                    log.warning("ignoring unreadable feature-cache chunk %s", chunk)
+        self.dim = dim
+        self._where: dict[str, str] = {}  # content key -> chunk file name
+        self._offset = 0  # bytes of the index read so far
+        self._refresh()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._features
+        if key not in self._where:
+            self._refresh()
+        return key in self._where
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self._features[key]
+        found = self.get_many([key])
+        if key not in found:
+            raise KeyError(key)
+        return found[key]
 
     def __len__(self) -> int:
-        return len(self._features)
+        return len(self._where)
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Features of those ``keys`` the cache holds, each chunk read once."""
+        if any(k not in self._where for k in keys):
+            self._refresh()  # what other processes have added since
+        chunks = dict.fromkeys(self._where[k] for k in keys if k in self._where)
+        found: dict[str, np.ndarray] = {}
+        for name in chunks:
+            found.update(self._read_chunk(name))
+        wanted = set(keys)
+        return {k: v for k, v in found.items() if k in wanted}
 
     def add(self, keys: Sequence[str], features: np.ndarray) -> None:
-        for k, v in zip(keys, features, strict=True):
-            self._features[k] = v
-        self.directory.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256("".join(keys).encode()).hexdigest()[:20] + ".npz"
+        if any(not k or k.split() != [k] for k in keys):
+            raise ValueError("feature-cache keys must be non-empty and without white space")
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20] + ".npz"
         buf = io.BytesIO()
         np.savez(buf, keys=np.asarray(keys), features=features.astype(np.float32))
         atomic_write(self.directory / name, buf.getvalue())
+        self._append_index("".join(f"{k} {name}\n" for k in keys).encode())
+        self._where.update(dict.fromkeys(keys, name))
+
+    # -- internals ----------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Read the index lines appended since the last read (all of them the first time)."""
+        try:
+            with open(self.directory / INDEX_NAME, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        whole = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += whole
+        for line in data[:whole].decode("ascii", "replace").splitlines():
+            parts = line.split()
+            # A line cut short by a crash fails this test (its newline is added by the next
+            # writer) and is ignored: its chunk, if whole, is found again when recomputed.
+            if len(parts) == 2 and _CHUNK_NAME.fullmatch(parts[1]):
+                self._where[parts[0]] = parts[1]
+
+    def _append_index(self, lines: bytes) -> None:
+        fd = os.open(self.directory / INDEX_NAME, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            _lock(fd)  # one writer at a time: lines of two processes never interleave
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                lines = b"\n" + lines  # a crash cut the last line: end it, never extend it
+            view = memoryview(lines)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _read_chunk(self, name: str) -> dict[str, np.ndarray]:
+        path = self.directory / name
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, feats = z["keys"], z["features"]
+                if (keys.ndim != 1 or feats.ndim != 2 or len(keys) != len(feats)
+                        or feats.dtype != np.float32
+                        or (self.dim is not None and feats.shape[1] != self.dim)):
+                    raise ValueError(f"keys {keys.shape} and features {feats.dtype} "
+                                     f"{feats.shape} are not a chunk of this store")
+                return {str(k): v for k, v in zip(keys, feats, strict=True)}
+        except FileNotFoundError:
+            pass  # quarantined or removed by another process: computed again
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            self._quarantine(path, exc)
+        self._where = {k: c for k, c in self._where.items() if c != name}
+        return {}
+
+    def _quarantine(self, path: Path, exc: Exception) -> None:
+        """Move a damaged chunk aside, for a look, and out of every later lookup: never read
+        again, never deleted unseen. Its keys are computed again and land in a new chunk."""
+        dest = self.directory / QUARANTINE_DIR / path.name
+        try:
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(path, dest)
+        except FileNotFoundError:
+            return  # another process moved it first and warned
+        log.warning("feature-cache chunk %s is damaged (%s: %s); moved to %s, its features are "
+                    "computed again", path, type(exc).__name__, exc, dest)
+
+
+def _lock(fd: int) -> None:
+    """Block until this process holds ``fd``'s exclusive flock (POSIX; elsewhere a no-op)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: appends are still whole lines, only not serialised
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 class FrozenFeatures:
@@ -131,6 +229,8 @@ class FrozenFeatures:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache = cache
+        # False: read the cache, never add to it (a model loaded from a run: Run.load_model).
+        self.cache_writes = True
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
         self.quiet = quiet
         self.threads = threads or os.cpu_count() or 1
@@ -146,13 +246,16 @@ class FrozenFeatures:
     def key(self) -> str:
         if self._key is None:  # hashing the tensors costs ~0.1 s a 100 MB backbone: once
             name = self.backbone.spec.name
-            self._key = f"{name}-{weights_key(self.backbone)}-{self.preprocessing.key()}"
+            # The pixel pipeline's version: features of pixels decoded by older code are stale.
+            self._key = (f"{name}-{weights_key(self.backbone)}-{self.preprocessing.key()}"
+                         f"-px{readers.PIXEL_PIPELINE_VERSION}")
         return self._key
 
     @property
     def store(self) -> FeatureStore:
         if self._store is None:
-            self._store = FeatureStore(self.cache_dir / "features" / self.key)
+            self._store = FeatureStore(self.cache_dir / "features" / self.key,
+                                       dim=self.backbone.num_features)
         return self._store
 
     # -- public -------------------------------------------------------------------------------
@@ -160,7 +263,8 @@ class FrozenFeatures:
                   progress: bool = True) -> np.ndarray:
         """(len(dataset), feature_dim) float32 features, in the dataset's order.
 
-        ``use_cache=False`` neither reads nor writes the cache for this call (timing probes).
+        ``use_cache=False`` neither reads nor writes the cache for this call (timing probes);
+        with ``cache_writes`` off it is read and not written.
 
         An unreadable image raises DataReadError unless ``skip_bad``; then its row is NaN and
         ``self.bad_`` maps its index to the reason, for the caller to drop and report.
@@ -168,15 +272,18 @@ class FrozenFeatures:
         n = len(dataset)
         keys = [dataset.content_key(i) for i in range(n)]
         out = np.full((n, self.backbone.num_features), np.nan, dtype=np.float32)
+        cached = self.store.get_many(keys) if self.cache and use_cache else {}
         todo: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
-            if self.cache and use_cache and k in self.store:
-                out[i] = self.store[k]
+            if k in cached:
+                out[i] = cached[k]
             else:
                 todo.setdefault(k, []).append(i)
+        del cached
         self.bad_ = {}
         if todo:
-            self._compute(dataset, todo, out, skip_bad, self.cache and use_cache,
+            self._compute(dataset, todo, out, skip_bad,
+                          self.cache and use_cache and self.cache_writes,
                           quiet=self.quiet or not progress)
         return out
 
