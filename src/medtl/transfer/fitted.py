@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -277,13 +278,21 @@ class NetworkModel(FittedModel):
         return self.network
 
     def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
+        """Decoded and predicted :data:`PREDICT_CHUNK` images at a time, so peak memory does not
+        grow with ``len(data)``; chunks are whole batches of the images read, so the batches,
+        and the probabilities, are those of decoding everything at once."""
+        from medtl.console import progress_bar
         from medtl.training.loop import predict_proba
 
-        x, keep, _ = decode_images(data, self.preprocessing, skip_bad=self.options.skip_bad,
-                                   quiet=self.options.quiet or not cache)
+        config = self.loop_config()
+        chunk = -(-max(1, PREDICT_CHUNK) // config.batch_size) * config.batch_size
         out = np.full((len(data), len(self.classes)), np.nan)
-        if len(keep):
-            out[keep] = predict_proba(self.network, x, self.loop_config())
+        with progress_bar("predicting", len(data),
+                          quiet=self.options.quiet or not cache) as advance:
+            for x, keep, _ in iter_decoded(data, self.preprocessing, chunk,
+                                           skip_bad=self.options.skip_bad, advance=advance):
+                if len(keep):
+                    out[keep] = predict_proba(self.network, x, config)
         return self.calibrate(out) if calibrated else out
 
     def loop_config(self, **changes: Any):
@@ -353,25 +362,54 @@ def decode_images(data, preprocessing: Preprocessing, *, skip_bad: bool, quiet: 
                   ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Decode and resize once into uint8 (N, S, S, 3): no epoch decodes a JPEG again.
 
-    Returns the images, the indices of ``data`` they are, and why others were skipped.
+    Returns the images, the indices of ``data`` they are, and why others were skipped. All of
+    them are held at once, which training needs; prediction streams with :func:`iter_decoded`.
     """
     from medtl.console import progress_bar
 
-    images, keep, skipped = [], [], []
-    with progress_bar("decoding images", len(data), quiet=quiet) as advance:
-        for i in range(len(data)):
-            try:
-                images.append(preprocessing.resize_uint8(data.read(i)))
-                keep.append(i)
-            except DataReadError as exc:
-                if not skip_bad:
-                    raise
-                log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
-                skipped.append(f"{exc.path}: {exc.reason}")
-            advance(1)
     size = preprocessing.size
-    x = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return torch.from_numpy(x), np.asarray(keep, dtype=np.int64), skipped
+    with progress_bar("decoding images", len(data), quiet=quiet) as advance:
+        parts = list(iter_decoded(data, preprocessing, max(1, len(data)), skip_bad=skip_bad,
+                                  advance=advance))
+    skipped = [reason for _, _, why in parts for reason in why]
+    parts = [(x, keep) for x, keep, _ in parts if len(keep)]
+    if not parts:
+        return (torch.zeros((0, size, size, 3), dtype=torch.uint8),
+                np.zeros(0, dtype=np.int64), skipped)
+    return parts[0][0], parts[0][1], skipped  # one chunk holds everything
+
+
+# Images decoded at once when a network predicts: about 77 MB of uint8 at 224 px, so peak
+# memory stays bounded whatever the number of images (training decodes its splits whole).
+PREDICT_CHUNK = 512
+
+
+def iter_decoded(data, preprocessing: Preprocessing, chunk: int, *, skip_bad: bool,
+                 advance: Callable[[int], None] | None = None,
+                 ) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+    """``data`` decoded and resized in uint8 groups of ``chunk`` images read (the last one
+    smaller), each with the indices of ``data`` it holds and why images were skipped."""
+    images: list[np.ndarray] = []
+    keep: list[int] = []
+    skipped: list[str] = []
+    for i in range(len(data)):
+        try:
+            images.append(preprocessing.resize_uint8(data.read(i)))
+            keep.append(i)
+        except DataReadError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
+            skipped.append(f"{exc.path}: {exc.reason}")
+        if advance is not None:
+            advance(1)
+        if len(images) == chunk:
+            yield torch.from_numpy(np.stack(images)), np.asarray(keep, dtype=np.int64), skipped
+            images, keep, skipped = [], [], []
+    if images or skipped:
+        size = preprocessing.size
+        x = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+        yield torch.from_numpy(x), np.asarray(keep, dtype=np.int64), skipped
 
 
 # ------------------------------------------------------------------------------ weight files
