@@ -25,9 +25,13 @@ from medtl.run import write_csv
 
 log = logging.getLogger("medtl")
 
-LEADERBOARD_FIELDS = ("cell", "backbone", "strategy", "head", "seed", "auc", "auc_ci95_low",
-                      "auc_ci95_high", "accuracy", "sensitivity", "specificity",
-                      "trainable_params", "total_params", "train_s", "images_per_s", "run_dir")
+# rank_by, val_value and val_source say what each cell is ranked (and the first chosen) on:
+# its validation figure, never a test one; "shown" names the split of the figures after them.
+LEADERBOARD_FIELDS = ("cell", "backbone", "strategy", "head", "seed", "chosen", "rank_by",
+                      "val_value", "val_source", "shown", "auc", "auc_ci95_low",
+                      "auc_ci95_high", "accuracy", "balanced_accuracy", "sensitivity",
+                      "specificity", "f1", "trainable_params", "total_params", "train_s",
+                      "images_per_s", "run_dir")
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,21 @@ def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) ->
 
 def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[str],
           out: str | Path, seeds: int = 1, jobs: int = 1, ray: str | None = None,
-          quiet: bool = False, **train_options: Any) -> Path:
+          quiet: bool = False, rank_by: str = "auc", **train_options: Any) -> Path:
     """Run every cell not finished yet, then write ``leaderboard.csv`` and ``report.html``.
+
+    Both rank the cells on their validation ``rank_by`` (a cross-validated cell's mean over
+    folds) and show test figures: the first is the chosen cell; one without validation figures
+    is listed last and cannot be chosen.
 
     ``train_options`` go to every cell's :func:`medtl.workflow.train` (image_size, epochs,
     patient_regex, folds, ...). ``jobs`` > 1 runs cells in that many processes; ``ray`` runs
     them as Ray tasks on the cluster at that address (``local`` starts one on this machine);
     every node must see ``data`` and ``out`` at the same paths (a shared file system).
     """
+    from medtl.reporting.compare import check_rank_by
+
+    check_rank_by(rank_by)
     cells = grid(backbones, strategies, seeds)
     # A mistake common to every cell (a bad path, regex or window) is one error, up front.
     from medtl.data import load_dataset
@@ -112,7 +123,7 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
         for c in todo:
             failures += _run_cell(str(data), c, str(out), {**train_options, "quiet": quiet})
     log.info("bench: %d cells run in %.0f s", len(todo), time.perf_counter() - t0)
-    rows = leaderboard(out, cells)
+    rows = leaderboard(out, cells, rank_by=rank_by)
     write_csv(out / "leaderboard.csv", rows)
     from medtl.workflow import report
 
@@ -120,7 +131,8 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
                 if (out / "cells" / c.name / "config.json").is_file()]
     if finished:
         report(finished, out / "report.html", title=f"medtl bench: {Path(str(data)).name}",
-               by_group=True, split="out-of-fold" if train_options.get("folds") else "test")
+               by_group=True, split="out-of-fold" if train_options.get("folds") else "test",
+               rank_by=rank_by)
     if failures:
         raise MedtlError("bench: some cells failed (rerun to retry them):\n  " +
                          "\n  ".join(failures))
@@ -177,31 +189,40 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
     return [msg for r in results for msg in r]
 
 
-def leaderboard(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    """One row per finished cell, best test AUC first (validation when there is no test)."""
+def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc") -> list[dict[str, Any]]:
+    """One row per finished cell, ranked on validation ``rank_by`` (a cross-validated cell's
+    mean over folds), never on test; the first row is the chosen cell (``chosen``: yes) when it
+    has a validation figure. The figures after ``shown`` are test's (validation's for a cell
+    without a test split, the mean over folds for a cross-validated one)."""
+    from medtl.reporting.compare import rank_on_validation
     from medtl.run import Run
 
-    rows = []
+    entries = []
     for c in cells:
         path = Path(out) / "cells" / c.name
-        if not (path / "config.json").is_file():
-            continue
-        m = Run(path).metrics
+        if (path / "config.json").is_file():
+            entries.append({"cell": c, "path": path, "metrics": Run(path).metrics})
+    rows = []
+    for i, e in enumerate(rank_on_validation(entries, rank_by)):
+        c, m = e["cell"], e["metrics"]
         if "cv" in m:  # cross-validated cell: the mean over folds (sd in auc_sd)
-            s, ci = m["cv"]["mean"], [None, None]
+            shown, s, ci = "cv mean", m["cv"].get("mean", {}), [None, None]
             m = {**m, "timing": {}, "params": {}}
         else:
-            s = m.get("test" if "test" in m else "val", {})
+            shown = "test" if "test" in m else "val"
+            s = m.get(shown, {})
             ci = s.get("auc_ci95") or [None, None]
         timing, params = m.get("timing", {}), m.get("params", {})
         rows.append({"cell": c.name, "backbone": c.backbone, "strategy": c.options()["strategy"],
-                     "head": c.options().get("head", ""), "seed": c.seed, "auc": s.get("auc"),
-                     "auc_ci95_low": ci[0], "auc_ci95_high": ci[1],
-                     "accuracy": s.get("accuracy"), "sensitivity": s.get("sensitivity"),
-                     "specificity": s.get("specificity"),
+                     "head": c.options().get("head", ""), "seed": c.seed,
+                     "chosen": "yes" if i == 0 and e["choice"] is not None else "",
+                     "rank_by": rank_by, "val_value": e["choice"],
+                     "val_source": e["choice_source"], "shown": shown,
+                     "auc": s.get("auc"), "auc_ci95_low": ci[0], "auc_ci95_high": ci[1],
+                     **{f: s.get(f) for f in ("accuracy", "balanced_accuracy", "sensitivity",
+                                             "specificity", "f1")},
                      "trainable_params": params.get("trainable"),
                      "total_params": params.get("total"), "train_s": timing.get("train_s"),
                      "images_per_s": timing.get("predict_images_per_s"),
-                     "run_dir": str(path)})
-    rows.sort(key=lambda r: -(r["auc"] if r["auc"] is not None else -1.0))
+                     "run_dir": str(e["path"])})
     return rows

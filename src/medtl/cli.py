@@ -504,6 +504,12 @@ def explain(
                           f"{verdict}")
 
 
+RankBy = Annotated[str, typer.Option(
+    help="Figure the runs are ranked and the best chosen on, read on validation (a "
+         "cross-validated run's mean over folds), never on test: auc | accuracy | "
+         "balanced_accuracy | sensitivity | specificity | f1.")]
+
+
 @app.command()
 def bench(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
@@ -528,10 +534,12 @@ def bench(
     patient_regex: PatientRegex = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per cell (default: the cores "
                                                      "divided among --jobs).")] = None,
+    rank_by: RankBy = "auc",
     quiet: Quiet = False,
 ) -> None:
     """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
-    report. Rerun the same command after an interruption: finished cells are kept.
+    report. Rerun the same command after an interruption: finished cells are kept. The best
+    cell is chosen on validation (--rank-by), and its test figures are shown.
 
     Example: [bold]medtl bench data/cxr --backbones mobilenet_v2,efficientnet_lite0
     --strategies feature-extractor,hybrid:svm,full --seeds 3 --out runs/bench[/bold]
@@ -541,18 +549,36 @@ def bench(
     path = run_bench(data, backbones=[b for b in backbones.split(",") if b],
                      strategies=[s for s in strategies.split(",") if s], seeds=seeds,
                      jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
-                     patient_regex=patient_regex, folds=folds, threads=threads, quiet=quiet)
+                     patient_regex=patient_regex, folds=folds, threads=threads,
+                     rank_by=rank_by, quiet=quiet)
+    _print_leaderboard(path, data, rank_by)
+
+
+def _print_leaderboard(path: Path, data: str, rank_by: str) -> None:
+    """The bench's leaderboard.csv as a table, saying what the chosen cell was chosen on."""
     import csv
 
     with open(path / "leaderboard.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    metric = "AUC" if rank_by == "auc" else rank_by.replace("_", " ")
+    shown = rows[0]["shown"] if rows else "test"
+    extra = rank_by not in ("auc", "accuracy")
     t = Table(title=f"medtl bench {data}")
-    for col in ("cell", "AUC", "accuracy", "trainable", "train s"):
+    for col in ("cell", f"val {metric}", f"{shown} AUC", f"{shown} accuracy",
+                *([f"{shown} {metric}"] if extra else []), "trainable", "train s"):
         t.add_column(col, justify="left" if col == "cell" else "right")
     for r in rows:
-        t.add_row(r["cell"], _num(r["auc"]), _num(r["accuracy"]), r["trainable_params"],
-                  _num(r["train_s"], 1))
+        val = (_num(r["val_value"]) if r["val_value"] not in ("", "None")
+               else f"– ({r['val_source']}: cannot be chosen)")
+        t.add_row(r["cell"] + (" (chosen)" if r["chosen"] == "yes" else ""), val,
+                  _num(r["auc"]), _num(r["accuracy"]), *([_num(r[rank_by])] if extra else []),
+                  r["trainable_params"], _num(r["train_s"], 1))
     out_console.print(t)
+    if rows and rows[0]["chosen"] == "yes":
+        out_console.print(f"chosen on validation {metric}; {shown} shown for the chosen run: "
+                          f"{rows[0]['cell']}", markup=False, soft_wrap=True)
+    else:
+        out_console.print("no cell has validation figures: none chosen", markup=False)
     out_console.print(f"leaderboard: {path / 'leaderboard.csv'}  report: {path / 'report.html'}")
 
 
@@ -604,16 +630,21 @@ def report(
                                                    "train`.")],
     out: Annotated[Path, typer.Option(help="HTML file to write.")] = Path("report.html"),
     split: Annotated[str, typer.Option(help="Split whose figures are compared.")] = "test",
+    rank_by: RankBy = "auc",
 ) -> None:
-    """Compare runs in one self-contained HTML page: a leaderboard by AUC with 95% CIs,
-    DeLong's paired test against the best run, ROC curves and AUC against training time.
+    """Compare runs in one self-contained HTML page: runs ranked and the best chosen on
+    validation (--rank-by), test figures with 95% CIs shown, DeLong's and McNemar's paired
+    tests against the chosen run, ROC curves and AUC against training time.
 
-    Example: [bold]medtl report runs/cxr-* --out cxr-report.html[/bold]
+    Example: [bold]medtl report runs/cxr-* --out cxr-report.html --rank-by accuracy[/bold]
     """
     from medtl.workflow import report as run_report
 
-    path = run_report(runs, out, split=split)
-    out_console.print(f"report written to {path}")
+    path = run_report(runs, out, split=split, rank_by=rank_by)
+    metric = "AUC" if rank_by == "auc" else rank_by.replace("_", " ")
+    out_console.print(f"report written to {path}: runs ranked and chosen on validation "
+                      f"{metric} (a run without validation figures cannot be chosen); {split} "
+                      "shown", markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

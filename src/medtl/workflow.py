@@ -405,14 +405,17 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
 
 
 def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
-           title: str | None = None, by_group: bool = False) -> Path:
-    """Compare saved runs in one self-contained HTML page: a leaderboard by AUC, with DeLong's
-    paired test of each run against the best, a ROC overlay and AUC against training time."""
+           title: str | None = None, by_group: bool = False, rank_by: str = "auc") -> Path:
+    """Compare saved runs in one self-contained HTML page: runs ranked and one chosen on their
+    validation ``rank_by`` (a cross-validation run's mean over folds; never on ``split``),
+    ``split``'s figures shown, DeLong's and McNemar's paired tests of each run against the
+    chosen one, ROC overlays and AUC against training time."""
     from medtl.files import atomic_write
-    from medtl.reporting.compare import compare_runs
+    from medtl.reporting.compare import check_rank_by, compare_runs
 
     if not runs:
         raise MedtlError("medtl report: name at least one run directory")
+    check_rank_by(rank_by)  # before any run is read
     paths = [Path(p) for p in runs]
     entries = [_report_entry(p, split) for p in paths]
     names = [e["name"] for e in entries]
@@ -420,7 +423,8 @@ def report(runs: Sequence[str | Path], out: str | Path, *, split: str = "test",
         if names.count(e["name"]) > 1:  # same leaf name: keep the parent to tell them apart
             e["name"] = f"{p.parent.name}/{p.name}"
     out = Path(out)
-    atomic_write(out, compare_runs(entries, split=split, title=title, by_group=by_group))
+    atomic_write(out, compare_runs(entries, split=split, title=title, by_group=by_group,
+                                   rank_by=rank_by))
     return out
 
 
@@ -432,7 +436,8 @@ def _report_entry(path: Path, split: str) -> dict[str, Any]:
         run = Run(path)
         folds = [Run(f).metrics for f in sorted((path / "folds").glob("fold-*"))
                  if (f / "config.json").is_file()]
-        return cv_entry(path.name, run.config, run.predictions(), folds, split)
+        return cv_entry(path.name, run.config, run.predictions(), folds, split,
+                        cv=run.metrics.get("cv"))
     run = load_run(path)
     metrics = run.metrics
     if split not in metrics:

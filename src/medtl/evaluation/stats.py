@@ -3,6 +3,8 @@
 - ``bootstrap_ci``: stratified bootstrap percentile intervals for the metrics.json figures.
 - ``delong_test``, ``delong_variance``, ``auc_ci_delong``: DeLong et al. (1988) for one ROC AUC or
   two correlated ones, computed with the midrank algorithm of Sun & Xu (2014).
+- ``mcnemar_test``: McNemar's paired test of two classifiers' decisions (right or wrong) on the
+  same images, for any number of classes.
 - ``youden_threshold``, ``threshold_for_sensitivity``, ``operating_point``: binary thresholds,
   where a case is called positive when ``score >= threshold``.
 - ``expected_calibration_error``, ``brier_score``, ``reliability_curve``, ``TemperatureScaler``.
@@ -322,6 +324,43 @@ def delong_test(y_true: Any, score_a: Any, score_b: Any) -> dict[str, Any]:
         "p_value": p_value,
         "covariance": cov.tolist(),
     }
+
+
+# Below this many discordant images the chi-square approximation is poor: exact binomial test.
+MCNEMAR_EXACT_BELOW = 25
+
+
+def mcnemar_test(correct_a: Any, correct_b: Any, *, exact: bool | None = None) -> dict[str, Any]:
+    """McNemar's paired test of two classifiers' decisions on the same images (two-sided).
+
+    ``correct_a`` and ``correct_b`` say, image by image, whether each classifier's decision was
+    right, so any number of classes is covered. Only the discordant images count: ``a_only``
+    (a right, b wrong) and ``b_only``. ``exact`` (default: fewer than
+    :data:`MCNEMAR_EXACT_BELOW` discordant images) uses the binomial test, whose ``statistic``
+    is ``min(a_only, b_only)``; otherwise the chi-square statistic with continuity correction
+    ``(|a_only - b_only| - 1)^2 / (a_only + b_only)``. Both are statsmodels' ``mcnemar(table,
+    exact=..., correction=True)`` conventions; no discordant image gives ``p_value`` 1.
+    """
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise MedtlError(f"McNemar's test needs one decision per image for both classifiers "
+                         f"(got shapes {a.shape} and {b.shape})")
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = a_only + b_only
+    if exact is None:
+        exact = discordant < MCNEMAR_EXACT_BELOW
+    if discordant == 0:  # nothing to tell them apart (and binomtest refuses n = 0)
+        statistic, p_value = 0.0, 1.0
+    elif exact:
+        statistic = float(min(a_only, b_only))
+        p_value = stats.binomtest(min(a_only, b_only), discordant, 0.5).pvalue
+    else:
+        statistic = (abs(a_only - b_only) - 1) ** 2 / discordant
+        p_value = stats.chi2.sf(statistic, 1)
+    return {"n": int(len(a)), "a_only": a_only, "b_only": b_only, "exact": bool(exact),
+            "statistic": float(statistic), "p_value": float(min(p_value, 1.0)),
+            "difference": (a_only - b_only) / len(a) if len(a) else 0.0}
 
 
 def _need_two_each(y: np.ndarray) -> None:

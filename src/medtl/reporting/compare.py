@@ -1,23 +1,32 @@
-"""The comparison report of ``medtl report``: a leaderboard by AUC, DeLong's paired test of each
-run against the best, a ROC overlay and AUC against training time.
+"""The comparison report of ``medtl report``: runs ranked and one chosen on validation, their
+test figures, DeLong's (binary) and McNemar's (any number of classes) paired tests of each run
+against the chosen one, ROC overlays (one-vs-rest panels for multi-class runs) and AUC against
+training time.
+
+The choice is made on validation figures only (a cross-validation run's mean over its held-out
+folds), never on the compared split: choosing on test would make the winner's figures
+optimistic and every "vs chosen" p-value invalid. A run without validation figures is listed
+but cannot be chosen.
 
 It works on plain data, not on run directories, so reporting sits below ``medtl.run`` in the
 layers: ``medtl.workflow.report`` loads the runs and hands over one entry per run, a dict with
 
 - ``name``: the label the leaderboard shows;
 - ``config``: the run's config.json;
-- ``metrics``: its metrics.json (at least ``metrics[split]``);
+- ``metrics``: its metrics.json (``metrics[split]``, and ``val`` or ``cv`` for the choice);
 - ``rows``: its predictions.csv rows of the compared split.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from medtl.evaluation.stats import delong_test
+from medtl.errors import check_choice
+from medtl.evaluation.stats import delong_test, mcnemar_test
 from medtl.evaluation.summary import split_summary
 from medtl.reporting import plots
 from medtl.reporting.html import render_comparison
@@ -25,25 +34,67 @@ from medtl.reporting.html import render_comparison
 Entry = dict[str, Any]
 _Image = tuple[str, str, str, str]  # path, slice, key, index: one row's image
 
+# The metrics.json figures a comparison can rank on (read on validation, shown on test).
+RANK_METRICS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+_OVR_MAX_CLASSES = 24  # one panel per class: beyond this the figure is too big to read
+
+
+def check_rank_by(rank_by: str) -> str:
+    """``rank_by`` if it is one of :data:`RANK_METRICS`, else a MedtlError naming them."""
+    return check_choice("--rank-by metric", rank_by, RANK_METRICS)
+
+
+def validation_score(metrics: Mapping[str, Any], rank_by: str = "auc") -> tuple[float | None, str]:
+    """The figure a run is chosen on, and where it comes from (or why there is none).
+
+    ``metrics`` is a metrics.json: its ``val`` figure, or for a cross-validation run the mean of
+    its held-out folds (``cv.mean``). Never the test figure.
+    """
+    if isinstance(metrics.get("cv"), Mapping):
+        source, figures = "cv mean", metrics["cv"].get("mean")
+    elif isinstance(metrics.get("val"), Mapping):
+        source, figures = "validation", metrics["val"]
+    else:
+        return None, "no validation figures"
+    value = figures.get(rank_by) if isinstance(figures, Mapping) else None
+    # metrics.json comes from a run directory, which may be someone else's: numbers only.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None, f"no {source} {rank_by}"
+    return float(value), source
+
+
+def rank_on_validation(entries: Sequence[Entry], rank_by: str = "auc") -> list[Entry]:
+    """``entries`` best validation figure first, each given ``choice`` (the figure, or None)
+    and ``choice_source``; those that cannot be chosen follow in the order given."""
+    entries = list(entries)
+    for e in entries:
+        e["choice"], e["choice_source"] = validation_score(e["metrics"], rank_by)
+    # A stable sort on validation alone: ties keep the order given, never the test figures.
+    entries.sort(key=lambda e: (e["choice"] is None, -(e["choice"] or 0.0)))
+    return entries
+
 
 def compare_runs(entries: Sequence[Entry], *, split: str = "test", title: str | None = None,
-                 by_group: bool = False) -> str:
-    """The self-contained HTML page comparing ``entries`` on ``split``, best AUC first.
+                 by_group: bool = False, rank_by: str = "auc") -> str:
+    """The self-contained HTML page comparing ``entries`` on ``split``.
 
-    Each entry but the best gets a ``delong`` key: the test against the best, or why it could
-    not be computed. ``by_group`` adds the best run per strategy and the AUC by transfer
-    approach and by backbone.
+    Runs are ranked on their validation ``rank_by`` (:func:`rank_on_validation`) and the first
+    is the chosen run; ``split``'s figures are shown. Each other entry gets ``delong`` and
+    ``mcnemar`` keys: the paired test against the chosen run, or why it could not be made.
+    ``by_group`` adds the chosen run per strategy and the AUC by transfer approach and by
+    backbone.
     """
-    entries = list(entries)
-    entries.sort(key=lambda e: -(e["metrics"][split].get("auc") or -1.0))
-    best = entries[0]
-    for e in entries[1:]:
-        e["delong"] = _delong_against(best, e)
-    figures = {}
-    curves = [c for e in entries if (c := _roc_curve_input(e)) is not None]
-    if curves:
-        figures[f"ROC curves, {split}"] = plots.roc_overlay_png(curves,
-                                                                title=f"ROC curves, {split}")
+    rank_by = check_rank_by(rank_by)
+    entries = rank_on_validation(entries, rank_by)
+    chosen = entries[0] if entries and entries[0]["choice"] is not None else None
+    for e in entries:
+        if e is chosen:
+            continue
+        if chosen is None:
+            e["delong"] = e["mcnemar"] = "no run chosen (no validation figures)"
+        else:
+            e["delong"], e["mcnemar"] = _delong_against(chosen, e), _mcnemar_against(chosen, e)
+    figures = _roc_figures(entries, split)
     points = [{"run": e["name"], "auc": e["metrics"][split].get("auc"),
                "train_s": e["metrics"].get("timing", {}).get("train_s"),
                "strategy": e["config"].get("strategy"), "backbone": e["config"].get("backbone")}
@@ -53,16 +104,37 @@ def compare_runs(entries: Sequence[Entry], *, split: str = "test", title: str | 
         figures["AUC by transfer approach"] = plots.grouped_png(points, group="strategy")
         figures["AUC by backbone"] = plots.grouped_png(points, group="backbone")
     return render_comparison(entries, figures=figures, split=split, title=title,
-                             best_per="strategy" if by_group else None)
+                             best_per="strategy" if by_group else None, rank_by=rank_by)
+
+
+def _roc_figures(entries: Sequence[Entry], split: str) -> dict[str, bytes]:
+    """The binary runs' ROC overlay and the multi-class runs' one-vs-rest panels."""
+    figures = {}
+    curves = [c for e in entries if (c := _roc_curve_input(e)) is not None]
+    if curves:
+        figures[f"ROC curves, {split}"] = plots.roc_overlay_png(curves,
+                                                                title=f"ROC curves, {split}")
+    multi = [e for e in entries if len(e["config"].get("classes") or []) > 2]
+    if multi:
+        # The panels are classes, so only runs with the first multi-class run's classes.
+        classes = list(multi[0]["config"]["classes"])
+        runs = [r for e in multi if list(e["config"]["classes"]) == classes
+                and (r := _labels_proba(e, classes)) is not None]
+        if runs and len(classes) <= _OVR_MAX_CLASSES:
+            caption = f"One-vs-rest ROC curves, {split}"
+            figures[caption] = plots.roc_ovr_overlay_png(runs, classes, title=caption)
+    return figures
 
 
 def cv_entry(name: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, str]],
-             fold_metrics: Sequence[Mapping[str, Any]], split: str) -> Entry:
+             fold_metrics: Sequence[Mapping[str, Any]], split: str,
+             cv: Mapping[str, Any] | None = None) -> Entry:
     """A cross-validation run as an entry: its out-of-fold predictions (every train + val
     image, each scored by the fold that held it out) stand in for ``split``, so runs
     cross-validated on the same data can be ranked and compared with DeLong's test.
 
-    ``rows`` are the run's predictions.csv rows, ``fold_metrics`` each fold's metrics.json.
+    ``rows`` are the run's predictions.csv rows, ``fold_metrics`` each fold's metrics.json,
+    ``cv`` its metrics.json ``cv`` summary (whose mean over folds the run is chosen on).
     """
     cfg = dict(config)
     classes = cfg["classes"]
@@ -74,9 +146,11 @@ def cv_entry(name: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, s
     proba = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in ok])
     timing = {"train_s": sum(m.get("timing", {}).get("train_s") or 0 for m in fold_metrics)}
     params = fold_metrics[0].get("params", {}) if fold_metrics else {}
-    return {"name": name, "config": cfg,
-            "metrics": {split: split_summary(y, proba, classes=classes, positive=positive),
-                        "timing": timing, "params": params},
+    metrics = {split: split_summary(y, proba, classes=classes, positive=positive),
+               "timing": timing, "params": params}
+    if cv is not None:
+        metrics["cv"] = cv
+    return {"name": name, "config": cfg, "metrics": metrics,
             "rows": [{**r, "split": split} for r in ok]}
 
 
@@ -89,13 +163,37 @@ def _labels_scores(entry: Entry) -> tuple[dict[_Image, int], dict[_Image, float]
     for r in entry["rows"]:
         if r.get(f"prob_{positive}") in (None, ""):
             continue
-        # The slices of a volume and the images of an .npz share their path: the image is the
-        # path with its slice or array key and index (empty for an image file).
-        image = (r["path"], str(r.get("slice", "")), str(r.get("key", "")),
-                 str(r.get("index", "")))
-        labels[image] = int(r["label"] == positive)
-        scores[image] = float(r[f"prob_{positive}"])
+        labels[_image(r)] = int(r["label"] == positive)
+        scores[_image(r)] = float(r[f"prob_{positive}"])
     return labels, scores
+
+
+def _image(row: Mapping[str, Any]) -> _Image:
+    # The slices of a volume and the images of an .npz share their path: the image is the
+    # path with its slice or array key and index (empty for an image file).
+    return (str(row["path"]), str(row.get("slice", "")), str(row.get("key", "")),
+            str(row.get("index", "")))
+
+
+def _scored(entry: Entry) -> list[Mapping[str, Any]]:
+    """The rows the run could score (an unreadable image has empty probabilities)."""
+    classes = entry["config"].get("classes") or []
+    return [r for r in entry["rows"]
+            if classes and all(r.get(f"prob_{c}") not in (None, "") for c in classes)]
+
+
+def _labels_proba(entry: Entry, classes: Sequence[str]) -> tuple[str, list[int], Any] | None:
+    """``(name, class indices, (n, k) probabilities)`` of a run's labelled rows."""
+    rows = [r for r in _scored(entry) if r.get("label") in classes]
+    if not rows:
+        return None
+    proba = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    return entry["name"], [classes.index(r["label"]) for r in rows], proba
+
+
+def _decisions(entry: Entry) -> dict[_Image, tuple[str, str]]:
+    """{image: (label, the run's decision)} of the rows the run scored."""
+    return {_image(r): (str(r.get("label")), str(r.get("prediction"))) for r in _scored(entry)}
 
 
 def _roc_curve_input(entry: Entry) -> tuple[str, list[int], list[float]] | None:
@@ -107,7 +205,7 @@ def _roc_curve_input(entry: Entry) -> tuple[str, list[int], list[float]] | None:
 
 
 def _delong_against(best: Entry, other: Entry) -> dict[str, Any] | str:
-    """DeLong's paired test of ``best`` against ``other``, or why it cannot be computed."""
+    """DeLong's paired test of ``best`` (the chosen run) against ``other``, or why not."""
     a, b = _labels_scores(best), _labels_scores(other)
     if a is None or b is None:
         return "binary runs only"
@@ -118,5 +216,21 @@ def _delong_against(best: Entry, other: Entry) -> dict[str, Any] | str:
         return "labels differ or hold one class"
     result = delong_test([a[0][p] for p in paths], [a[1][p] for p in paths],
                          [b[1][p] for p in paths])
-    # Sign as "this run minus the best", which is what a leaderboard row reads.
+    # Sign as "this run minus the chosen one", which is what a leaderboard row reads.
+    return {**result, "difference": -result["difference"]}
+
+
+def _mcnemar_against(chosen: Entry, other: Entry) -> dict[str, Any] | str:
+    """McNemar's paired test of the decisions of ``chosen`` and ``other``, or why not."""
+    a, b = _decisions(chosen), _decisions(other)
+    if not a or not b:
+        return "no scored images"
+    if set(a) != set(b):
+        return "different test images"
+    images = sorted(a)
+    if any(a[i][0] != b[i][0] for i in images):
+        return "labels differ"
+    result = mcnemar_test([a[i][0] == a[i][1] for i in images],
+                          [b[i][0] == b[i][1] for i in images])
+    # Accuracy difference as "this run minus the chosen one".
     return {**result, "difference": -result["difference"]}

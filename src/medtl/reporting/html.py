@@ -453,41 +453,46 @@ def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[
 
 
 # ------------------------------------------------------------------------------ comparison
+_RANK_NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "f1": "F1"}
+
+
 def render_comparison(entries: Sequence[Mapping[str, Any]], *,
                       figures: Mapping[str, bytes] | None = None, split: str = "test",
-                      title: str | None = None, best_per: str | None = None) -> str:
+                      title: str | None = None, best_per: str | None = None,
+                      rank_by: str = "auc") -> str:
     """The leaderboard page of ``medtl report``.
 
-    ``entries`` are dicts with ``name``, ``config``, ``metrics`` and optionally ``delong``
-    (the DeLong test against the best run, or a reason it could not be computed), best first.
+    ``entries`` are dicts with ``name``, ``config``, ``metrics``, ranked on validation
+    (medtl.reporting.compare): ``choice`` is the validation ``rank_by`` figure a run is chosen
+    on (None: it cannot be chosen), and when the first entry has one it is the chosen run.
+    ``delong`` and ``mcnemar`` hold the paired tests against it, or why they could not be made.
     """
+    metric = _RANK_NAMES.get(rank_by, rank_by)
+    chosen = entries[0] if entries and entries[0].get("choice") is not None else None
+    extra = rank_by not in ("auc", "accuracy", "sensitivity", "specificity")
     rows, marks = [], []
     for i, e in enumerate(entries):
         m, cfg = e["metrics"].get(split, {}), e["config"]
         timing, params = e["metrics"].get("timing", {}), e["metrics"].get("params", {})
-        d = e.get("delong")
-        if i == 0:
-            delong = "best"
-        elif isinstance(d, Mapping):
-            delong = f"{d['difference']:+.3f}, {_p(d['p_value'])}"
-        else:
-            delong = f"<span class=note>{_e(d or '–')}</span>"
-        rows.append([str(i + 1), f"<code>{_e(e['name'])}</code>", _e(cfg.get("backbone")),
-                     _e(cfg.get("strategy")), _with_ci(m, "auc"), delong,
-                     _with_ci(m, "accuracy"), _fmt(m.get("sensitivity")),
-                     _fmt(m.get("specificity")), _fmt(params.get("trainable")),
-                     _fmt(timing.get("train_s"), 1), _fmt(timing.get("predict_images_per_s"), 1)])
-        marks.append("best" if i == 0 else "")
+        rows.append([str(i + 1) if e.get("choice") is not None else "–",
+                     f"<code>{_e(e['name'])}</code>", _e(cfg.get("backbone")),
+                     _e(cfg.get("strategy")), _choice_cell(e), _with_ci(m, "auc"),
+                     _vs(e, "delong", chosen), _vs(e, "mcnemar", chosen),
+                     _with_ci(m, "accuracy"), *([_with_ci(m, rank_by)] if extra else []),
+                     _fmt(m.get("sensitivity")), _fmt(m.get("specificity")),
+                     _fmt(params.get("trainable")), _fmt(timing.get("train_s"), 1),
+                     _fmt(timing.get("predict_images_per_s"), 1)])
+        marks.append("best" if e is chosen else "")
     heading = title or "medtl"
+    header = ["#", "run", "backbone", "strategy", f"validation {_e(metric)} (choice)",
+              f"{_e(split)} AUC (95% CI)", "vs chosen: ΔAUC, DeLong",
+              "vs chosen: Δaccuracy, McNemar", f"{_e(split)} accuracy (95% CI)",
+              *([f"{_e(split)} {_e(metric)}"] if extra else []), "sensitivity", "specificity",
+              "trainable params", "train s", "images/s"]
     body = [f"<h1>{_e(heading)}: {len(entries)} runs compared on {_e(split)}</h1>",
-            "<p class=note>Ranked by AUC. DeLong's test compares each run's AUC with the best "
-            "run's on the same images (paired; difference and two-sided p-value). 95% "
-            "confidence intervals in brackets.</p>",
-            _table(["#", "run", "backbone", "strategy", "AUC (95% CI)", "vs best: ΔAUC, DeLong",
-                    "accuracy (95% CI)", "sensitivity", "specificity", "trainable params",
-                    "train s", "images/s"], rows, marks)]
+            _choice_note(entries, chosen, metric, split), _table(header, rows, marks)]
     if best_per:
-        body.append(_best_per_html(entries, best_per, split))
+        body.append(_best_per_html(entries, best_per, split, metric))
     if figures:
         body.append("<h2>Plots</h2><div class=figs>" + "".join(
             f"<figure>{_img(png, cap)}<figcaption>{_e(cap)}</figcaption></figure>"
@@ -495,22 +500,73 @@ def render_comparison(entries: Sequence[Mapping[str, Any]], *,
     return _page(heading, "".join(body), wide=True)
 
 
-def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str) -> str:
-    """The best run of each value of ``config[key]`` (entries come best first), with its
-    DeLong test against the overall best."""
+def _choice_note(entries: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any] | None,
+                 metric: str, split: str) -> str:
+    """How the run was chosen and what the paired tests compare, as the page says it."""
+    if chosen is None:
+        how = ("<b>No run is chosen</b>: none has validation figures, and choosing on "
+               f"{_e(split)} would make the winner's figures optimistic. Runs are listed in "
+               "the order given, without paired tests.")
+    else:
+        unchoosable = sum(e.get("choice") is None for e in entries)
+        how = (f"<b>Chosen on validation {_e(metric)}; {_e(split)} shown for the chosen "
+               f"run</b> (and for the others, for reference). Runs are ranked on validation "
+               f"{_e(metric)} (for a cross-validation run, its mean over the held-out folds), "
+               f"never on {_e(split)}: choosing on {_e(split)} would make the winner's figures "
+               "optimistic and the p-values invalid."
+               + (f" {unchoosable} run{'s' if unchoosable > 1 else ''} without validation "
+                  f"figures cannot be chosen and {'are' if unchoosable > 1 else 'is'} listed "
+                  "last." if unchoosable else ""))
+        if split in ("val", "validation"):
+            how += " The figures shown are the ones the choice was made on: optimistic."
+        if any("cv" in e["metrics"] for e in entries):
+            how += (" A cross-validation run's figures are its pooled out-of-fold predictions, "
+                    "the same images its choice figure comes from.")
+    return (f"<p class=note>{how} Paired tests against the chosen run, on the same images, "
+            "two-sided: DeLong's test of the AUCs (binary runs) and McNemar's test of the "
+            "decisions, right or wrong (any number of classes; exact binomial test when fewer "
+            "than 25 images are discordant, otherwise chi-square with continuity correction). "
+            "95% confidence intervals in brackets.</p>")
+
+
+def _choice_cell(e: Mapping[str, Any]) -> str:
+    if e.get("choice") is None:
+        why = e.get("choice_source") or "no validation figures"
+        return f"<span class=note>{_e(why)}: cannot be chosen</span>"
+    source = e.get("choice_source")
+    return _fmt(e["choice"]) + (f" <small>({_e(source)})</small>"
+                                if source and source != "validation" else "")
+
+
+def _vs(e: Mapping[str, Any], test: str, chosen: Mapping[str, Any] | None) -> str:
+    """One "vs chosen" cell: the difference and p-value, or why the test was not made."""
+    if e is chosen:
+        return "chosen"
+    d = e.get(test)
+    if isinstance(d, Mapping):
+        exact = " <small>(exact)</small>" if d.get("exact") else ""
+        return f"{d['difference']:+.3f}, {_p(d['p_value'])}{exact}"
+    return f"<span class=note>{_e(d or '–')}</span>"
+
+
+def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str,
+                   metric: str = "AUC") -> str:
+    """The run chosen for each value of ``config[key]`` (entries come ranked on validation;
+    runs that cannot be chosen are left out), with its paired tests against the chosen one."""
+    chosen = entries[0] if entries and entries[0].get("choice") is not None else None
     seen: dict[str, Mapping[str, Any]] = {}
     for e in entries:
-        seen.setdefault(str(e["config"].get(key)), e)
-    rows = []
-    for value, e in seen.items():
-        d = e.get("delong")
-        vs = ("best overall" if e is entries[0] else
-              f"{d['difference']:+.3f}, {_p(d['p_value'])}" if isinstance(d, Mapping)
-              else _e(d or "–"))
-        rows.append([_e(value), f"<code>{_e(e['name'])}</code>",
-                     _with_ci(e["metrics"].get(split, {}), "auc"), vs])
-    return (f"<h2>Best run per {_e(key)}</h2>"
-            + _table([_e(key), "run", "AUC (95% CI)", "vs best: ΔAUC, DeLong"], rows))
+        if e.get("choice") is not None:
+            seen.setdefault(str(e["config"].get(key)), e)
+    rows = [[_e(value), f"<code>{_e(e['name'])}</code>", _choice_cell(e),
+             _with_ci(e["metrics"].get(split, {}), "auc"),
+             "chosen overall" if e is chosen else _vs(e, "delong", chosen),
+             "chosen overall" if e is chosen else _vs(e, "mcnemar", chosen)]
+            for value, e in seen.items()]
+    return (f"<h2>Best run per {_e(key)}</h2><p class=note>Chosen on validation {_e(metric)}; "
+            f"{_e(split)} shown.</p>"
+            + _table([_e(key), "run", f"validation {_e(metric)}", f"{_e(split)} AUC (95% CI)",
+                      "vs chosen: ΔAUC, DeLong", "vs chosen: Δaccuracy, McNemar"], rows))
 
 
 def _p(p: float) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "reliability_png",
     "roc_band",
     "roc_overlay_png",
+    "roc_ovr_overlay_png",
     "roc_png",
     "scatter_cost_png",
     "training_curves_png",
@@ -210,6 +211,46 @@ def roc_overlay_png(curves: Sequence[tuple[str, Any, Any]], *,
         ax.plot(fpr, tpr, color=f"C{i % 10}", linewidth=1.5,
                 label=f"{name} (AUC {_trapezoid_auc(fpr, tpr):.3f})")
     _roc_axes(ax, title, fontsize=7)
+    return _png(fig)
+
+
+_OVR_COLUMNS = 3
+_OVR_PANEL_IN = 3.2
+
+
+def roc_ovr_overlay_png(runs: Sequence[tuple[str, Any, Any]], class_names: Sequence[str], *,
+                        title: str = "One-vs-rest ROC curves, test") -> bytes:
+    """Multi-class runs' one-vs-rest ROC curves: one panel per class, each run a curve in it.
+
+    ``runs`` holds ``(name, labels, proba)``: class indices into ``class_names`` and the (n, k)
+    class probabilities, on the same images for every run. A class absent from the labels (or
+    the only one present) gets an empty panel that says so.
+    """
+    k = len(class_names)
+    cols = min(k, _OVR_COLUMNS)
+    rows = math.ceil(k / cols)
+    fig = _figure((_OVR_PANEL_IN * cols, _OVR_PANEL_IN * rows + 0.4))
+    fig.suptitle(title)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for c, (ax, name) in enumerate(zip(axes, class_names, strict=False)):
+        for i, (run, y_true, proba) in enumerate(runs):
+            y = (np.asarray(y_true) == c).astype(int)
+            if y.min(initial=1) == y.max(initial=0):
+                continue  # one-vs-rest undefined for this class on these images
+            s = np.asarray(proba, dtype=float)[:, c]
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, color=f"C{i % 10}", linewidth=1.2,
+                    label=f"{run} ({_trapezoid_auc(fpr, tpr):.3f})")
+        if not ax.lines:
+            _note(ax, f"{name}: needs cases of it\nand of the other classes")
+            ax.set_title(str(name)[:_LABEL_CHARS], fontsize=9)
+            continue
+        _roc_axes(ax, str(name)[:_LABEL_CHARS], fontsize=6)
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(7)
+        ax.yaxis.label.set_fontsize(7)
+    for ax in axes[k:]:
+        ax.set_axis_off()
     return _png(fig)
 
 
