@@ -146,3 +146,70 @@ def test_a_head_file_may_hold_only_the_types_its_kind_needs(tmp_path):
     path.write_bytes(b"not a zip")
     with pytest.raises(MedtlError, match="not a head file"):
         SklearnHead.load(path, "logreg")
+
+
+def _latin1_named_data(root):
+    """The blob dataset with one test image renamed to Latin-1 bytes (a Windows zip's
+    b'caf\\xe9[1].png'), or a skip where the file system refuses such a name."""
+    import os
+
+    from .conftest import write_blob_images
+
+    data = write_blob_images(root, n_per_class=6, size=32)
+    src = next((data / "test" / "disc").iterdir())
+    try:
+        os.rename(os.fsencode(src), os.fsencode(src.parent) + b"/caf\xe9[1].png")
+    except OSError as exc:  # macOS and some mounts refuse names that are not UTF-8
+        pytest.skip(f"the file system refuses a non-UTF-8 name ({exc})")
+    return data, os.fsdecode(os.fsencode(src.parent) + b"/caf\xe9[1].png")
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped_everywhere(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Training, predicting, evaluating, explaining and reporting over a file whose name is not
+    UTF-8 all finish, and every file written names it the one way: caf\\xe9[1].png."""
+    from medtl.cli import main
+
+    data, latin = _latin1_named_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    fast = ["--weights", "random", "--image-size", "32", "-q"]
+    commands = [["train", str(data), "--strategy", "hybrid", "--engine", "torch", "--out", "run",
+                 *fast],
+                ["predict", "run", latin, "--output", "p.csv", "-q"],
+                ["predict", "run", latin, "-q"],
+                ["evaluate", "run", str(data), "--output", "e.csv", "-q"],
+                ["explain", "run", latin, "--out", "maps", "-q"],
+                ["report", "run", "run", "--out", "r.html"]]
+    for argv in commands:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code in (0, None), (argv, capsys.readouterr())
+    shown = capsys.readouterr().out
+    assert "caf\\xe9[1].png" in shown  # the predict table: escaped, brackets kept
+    written = [p for p in tmp_path.rglob("*") if p.suffix in (".csv", ".json", ".txt", ".html")
+               and "data" not in p.parts]
+    texts = {p.name: p.read_text(encoding="utf-8") for p in written}  # all valid UTF-8
+    for name in ("predictions.csv", "p.csv", "e.csv", "explanations.csv", "report.html"):
+        assert "caf\\xe9[1].png" in texts[name], name
+    assert not any("\\udce9" in t or "\udce9" in t for t in texts.values())
+
+
+def test_text_that_utf8_cannot_hold_is_escaped_in_json_csv_and_logs(tmp_path):
+    import json
+
+    from medtl.console import log, printable, run_logging
+    from medtl.files import escape_undecodable, write_csv, write_json
+
+    name = "caf\udce9\ud800.png"
+    assert escape_undecodable(name) == "caf\\xe9\\ud800.png"
+    assert escape_undecodable("café 😀") == "café 😀"  # valid text is left alone
+    write_json(tmp_path / "a.json", {"path": name, name: [name], "ok": "😀"})
+    assert json.loads((tmp_path / "a.json").read_text("utf-8")) == {
+        "path": "caf\\xe9\\ud800.png", "caf\\xe9\\ud800.png": ["caf\\xe9\\ud800.png"], "ok": "😀"}
+    write_csv(tmp_path / "a.csv", [{"path": name, "p": 0.5}])
+    assert (tmp_path / "a.csv").read_text("utf-8") == "path,p\ncaf\\xe9\\ud800.png,0.5\n"
+    with run_logging(tmp_path, quiet=True):
+        log.info("skipped %s", name)
+
+    assert "skipped caf\\xe9\\ud800.png" in (tmp_path / "log.txt").read_text("utf-8")
+    assert printable("a\x1b[31m\u202eb\udce9\n", keep="\n") == "a\\x1b[31m\\u202eb\\xe9\n"

@@ -34,7 +34,7 @@ def test_a_run_written_by_medtl_0_1_loads_and_predicts_what_it_saved():
         # One split per call, as the run scored them: ONNX Runtime's float32 sums may differ in
         # the last bit with the batch's composition.
         images = sorted(str(p) for p in (FIXTURE / "data" / split).rglob("*.png"))
-        for row in medtl.predict(run, images, quiet=True):
+        for row in medtl.predict(run, images, quiet=True, paths="absolute"):
             for c in cfg["classes"]:
                 assert row[f"prob_{c}"] == float(saved[_below_data(row["path"])][f"prob_{c}"])
     again = medtl.evaluate(run, FIXTURE / "data", quiet=True)
@@ -62,7 +62,9 @@ def test_a_cross_validation_run_has_the_layout_of_an_upgraded_0_1_one(tmp_path):
     cfg = medtl.Run(out).config
     old = bundle.upgrade_config(json.loads((FIXTURE / "cv-config.json").read_text()))
     assert cfg.keys() == old.keys()
-    assert cfg["kind"] == "cv" and cfg["data"].keys() == old["data"].keys()
+    # --paths adds how the data is named (0.1 named it by absolute path, the reading default).
+    assert cfg["kind"] == "cv" and cfg["data"].keys() == old["data"].keys() | {
+        "paths", "source_relative_to"}
     assert json.loads((out / "config.json").read_text())["format"] == 2  # written, not upgraded
     for k in (1, 2):
         fold = medtl.load_run(bundle.fold_path(out, k))
@@ -268,3 +270,87 @@ def test_an_interrupted_training_resumes_from_its_draft(tmp_path, monkeypatch):
     assert run.metrics["timing"]["resumed_s"] > 0  # the epochs came from the checkpoint
     assert not bundle.partial_dir(out).exists() and not (out / "checkpoints").exists()
     assert medtl.load_run(out).config["kind"] == "single"
+
+
+# ------------------------------------------------------------------------- where a run may go
+def _listing(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (links not followed) with a file's bytes."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink()
+                                       else None) for p in sorted(root.rglob("*"))}
+
+
+def test_an_out_that_is_a_file_or_a_symbolic_link_is_refused_before_anything_is_written(
+        tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "victim.txt").write_text("precious")
+    (tmp_path / "to-dir").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / ".planted.lock").symlink_to(tmp_path / "victim.txt")
+    (tmp_path / ".planted2.partial").symlink_to(tmp_path / "elsewhere")
+    before = _listing(tmp_path)
+    for out, why in [("afile", "not a directory"), ("to-dir", "symbolic link"),
+                     ("dangling", "symbolic link"), ("planted", r"\.planted\.lock: is a symb"),
+                     ("planted2", r"\.planted2\.partial: is a symb")]:
+        for resume in (False, True):
+            with pytest.raises(MedtlError, match=why), \
+                    bundle.writing_run(tmp_path / out, overwrite=True, resume=resume):
+                pytest.fail("a draft was opened")
+    assert _listing(tmp_path) == before  # the link targets untouched, nothing created
+
+
+def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path):
+    from medtl.files import hold_lock
+
+    (tmp_path / "victim.txt").write_text("precious")
+    (tmp_path / "x.lock").symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(OSError), hold_lock(tmp_path / "x.lock"):
+        pass
+    assert (tmp_path / "victim.txt").read_text() == "precious"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_a_folder_without_write_permission_is_one_error_at_once(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(MedtlError, match="cannot write a run there.*ermission denied"), \
+                bundle.writing_run(locked / "run"):
+            pytest.fail("a draft was opened")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_permission_errors_while_opening_or_committing_a_run_name_the_path(tmp_path,
+                                                                           monkeypatch):
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bundle, "_make_partial", refused)
+    with pytest.raises(MedtlError, match=r"run: cannot write a run there \(.*\.run\.partial: "
+                                         "Permission denied"), bundle.writing_run(tmp_path / "run"):
+        pytest.fail("a draft was opened")
+    monkeypatch.undo()
+    monkeypatch.setattr(bundle.RunDraft, "commit", refused)
+    with pytest.raises(MedtlError, match=r"the run is complete in .*\.run\.partial but could not "
+                                         "be put in place"), \
+            bundle.writing_run(tmp_path / "run") as draft:
+        _finish(draft)
+    assert (draft.path / "config.json").is_file()  # the finished run is kept, not lost
+
+
+def test_a_config_json_that_is_a_device_does_not_make_a_folder_a_run(tmp_path):
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    d = tmp_path / "d"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "model.json").write_text("{}")
+    pad = "x" * (5 << 20)  # past any config.json medtl wrote: refused unread
+    (d / "config.json").write_text(f'{{"backbone": "b", "strategy": "s", "classes": [], '
+                                   f'"pad": "{pad}"}}')
+    assert not bundle.is_run(d)  # (first: without the bound, the next read exhausts memory)
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("/dev/zero")  # read without a bound, this never ends
+    assert not bundle.is_run(d)

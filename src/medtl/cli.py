@@ -5,6 +5,7 @@ User mistakes (MedtlError) print one line and exit 2; option errors exit 2 throu
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from medtl.console import console
+from medtl.console import console, printable
 from medtl.errors import MedtlError
 
 app = typer.Typer(
@@ -23,14 +24,32 @@ app = typer.Typer(
     help="Transfer learning for medical image classification, evaluated the way journals ask.",
     rich_markup_mode="rich",
 )
+
+
+class _TextConsole(Console):
+    """A console that prints every string as the text it is. Results name the user's files,
+    folders and patterns: read as markup, 'scan[left].png' would print as 'scan.png' and
+    '[/_](P\\d+)' would crash; control characters (ESC) would steer the terminal, and a file
+    name that is not UTF-8 would fail to print. So no markup, no :emoji: codes, and every
+    character that is not printable escaped (newlines kept); styles come from Text objects."""
+
+    def render_str(self, text: str, **kwargs) -> Text:  # type: ignore[override]
+        return super().render_str(printable(text, keep="\n"), **kwargs)
+
+
 # Tables and results go to stdout; when that is a file or pipe, rich's 80 columns would
 # truncate the tables, so give them room.
-out_console = Console() if sys.stdout.isatty() else Console(width=120)
+out_console = _TextConsole(markup=False, emoji=False,
+                           width=None if sys.stdout.isatty() else 120)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted in "
                                                           "the log) instead of stopping.")]
+PathsOption = Annotated[str, typer.Option(
+    "--paths", help="How the data's paths are written into outputs: relative (to the data "
+                    "folder, or the folder or file given) | hashed (salted pseudonyms) | "
+                    "absolute.")]
 PatientRegex = Annotated[str | None, typer.Option(
     help="Regex whose first group is the patient id in a file name; validation is then carved "
          "by patient. Kermany: '(person\\d+|IM-\\d+)'.")]
@@ -133,7 +152,8 @@ def models(
         t.add_row(r["name"], r["group"], str(r["year"]), f"{r['params_total'] / 1e6:.1f}",
                   f"{r['params_features'] / 1e6:.1f}", str(r["feature_dim"]),
                   str(r["input_size"]),
-                  f"[green]yes[/green] ({r['weights_source'].split(':')[0]})" if ok else "no")
+                  Text.assemble(("yes", "green"), f" ({r['weights_source'].split(':')[0]})")
+                  if ok else "no")
     out_console.print(t)
     missing = [r for r in rows if not r["imagenet_weights"]]
     if missing:
@@ -250,7 +270,7 @@ def _print_check(result: dict) -> None:
         t.add_column("count", justify="right")
         t.add_column("example")
         for p in problems:
-            kind = f"[red]{p['kind']}[/red]" if p["leakage"] else p["kind"]
+            kind = Text(p["kind"], style="red") if p["leakage"] else p["kind"]
             t.add_row(kind, str(p["count"]), _check_example(p))
         out_console.print(t)
         for p in problems:
@@ -335,8 +355,13 @@ def train(
                                                           "point, the highest threshold "
                                                           "reaching this sensitivity on "
                                                           "val.")] = 0.9,
+    positive_class: Annotated[str | None, typer.Option(help="Binary: the class sensitivity, "
+                                                            "specificity, operating points and "
+                                                            "ROC refer to (default: the last "
+                                                            "in name order).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its "
-                                              "last checkpoint.")] = False,
+                                              "last checkpoint; refused if any option or the "
+                                              "data changed.")] = False,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation over train + val "
                                                    "(grouped by patient); test untouched.")]
     = None,
@@ -363,6 +388,7 @@ def train(
                                         "frozen-feature cache.")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch and ONNX "
                                                      "Runtime (default: every core).")] = None,
+    paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
     """Train a transfer-learned classifier and write a run directory.
@@ -384,7 +410,7 @@ def train(
     run = run_train(data, options, target_sensitivity=target_sensitivity, out=out,
                     overwrite=overwrite, resume=resume, patient_regex=patient_regex,
                     val_fraction=val_fraction, window=window, slices=slices, mode=mode,
-                    folds=folds)
+                    folds=folds, positive_class=positive_class, paths=paths)
     if folds is not None:
         out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",
                                     run.metrics["cv"]))
@@ -392,6 +418,10 @@ def train(
         out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
         if points := _operating_points(run.metrics):
             out_console.print(points)
+    if run.metrics.get("positive_class"):
+        out_console.print(f"positive class: {run.metrics['positive_class']} (sensitivity, "
+                          "specificity and operating points refer to it)", markup=False,
+                          highlight=False)
     out_console.print(f"run: {run.path}  (report: {run.path / 'report.html'})")
 
 
@@ -406,6 +436,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
     """Score a saved run on a split (default test) of its data or of other data.
@@ -416,7 +447,7 @@ def evaluate(
     from medtl.workflow import evaluate as run_evaluate
 
     result = run_evaluate(run, data, split=split, device=device, skip_bad=skip_bad,
-                          quiet=quiet)
+                          quiet=quiet, paths=paths)
     if output:
         write_csv(output, result["rows"])
     if as_json:
@@ -433,6 +464,7 @@ def predict(
                                                      "(default: print them).")] = None,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
     """Predict class probabilities for new images with a saved run.
@@ -442,7 +474,7 @@ def predict(
     from medtl.workflow import predict as run_predict
 
     rows = run_predict(run, inputs, output=output, device=device, skip_bad=skip_bad,
-                       quiet=quiet)
+                       quiet=quiet, paths=paths)
     if output:
         out_console.print(f"{len(rows)} predictions written to {output}")
         return
@@ -471,6 +503,7 @@ def explain(
     )] = False,
     device: Device = "auto",
     skip_bad: SkipBad = False,
+    paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
     """Show where a run's model looks: an overlay PNG and the raw map (.npy) per image.
@@ -483,7 +516,8 @@ def explain(
     from medtl.workflow import explain as run_explain
 
     result = run_explain(run, inputs, out=out, method=method, target=target, device=device,
-                         sanity_check=sanity_check, skip_bad=skip_bad, quiet=quiet)
+                         sanity_check=sanity_check, skip_bad=skip_bad, quiet=quiet,
+                         paths=paths)
     t = Table(title=f"{result['method']} maps in {out}")
     for col in ("overlay", "target", "prediction", "probability_target"):
         t.add_column(col)
@@ -493,15 +527,16 @@ def explain(
     out_console.print(t)
     s = result["sanity"]
     if s is not None:
-        verdict = ("the maps depend on the learned weights" if s["passed"] else
-                   "[bold red]the maps barely change: they do not explain this model[/bold red]")
+        verdict = (Text("the maps depend on the learned weights") if s["passed"] else
+                   Text("the maps barely change: they do not explain this model",
+                        style="bold red"))
         empty = (f", {s['empty_randomised_maps']} of them empty after randomisation (median "
                  f"of the others {s['median_spearman_nonempty']:.2f})"
                  if s["empty_randomised_maps"] and s["median_spearman_nonempty"] is not None
                  else "")
         out_console.print(f"model randomisation check: median Spearman {s['median_spearman']:.2f} "
-                          f"over {s['n']} images{empty} (below {s['threshold']}: pass); "
-                          f"{verdict}")
+                          f"over {s['n']} images{empty} (below {s['threshold']}: pass); ",
+                          verdict, sep="")
 
 
 RankBy = Annotated[str, typer.Option(
@@ -614,10 +649,10 @@ def recommend(
     out_console.print(f"{stats.n_images} images, classes {stats.per_class}, patients "
                       f"{stats.n_patients or 'unknown'}, median side {stats.median_side} px, "
                       f"modality {stats.modality or 'unknown'}")
-    out_console.print(f"\n[bold]start:[/bold] medtl train {data} "
+    out_console.print(Text("\nstart:", style="bold"), f"medtl train {data} "
                       f"{format_options(rec.start.options)}", soft_wrap=True)
     out_console.print(f"  why: {rec.start.reason}", soft_wrap=True)
-    out_console.print("\n[bold]then compare:[/bold]")
+    out_console.print(Text("\nthen compare:", style="bold"))
     for a in rec.grid:
         out_console.print(f"  {format_options(a.options)}\n    why: {a.reason}", soft_wrap=True)
     for note in rec.notes:
@@ -647,20 +682,41 @@ def report(
                       "shown", markup=False, soft_wrap=True)
 
 
+_USER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                          getattr(errno, "EDQUOT", errno.ENOSPC), errno.ENAMETOOLONG,
+                          errno.ENOTDIR, errno.EISDIR, errno.ELOOP,
+                          errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY})
+
+
+def _print_error(message: str) -> None:
+    """``error: message`` on stderr, one line. The message names the user's files and patterns:
+    printed as text, never as markup (a regex like '[/_](P\\d+)' or a file 'scan[left].png'
+    would be eaten or crash rich), without control characters that could steer the terminal
+    (a newline in a file name would split the line), and with the bytes of a file name that
+    are not UTF-8 written \\xNN."""
+    console.print(Text.assemble(("error:", "bold red"), " ", printable(message, keep="\t")),
+                  highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a MedtlError becomes one line on stderr and exit code 2."""
     try:
         app(args=argv, standalone_mode=True)
     except MedtlError as exc:
-        # The message names the user's files and patterns: printed as text, never as markup
-        # (a regex like '[/_](P\d+)' or a file 'scan[left].png' would be eaten or crash rich),
-        # and without control characters that could steer the terminal.
-        message = "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in str(exc))
-        console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
-                      soft_wrap=True)
+        _print_error(str(exc))
+        sys.exit(2)
+    except OSError as exc:
+        # The file system refused (permission denied, read-only, full disk, a name too long):
+        # the user's to fix, so one line naming the path, as for a MedtlError. Anything else
+        # (a broken pipe, an I/O error of a device) keeps its traceback.
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = "".join(f"{f}: " for f in (exc.filename, exc.filename2) if f is not None)
+        _print_error(f"{where}{exc.strerror or exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted: finished feature batches are kept in the cache")
+        # Only fitting writes the feature cache (a loaded run never does: docs/decisions.md).
+        console.print("interrupted: feature batches a training finished stay in the cache")
         sys.exit(130)
 
 

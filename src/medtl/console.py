@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,8 +18,29 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from medtl.files import escape_undecodable
+
 console = Console(stderr=True)
 log = logging.getLogger("medtl")
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` as it may be shown on a terminal: every character that is not printable (control
+    characters such as ESC that could steer the terminal, bidirectional overrides, the bytes of
+    a file name that are not UTF-8) written as a backslash escape, except those in ``keep``.
+    A non-UTF-8 byte is shown ``\\xNN``, as in the files medtl writes (escape_undecodable)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else
+                   escape_undecodable(c) if "\ud800" <= c <= "\udfff" else repr(c)[1:-1]
+                   for c in text)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines for the terminal: control characters escaped (newlines and tabs kept)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), keep="\n\t")
 
 
 @contextmanager
@@ -36,18 +57,38 @@ def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterat
         yield lambda n=1: progress.advance(task, n)
 
 
+class _RewritingFormatter(logging.Formatter):
+    """A formatter whose lines go through ``rewrite`` (the run's ``--paths`` form of the paths
+    they name); the record itself is left alone, so the terminal still shows what happened."""
+
+    def __init__(self, fmt: str, rewrite: Callable[[str], str] | None) -> None:
+        super().__init__(fmt)
+        self.rewrite = rewrite
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        # The log file is UTF-8: a file name that is not is written as in every other file.
+        return escape_undecodable(self.rewrite(line) if self.rewrite is not None else line)
+
+
 @contextmanager
-def run_logging(out: Path, quiet: bool, append: bool = False) -> Iterator[None]:
-    """Everything logged under ``medtl`` goes to RUN/log.txt, and to the terminal unless quiet."""
+def run_logging(out: Path, quiet: bool, append: bool = False,
+                rewrite: Callable[[str], str] | None = None) -> Iterator[None]:
+    """Everything logged under ``medtl`` goes to RUN/log.txt, and to the terminal unless quiet.
+
+    ``rewrite`` maps each line written to the log file (medtl.data.privacy.PathDisplay.scrub:
+    paths of the data relative or hashed, as ``--paths`` asks)."""
     from rich.logging import RichHandler
 
     out.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(out / "log.txt", mode="a" if append else "w",
                                        encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler.setFormatter(_RewritingFormatter("%(asctime)s %(levelname)s %(message)s",
+                                                  rewrite))
     handlers: list[logging.Handler] = [file_handler]
     if not quiet:
         term = RichHandler(console=console, show_path=False, show_time=False)
+        term.setFormatter(_PrintableFormatter())
         term.setLevel(logging.INFO)
         handlers.append(term)
     old_level = log.level

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import IO, Any
 from medtl.errors import MedtlError
 
 __all__ = ["LockHeldError", "atomic_open", "atomic_path", "atomic_write", "fsync_dir",
-           "hold_lock", "write_csv", "write_json"]
+           "hold_lock", "read_bytes", "read_json", "write_csv", "write_json"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -105,9 +106,13 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
-    """Replace ``path`` with ``data`` (``str`` is written as UTF-8), atomically and durably."""
+    """Replace ``path`` with ``data`` (``str`` is written as UTF-8, with what UTF-8 cannot hold
+    escaped by :func:`escape_undecodable`), atomically and durably."""
     if isinstance(data, str):
-        data = data.encode("utf-8")
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8, in a CSV, log or report
+            data = escape_undecodable(data).encode("utf-8")
     with atomic_open(path, "wb") as f:
         f.write(data)
 
@@ -145,6 +150,94 @@ def cache_root() -> Path:
     return Path(base) / "medtl"
 
 
+# What a run's small JSON files may weigh: config.json and model.json are a few kB (a
+# 10,000-class run's some hundreds), metrics.json grows with classes and curves.
+MAX_JSON_BYTES = 4 << 20
+
+
+def read_bytes(path: str | os.PathLike[str], *, max_bytes: int) -> bytes:
+    """The content of the regular file ``path``, refused (MedtlError naming the file and the
+    reason) when it is anything else or holds more than ``max_bytes``.
+
+    For files that come from elsewhere (a shared run): a metrics.json that is a symlink to
+    ``/dev/zero`` or a FIFO would otherwise be read forever or block. The file is opened with
+    ``O_NONBLOCK`` (a FIFO does not wait for a writer) and checked with ``fstat`` on that same
+    descriptor, so it cannot be swapped between the check and the read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise MedtlError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MedtlError(f"{path}: not a regular file (a device, FIFO or folder); refused")
+        if st.st_size > max_bytes:
+            raise MedtlError(f"{path}: {st.st_size} bytes, more than the {max_bytes} a medtl "
+                             "file of its kind holds; refused")
+        chunks, left = [], max_bytes + 1  # read past the limit: a file growing meanwhile
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise MedtlError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise MedtlError(f"{path}: more than the {max_bytes} bytes a medtl file of its kind "
+                         "holds; refused")
+    return data
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in the regular file ``path`` (at most ``max_bytes``); a file that is not
+    regular, too large, not UTF-8 or not JSON is a MedtlError naming it and the reason.
+    ``FileNotFoundError`` passes through, for callers whose message says what is missing."""
+    data = read_bytes(path, max_bytes=max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise MedtlError(f"{path}: not valid JSON ({reason})") from None
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` with every character that UTF-8 cannot encode written as a backslash escape.
+
+    A file name whose bytes are not UTF-8 (Latin-1 names from a Windows zip) reaches Python as a
+    str holding surrogate escapes (``b"caf\\xe9.png"`` is ``"caf\\udce9.png"``), which no UTF-8
+    file can store. Each such byte is written ``\\xNN``, as ``bytes.decode(errors=
+    "backslashreplace")`` shows it (``caf\\xe9.png``); any other lone surrogate ``\\uNNNN``. This
+    one representation is used in every CSV, JSON, log and report medtl writes, so the same
+    file is named the same way everywhere. Other text is returned unchanged.
+    """
+    if text.isascii():
+        return text
+    return "".join(_escape_surrogate(c) if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
+def _escape_surrogate(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _escape_strings(obj: Any) -> Any:
+    """``obj`` with :func:`escape_undecodable` applied to every string in it (keys included)."""
+    if isinstance(obj, str):
+        return escape_undecodable(obj)
+    if isinstance(obj, Mapping):
+        return {_escape_strings(k): _escape_strings(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_escape_strings(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return escape_undecodable(os.fspath(obj))
+    return obj
+
+
 def _json_default(o: Any) -> Any:
     # NumPy scalars and arrays without importing NumPy: both have tolist() (a scalar's gives
     # the Python number, as .item() does).
@@ -156,8 +249,12 @@ def _json_default(o: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """``obj`` as indented JSON and a final newline; NumPy values and paths become plain JSON."""
-    atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """``obj`` as indented JSON and a final newline; NumPy values and paths become plain JSON,
+    and a file name that is not UTF-8 is written as :func:`escape_undecodable` shows it."""
+    text = json.dumps(obj, indent=2, default=_json_default)
+    if "\\ud" in text:  # a surrogate was escaped as \udcXX: write the one representation instead
+        text = json.dumps(_escape_strings(obj), indent=2, default=_json_default)
+    atomic_write(path, text + "\n")
 
 
 def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> None:
@@ -215,7 +312,9 @@ def hold_lock(path: str | os.PathLike[str], *, command: str | None = None,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a lock file planted as a symbolic link must not make us truncate and
+        # write the file it points to (ELOOP instead).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

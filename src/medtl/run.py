@@ -12,11 +12,12 @@ Every file goes through the atomic, durable writer of :mod:`medtl.files`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,15 @@ from typing import Any
 import numpy as np
 
 from medtl.errors import MedtlError
-from medtl.files import LockHeldError, describe_holder, fsync_dir, hold_lock
+from medtl.files import (
+    MAX_JSON_BYTES,
+    LockHeldError,
+    describe_holder,
+    fsync_dir,
+    hold_lock,
+    read_bytes,
+    read_json,
+)
 from medtl.files import write_csv as write_csv
 from medtl.files import write_json as write_json
 
@@ -98,17 +107,96 @@ def write_config(run_dir: str | Path, config: Mapping[str, Any]) -> None:
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """``run_dir``'s config.json in the current format, whichever medtl wrote it."""
+    """``run_dir``'s config.json in the current format, whichever medtl wrote it; read
+    bounded (a regular file of at most MAX_JSON_BYTES) and checked (:func:`check_config`),
+    since a run directory may come from anyone."""
     path = Path(run_dir) / CONFIG
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = read_json(path, max_bytes=MAX_JSON_BYTES)
     except FileNotFoundError:
         raise MedtlError(f"{run_dir}: no {CONFIG} (not a run, or an unfinished one)") from None
-    except (OSError, ValueError) as exc:
-        raise MedtlError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(cfg, dict):
         raise MedtlError(f"{path}: not a medtl run configuration")
-    return upgrade_config(cfg, source=path)
+    return check_config(upgrade_config(cfg, source=path), source=path)
+
+
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[str, Any]:
+    """``cfg`` (current format) when every value medtl uses from it has its type and bounds;
+    else one MedtlError naming ``source`` and the value. Keys medtl does not use pass."""
+    from medtl.data.sources import make_view
+    from medtl.data.transforms import Preprocessing
+    from medtl.transfer.meta import MAX_SEED, check_class_names, check_int, check_text
+
+    try:
+        if cfg.get("kind") not in KINDS:
+            raise MedtlError(f"kind {str(cfg.get('kind'))[:40]!r} is not one of {KINDS}")
+        classes = check_class_names(cfg.get("classes"), "classes")
+        if cfg.get("positive_class") is not None and cfg["positive_class"] not in classes:
+            raise MedtlError(f"positive_class {str(cfg['positive_class'])[:60]!r} is not a "
+                             "class")
+        for key in ("backbone", "strategy", "head", "medtl_version"):
+            if cfg.get(key) is not None:
+                check_text(cfg[key], key)
+        check_int(cfg.get("seed", 0), "seed", 0, MAX_SEED)
+        view = cfg.get("view") or {}
+        if not isinstance(view, dict) or not view.keys() <= {"window", "slices", "mode"}:
+            raise MedtlError("view is not a mapping of window, slices and mode")
+        for key, value in view.items():
+            check_text(value, f"view {key}", limit=40)
+        make_view(**view)
+        if cfg.get("preprocessing") is not None:
+            if not isinstance(cfg["preprocessing"], dict):
+                raise MedtlError("preprocessing is not a mapping")
+            Preprocessing.from_dict(cfg["preprocessing"])
+        _check_recorded_weights(cfg.get("weights"))
+        _check_data_record(cfg.get("data"))
+        ts = cfg.get("target_sensitivity")
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)
+                               or not 0.0 < ts <= 1.0):
+            raise MedtlError(f"target_sensitivity {str(ts)[:40]!r} is not in (0, 1]")
+        if cfg["kind"] == "cv":
+            check_int(cfg.get("folds"), "folds", 2, 1000)
+    except MedtlError as exc:
+        raise MedtlError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _check_recorded_weights(weights: Any) -> None:
+    """config.json's weights provenance: shown only, but a digest is 64 lowercase hex."""
+    if weights is None:
+        return
+    if not isinstance(weights, dict):
+        raise MedtlError("weights is not a mapping")
+    sha = weights.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                and set(sha) <= _SHA256_HEX):
+        raise MedtlError(f"weights sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
+
+
+def _check_data_record(data: Any) -> None:
+    """config.json's ``data``: where ``evaluate`` reads by default and how it splits."""
+    from medtl.transfer.meta import check_text
+
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise MedtlError("data is not a mapping")
+    if data.get("source") is not None:
+        check_text(data["source"], "data source", limit=4096)
+    if data.get("patient_regex") is not None:
+        # Compiled and tried on probe names: a catastrophic pattern is refused by every command
+        # that opens the run; evaluate's searches also stop at a timeout (data.splits).
+        from medtl.data.splits import MAX_PATTERN, compile_patient_regex
+
+        check_text(data["patient_regex"], "data patient_regex", limit=MAX_PATTERN)
+        compile_patient_regex(data["patient_regex"])
+    vf = data.get("val_fraction")
+    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float)
+                           or not 0.0 <= vf < 1.0):
+        raise MedtlError(f"data val_fraction {str(vf)[:40]!r} is not in [0, 1)")
 
 
 def upgrade_config(cfg: Mapping[str, Any], *, source: str | Path = CONFIG) -> dict[str, Any]:
@@ -162,9 +250,9 @@ def is_run(path: str | Path) -> bool:
     p = Path(path)
     if (p / MARKER).is_file():
         return True
-    try:
-        cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # bounded: a config.json linked to /dev/zero is not a run, not a hang
+        cfg = read_json(p / CONFIG)
+    except (OSError, MedtlError):
         return False
     if not isinstance(cfg, dict) or "format" in cfg:
         return False
@@ -240,16 +328,25 @@ def writing_run(out: str | Path, *, overwrite: bool = False, resume: bool = Fals
     - A second process on the same ``out`` gets a MedtlError naming the one that holds it.
     - On an error ``out`` is untouched; the draft stays for ``--resume`` when it holds a
       checkpoint or finished folds, and is removed otherwise.
+    - ``out`` (or its lock, draft or replaced sibling) that is a symbolic link is refused
+      before anything is written: a run goes where it is named, never through a link to
+      another place. A folder that cannot be written is a MedtlError naming it, at once.
     """
     out = Path(out)
     with ExitStack() as stack:
+        _check_out(out)
         try:
             stack.enter_context(hold_lock(lock_file(out), command=_command_line()))
         except LockHeldError as exc:
             raise MedtlError(f"{out}: in use by {describe_holder(exc.holder)}; wait for it to "
                              "finish or stop it") from None
-        _repair_swap(out)
-        draft = _resume_draft(out) if resume else _new_draft(out, overwrite)
+        except OSError as exc:
+            raise _unwritable(out, exc) from None
+        try:
+            _repair_swap(out)
+            draft = _resume_draft(out) if resume else _new_draft(out, overwrite)
+        except OSError as exc:
+            raise _unwritable(out, exc) from None
         try:
             yield draft
         except BaseException:
@@ -257,7 +354,34 @@ def writing_run(out: str | Path, *, overwrite: bool = False, resume: bool = Fals
             if not draft.resumed and not _has_progress(draft.path):
                 shutil.rmtree(draft.path, ignore_errors=True)
             raise
-        draft.commit()
+        try:
+            draft.commit()
+        except OSError as exc:
+            raise MedtlError(f"{out}: the run is complete in {draft.path} but could not be put "
+                             f"in place ({_os_reason(exc)}); move it yourself") from None
+
+
+def _check_out(out: Path) -> None:
+    """Refuse ``out`` and its siblings when they are symbolic links (dangling ones included):
+    writing through one would put the run, or truncate a file, somewhere other than named.
+    Refuse an ``out`` that is a file (or a device, a FIFO), whether writing or resuming."""
+    for p in (out, *_siblings(out)):
+        if p.is_symlink():
+            raise MedtlError(f"{p}: is a symbolic link (to {os.readlink(p)}); medtl does not "
+                             "write a run through a link. Give the real folder as --out, or "
+                             "remove the link")
+    if out.exists() and not out.is_dir():
+        raise MedtlError(f"{out}: exists and is not a directory; choose another --out")
+
+
+def _os_reason(exc: OSError) -> str:
+    where = "".join(f"{f}: " for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{where}{exc.strerror or exc}"
+
+
+def _unwritable(out: Path, exc: OSError) -> MedtlError:
+    return MedtlError(f"{out}: cannot write a run there ({_os_reason(exc)}); choose another "
+                      "--out or fix its permissions")
 
 
 def _command_line() -> str:
@@ -365,15 +489,20 @@ def _repair_swap(out: Path) -> None:
 
 # ------------------------------------------------------------------------------------ reading
 def prediction_rows(images: Sequence[Any], labels: Sequence[int] | None, proba: np.ndarray,
-                    classes: Sequence[str], split: str | None) -> list[dict[str, Any]]:
+                    classes: Sequence[str], split: str | None,
+                    show: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """One row per image: path, split, label, one probability per class, prediction.
 
     ``images`` are :class:`medtl.data.Record` objects, or plain paths (a volume's aggregate
-    row). ``path`` is always the file; when some record is a slice of a volume or an image in an
-    .npz, a ``slice`` column or ``key`` and ``index`` columns follow it (empty where a row has
-    none), so that each row still names one image. Datasets of image files get none of them.
+    row). ``path`` is always the file, as ``show`` writes it (``--paths``:
+    medtl.data.privacy.PathDisplay.show; as read when None); when some record is a slice of a
+    volume or an image in an .npz, a ``slice`` column or ``key`` and ``index`` columns follow it
+    (empty where a row has none), so that each row still names one image. Datasets of image
+    files get none of them.
     """
     located = [(im, {}) if isinstance(im, str) else (im.path, im.location()) for im in images]
+    if show is not None:
+        located = [(show(path), loc) for path, loc in located]
     columns = [c for c in ("slice", "key", "index") if any(c in loc for _, loc in located)]
     rows = []
     for i, (path, loc) in enumerate(located):
@@ -413,12 +542,25 @@ class Run:
 
     @property
     def metrics(self) -> dict[str, Any]:
+        """metrics.json (empty when the run has none), read bounded and checked for shape."""
         p = self.path / METRICS
-        return json.loads(p.read_text()) if p.exists() else {}
+        if not p.exists() and not p.is_symlink():
+            return {}
+        return check_metrics(read_json(p, max_bytes=MAX_METRICS_BYTES), source=p)
 
     def predictions(self) -> list[dict[str, str]]:
-        with open(self.path / PREDICTIONS, newline="") as f:
-            return list(csv.DictReader(f))
+        """predictions.csv's rows (a regular file of at most MAX_PREDICTIONS_BYTES)."""
+        p = self.path / PREDICTIONS
+        try:
+            text = read_bytes(p, max_bytes=MAX_PREDICTIONS_BYTES).decode("utf-8")
+        except FileNotFoundError:
+            raise MedtlError(f"{self.path}: no {PREDICTIONS}") from None
+        except UnicodeDecodeError as exc:
+            raise MedtlError(f"{p}: not UTF-8 text ({exc.reason})") from None
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise MedtlError(f"{p}: not a predictions table ({exc})") from None
 
     def load_model(self, *, device: str = "auto", quiet: bool = False, skip_bad: bool = False,
                    threads: int | None = None):
@@ -462,8 +604,45 @@ def save_run(clf, out: str | Path, *, overwrite: bool = False) -> Run:
     return Run(out)
 
 
+MAX_METRICS_BYTES = 64 << 20      # curves and per-class figures of 10,000 classes fit
+MAX_PREDICTIONS_BYTES = 1 << 30  # a row per image: a million images with many classes
+_SPLIT_NAMES = ("train", "val", "test", "heldout")
+
+
+def check_metrics(metrics: Any, *, source: str | Path = METRICS) -> dict[str, Any]:
+    """metrics.json's shape where medtl reads it back: a mapping; each split's figures a
+    mapping; the operating thresholds chosen on validation (which ``evaluate`` applies) finite
+    numbers in [0, 1]; the positive class a name."""
+    if not isinstance(metrics, dict):
+        raise MedtlError(f"{source}: not a medtl metrics file")
+    for split in _SPLIT_NAMES:
+        if split in metrics and not isinstance(metrics[split], dict):
+            raise MedtlError(f"{source}: the {split} figures are not a mapping")
+    thresholds = metrics.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            raise MedtlError(f"{source}: thresholds is not a mapping")
+        for name in ("youden", "sensitivity_target"):
+            t = thresholds.get(name)
+            if name in thresholds and (isinstance(t, bool) or not isinstance(t, int | float)
+                                       or not 0.0 <= t <= 1.0):
+                raise MedtlError(f"{source}: threshold {name} {str(t)[:40]!r} is not a "
+                                 "number in [0, 1]")
+    pc = metrics.get("positive_class")
+    if pc is not None and not isinstance(pc, str):
+        raise MedtlError(f"{source}: positive_class is not a class name")
+    return metrics
+
+
 def load_run(path: str | Path) -> Run:
-    """Open a run directory written by ``medtl train``; a clear error when it is not one."""
+    """Open a run directory written by ``medtl train``; a clear error when it is not one.
+
+    A run directory may come from anyone, so the whole bundle is checked here, before any
+    work: config.json, metrics.json and model.json read bounded (regular files of a bounded
+    size) and every value medtl uses from them checked (one MedtlError line naming the file and
+    the value). ``predict``, ``evaluate`` and ``explain`` all open runs here, so they refuse a
+    crafted run the same way. Weight files are checked when the model loads.
+    """
     p = Path(path)
     if not p.exists():
         if _has_progress(partial_dir(p)) or (partial_dir(p) / MARKER).is_file():
@@ -475,4 +654,71 @@ def load_run(path: str | Path) -> Run:
                          f"{fold_path(p, 1)} (or another fold)")
     if not (p / CONFIG).is_file() or not (p / MODEL_DIR / MODEL_META).is_file():
         raise MedtlError(f"{p}: not a medtl run directory ({CONFIG} or {MODEL_DIR}/ missing)")
-    return Run(p)
+    run = Run(p)
+    cfg = run.config   # read and checked
+    _ = run.metrics    # read bounded and checked for shape
+    from medtl.errors import check_choice
+    from medtl.transfer.fitted import read_model_meta
+    from medtl.transfer.heads import HEADS
+    from medtl.transfer.strategies import get_strategy
+
+    meta, options = read_model_meta(p / MODEL_DIR)
+    where = p / MODEL_DIR / MODEL_META
+    try:
+        if get_strategy(options.strategy).takes("head"):
+            check_choice("head", options.head, HEADS)
+    except MedtlError as exc:
+        raise MedtlError(f"{where}: {exc}") from None
+    if list(meta["classes"]) != list(cfg["classes"]):
+        raise MedtlError(f"{p}: {where.name} and {CONFIG} name different classes")
+    return run
+
+
+# ------------------------------------------------------------------------------ resume guard
+REQUEST = "request.json"        # in the draft only: what was asked, for --resume to compare
+_MAX_REQUEST_BYTES = 1 << 20
+
+
+def write_request(draft_dir: str | Path, settings: Mapping[str, Any]) -> None:
+    """Record what a run was asked to do (``{label: value}``: options, request values, data
+    fingerprint) in its draft, before any training, for :func:`check_request` on --resume."""
+    write_json(Path(draft_dir) / REQUEST, {"format": 1, "settings": dict(settings)})
+
+
+def check_request(draft_dir: str | Path, settings: Mapping[str, Any], *,
+                  out: str | Path) -> bool:
+    """Refuse (MedtlError, one line) a --resume whose ``settings`` differ in any value from those
+    the unfinished run recorded, naming each difference as ``label old -> new``.
+
+    False when the draft has no record (left by a medtl before 0.2, which wrote none): nothing
+    to compare, the caller records the settings from now on.
+    """
+    path = Path(draft_dir) / REQUEST
+    if not path.exists() and not path.is_symlink():
+        return False
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > _MAX_REQUEST_BYTES:
+            raise ValueError("not a small regular file")
+        saved = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        if not isinstance(saved, dict):
+            raise ValueError("no settings")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MedtlError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); start again "
+                         "with --overwrite instead of --resume") from None
+    now = json.loads(json.dumps(dict(settings), default=str))  # as it would be stored
+    changed = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = "; ".join(f"{k} {_shown_value(saved.get(k))} -> {_shown_value(now.get(k))}"
+                          for k in changed)
+        raise MedtlError(f"{out}: --resume refused, the request differs from the unfinished "
+                         f"run's: {diffs}. Resume with the same request and data, or start "
+                         "again with --overwrite (without --resume)")
+    return True
+
+
+def _shown_value(v: Any) -> str:
+    """A recorded value in a one-line message: digests shortened, long values cut."""
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]
+    s = "(none)" if v is None else repr(v)
+    return s if len(s) <= 60 else s[:59] + "…"
