@@ -7,12 +7,14 @@ splits here keep each patient on one side; scikit-learn does the splitting.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import regex as regex_module
 
 from medtl.errors import MedtlError
 
@@ -29,26 +31,76 @@ costs a little split balance and never leaks.
 """
 
 
-def compile_patient_regex(regex: str | re.Pattern[str]) -> re.Pattern[str]:
-    """Compile a user's ``--patient-regex``; a bad pattern is a :class:`MedtlError`."""
-    if isinstance(regex, re.Pattern):
+MAX_PATTERN = 1000
+"""Characters of a patient regex: a file-name pattern is short; a long one is a mistake or an
+attack (a run's config.json carries one to ``medtl evaluate``)."""
+
+MATCH_TIMEOUT = 1.0
+"""Seconds one search of one file name may take. A file name is at most 255 bytes and a sane
+pattern takes microseconds on it; a catastrophic one (``(a+)+$``) would take years, so it is
+stopped and refused instead of hanging ``evaluate`` or ``train``."""
+
+
+def compile_patient_regex(regex: str | re.Pattern[str] | regex_module.Pattern[str],
+                          ) -> regex_module.Pattern[str]:
+    """Compile a user's ``--patient-regex`` (or a run's recorded one) with the ``regex``
+    package, whose searches take a timeout (:func:`patient_from_name`); a bad or overlong
+    pattern is a :class:`MedtlError`. A compiled ``re`` pattern is compiled again the same way,
+    so it gets the timeout too."""
+    if isinstance(regex, regex_module.Pattern):
         return regex
+    text, flags = (regex.pattern, regex.flags) if isinstance(regex, re.Pattern) else (regex, 0)
+    if not isinstance(text, str):
+        raise MedtlError(f"invalid patient regex {text!r}: not text")
+    return _compile_checked(text, flags)
+
+
+# Names on which a pattern that backtracks catastrophically shows it at once: long runs of one
+# kind of character that a file name may hold, then one that ends the run.
+_PROBES = tuple(c * 200 + end for c in ("a", "A", "0", "_", "-", ".", " ") for end in ("!", ""))
+_PROBE_TIMEOUT = 0.25
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_checked(text: str, flags: int) -> regex_module.Pattern[str]:
+    """Compile ``text`` and try it on :data:`_PROBES`: a pattern that needs more than
+    ``_PROBE_TIMEOUT`` on one of them is refused before any data is read (every command that
+    opens a run checks its recorded pattern this way); :func:`patient_from_name` stops any
+    other slow search with its own timeout."""
+    if len(text) > MAX_PATTERN:
+        raise MedtlError(f"patient regex {text[:40]!r}...: {len(text)} characters, more than "
+                         f"the {MAX_PATTERN} a file-name pattern needs")
     try:
-        return re.compile(regex)
-    except re.error as exc:
-        raise MedtlError(f"invalid patient regex {regex!r}: {exc}") from exc
+        pattern = regex_module.compile(text, flags)
+    except (regex_module.error, ValueError, OverflowError, RecursionError) as exc:
+        raise MedtlError(f"invalid patient regex {text!r}: {exc}") from None
+    for probe in _PROBES:
+        try:
+            pattern.search(probe, timeout=_PROBE_TIMEOUT)
+        except TimeoutError:
+            raise MedtlError(f"patient regex {text!r} took more than {_PROBE_TIMEOUT:g} s on a "
+                             f"name of {len(probe)} characters: it backtracks catastrophically; "
+                             "simplify it") from None
+    return pattern
 
 
-def patient_from_name(name: str, regex: str | re.Pattern[str]) -> str:
+def patient_from_name(name: str, regex: str | re.Pattern[str] | regex_module.Pattern[str],
+                      ) -> str:
     """Patient id in a file name: the first capture group of ``re.search``, else the whole match.
 
     ``name`` may be a path; only its last component is searched, so folder names (``PATIENT``,
     ``person``) cannot produce a false match. No match is a :class:`MedtlError` naming the file
     and the pattern, because silently treating the file as its own patient would reopen the leak.
+    A search that takes longer than :data:`MATCH_TIMEOUT` is a :class:`MedtlError` too.
     """
     pattern = compile_patient_regex(regex)
     base = re.split(r"[\\/]", str(name))[-1]
-    match = pattern.search(base)
+    try:
+        match = pattern.search(base, timeout=MATCH_TIMEOUT)
+    except TimeoutError:
+        raise MedtlError(f"patient regex '{pattern.pattern}' took more than {MATCH_TIMEOUT:g} s "
+                         f"on the file name {base!r}: it backtracks catastrophically; simplify "
+                         "it") from None
     if match is None:
         raise MedtlError(f"{name}: patient regex '{pattern.pattern}' does not match the file name")
     pid = match.group(1) if pattern.groups else match.group(0)

@@ -491,3 +491,36 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> Reso
         f"no ImageNet weights for backbone '{spec.name}' on this machine ({reason}). "
         f"Provide them: {how_to_provide(spec)}; or use --weights random."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance read from a run
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_PROVENANCE = 4096  # characters of a recorded source or path
+
+
+def weights_info_from_dict(d: Any, where: str = "weights_info") -> WeightsInfo:
+    """The provenance a run recorded (model.json's ``weights_info``), checked: it comes from
+    whoever shared the run.
+
+    It is shown and written again, never trusted: the feature cache keys on the loaded tensors,
+    and ``path`` is never opened or written (a loaded model's backbone is built from the run's
+    own safetensors file). Still, ``sha256`` must be 64 lowercase hex digits or null (a value
+    such as ``/../../xyz`` is refused), ``kind`` one of medtl's, and the strings short and free
+    of control characters.
+    """
+    if not isinstance(d, Mapping):
+        raise WeightsError(f"{where}: not a medtl weights record")
+    kind, source, sha, path = (d.get(k) for k in ("kind", "source", "sha256", "path"))
+    if kind not in ("imagenet", "random", "file"):
+        raise WeightsError(f"{where}: kind {kind!r} is not imagenet, random or file")
+    if sha is not None and not (isinstance(sha, str) and _SHA256_HEX.fullmatch(sha)):
+        raise WeightsError(f"{where}: sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
+    for name, value in (("source", source), ("path", path)):
+        if value is None and name == "path":
+            continue
+        if (not isinstance(value, str) or not value or len(value) > _MAX_PROVENANCE
+                or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+            raise WeightsError(f"{where}: {name} {str(value)[:80]!r} is not a short line of text")
+    return WeightsInfo(kind, source, Path(path) if path else None, sha)

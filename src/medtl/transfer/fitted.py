@@ -29,15 +29,15 @@ from torch import nn
 
 from medtl.data.transforms import Preprocessing
 from medtl.errors import DataReadError, MedtlError
-from medtl.files import atomic_path, atomic_write
+from medtl.files import MAX_JSON_BYTES, atomic_path, atomic_write, read_json
 from medtl.models import create_backbone
 from medtl.training.loop import seeded
 from medtl.training.options import TrainOptions, resolve_device
 from medtl.transfer.heads import LinearHead, SklearnHead
+from medtl.transfer.meta import MODEL_FORMAT, check_model_meta, options_from_meta
 
 log = logging.getLogger("medtl")
 
-MODEL_FORMAT = 2
 MODEL_JSON = "model.json"
 
 
@@ -126,25 +126,32 @@ class FittedModel(ABC):
     @staticmethod
     def load(directory: str | Path, *, device: str = "auto", quiet: bool = False,
              skip_bad: bool = False, threads: int | None = None) -> FittedModel:
-        """A model directory written by :meth:`save` (or by medtl 0.1)."""
+        """A model directory written by :meth:`save` (or by medtl 0.1). Every value of its
+        model.json is checked first (:func:`read_model_meta`): a run is untrusted input."""
         directory = Path(directory)
-        meta_path = directory / MODEL_JSON
-        if not meta_path.is_file():
-            raise MedtlError(f"{directory}: not a medtl model directory (no {MODEL_JSON})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise MedtlError(f"{meta_path}: unreadable ({exc})") from exc
-        options = TrainOptions.from_mapping({**meta["params"], "device": device, "quiet": quiet,
-                                             "skip_bad": skip_bad, "threads": threads})
+        meta, options = read_model_meta(directory, device=device, quiet=quiet,
+                                        skip_bad=skip_bad, threads=threads)
         kind = meta.get("kind") or ("network" if (directory / "model.safetensors").exists()
                                     else "frozen")  # medtl 0.1 wrote no kind
-        cls = {c.kind: c for c in (FrozenModel, NetworkModel)}.get(kind)
-        if cls is None:
-            raise MedtlError(f"{meta_path}: unknown model kind '{kind}'")
+        cls = {c.kind: c for c in (FrozenModel, NetworkModel)}[kind]
         model = cls._load(directory, meta, options)
-        model.temperature = meta.get("temperature")
+        model.temperature = meta["temperature"]
         return model
+
+
+def read_model_meta(directory: str | Path, **runtime: Any) -> tuple[dict[str, Any],
+                                                                     TrainOptions]:
+    """model.json of a model directory, read (bounded, a regular file) and checked, and the
+    training options it records with this machine's ``runtime`` settings (device, quiet,
+    skip_bad, threads). Values come out typed: ``preprocessing`` a Preprocessing,
+    ``weights_info`` a WeightsInfo."""
+    meta_path = Path(directory) / MODEL_JSON
+    try:
+        raw = read_json(meta_path, max_bytes=MAX_JSON_BYTES)
+    except FileNotFoundError:
+        raise MedtlError(f"{directory}: not a medtl model directory (no {MODEL_JSON})") from None
+    meta = check_model_meta(raw, meta_path)
+    return meta, options_from_meta(meta.get("params"), str(meta_path), **runtime)
 
 
 # ------------------------------------------------------------------------------ frozen
@@ -229,28 +236,32 @@ class FrozenModel(FittedModel):
 
     @classmethod
     def _load(cls, directory: Path, meta: dict[str, Any], options: TrainOptions) -> FrozenModel:
-        from medtl.models.weights import WeightsInfo
-
         with seeded(0):  # weights are overwritten: only keep the caller's generator untouched
             backbone = create_backbone(options.backbone, weights="random",
                                        in_chans=options.in_chans)
             backbone.reset_classifier(0)
         _load_weights(backbone, directory / "backbone.safetensors")
-        # Provenance as recorded at training time, shown and saved again; never trusted as an
-        # identity (the feature cache keys on the loaded tensors themselves).
-        wi = meta["weights_info"]
-        backbone.weights_info = WeightsInfo(
-            kind=wi["kind"], source=wi["source"], sha256=wi["sha256"],
-            path=Path(wi["path"]) if wi.get("path") else None)
+        # Provenance as recorded at training time (checked by check_model_meta), shown and
+        # saved again; never trusted as an identity (the feature cache keys on the loaded
+        # tensors themselves) nor opened as a file.
+        backbone.weights_info = meta["weights_info"]
+        dim = int(backbone.num_features)
+        if meta.get("feature_dim", dim) != dim:
+            raise MedtlError(f"{directory / MODEL_JSON}: feature_dim {meta['feature_dim']} is "
+                             f"not the {dim} features of {options.backbone}")
         if (directory / "head.skops").exists():
             head: LinearHead | SklearnHead = SklearnHead.load(directory / "head.skops",
                                                               options.head)
+            if getattr(head.estimator_, "n_features_in_", dim) != dim:
+                raise MedtlError(f"{directory / 'head.skops'}: expects "
+                                 f"{head.estimator_.n_features_in_} features, the backbone "
+                                 f"gives {dim}")
         else:
             with seeded(0):
-                head = LinearHead(meta["feature_dim"], len(meta["classes"]))
+                head = LinearHead(dim, len(meta["classes"]))
             _load_weights(head, directory / "head.safetensors")
         return cls(backbone, head.eval() if isinstance(head, nn.Module) else head,
-                   meta["classes"], Preprocessing.from_dict(meta["preprocessing"]), options)
+                   meta["classes"], meta["preprocessing"], options)
 
 
 def make_extractor(backbone: nn.Module, preprocessing: Preprocessing, options: TrainOptions,
@@ -344,6 +355,9 @@ class NetworkModel(FittedModel):
             bb.reset_classifier(num_classes)
             if "kind" not in meta and options.strategy == "truncated":  # medtl 0.1
                 keep = options.keep if options.keep is not None else max(1, len(bb.blocks) // 2)
+            if keep is not None and not 1 <= keep <= len(bb.blocks):
+                raise MedtlError(f"{directory / MODEL_JSON}: keep {keep} is outside the 1.."
+                                 f"{len(bb.blocks)} blocks of {options.backbone}")
             network = TruncatedBackbone(bb, keep, num_classes) if keep else bb
         trainable = meta.get("trainable_blocks")
         if trainable is None:  # medtl 0.1 recorded no count: what its loader marked
@@ -351,11 +365,14 @@ class NetworkModel(FittedModel):
             trainable = 0 if climbs else (len(network.blocks) if options.strategy != "fine-tune"
                                           else (1 if options.unfreeze is None
                                                 else options.unfreeze))
+        if not 0 <= trainable <= len(network.blocks):
+            raise MedtlError(f"{directory / MODEL_JSON}: trainable_blocks {trainable} is outside "
+                             f"the 0..{len(network.blocks)} blocks of the network")
         set_trainable(network, unfreeze=trainable)
         _load_weights(network, directory / "model.safetensors")
+        network.weights_info = meta["weights_info"]  # provenance only, as for frozen models
         network.eval()
-        return cls(network, meta["classes"], Preprocessing.from_dict(meta["preprocessing"]),
-                   options)
+        return cls(network, meta["classes"], meta["preprocessing"], options)
 
 
 def decode_images(data, preprocessing: Preprocessing, *, skip_bad: bool, quiet: bool,
