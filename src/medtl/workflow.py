@@ -71,13 +71,17 @@ def train(
     slices: str = "middle",
     mode: str = "2d",
     folds: int | None = None,
+    positive_class: str | None = None,
     **option_values: Any,
 ) -> Run:
     """Load DATA, fit a TransferClassifier, score val and test, write a run directory.
 
     ``options`` (a :class:`TrainOptions`) and ``option_values`` (its fields as keywords, which
     win) say how to train; the other arguments say what data and where. With ``folds``: K-fold
-    cross-validation over train + val instead (see _cross_validate).
+    cross-validation over train + val instead (see _cross_validate). ``positive_class``: the
+    class that sensitivity, specificity, operating points and ROC refer to in a binary task
+    (default: the last class in name order, with a warning when its name reads as a negative
+    finding). ``resume`` refuses any change of request or data (:func:`_guard_resume`).
     """
     from medtl.transfer.estimator import TransferClassifier
 
@@ -92,17 +96,21 @@ def train(
                                      f"{options.strategy}")
     # What the run reads and how it scores; how it trains is ``options``.
     request = {"data": data, "patient_regex": patient_regex, "val_fraction": val_fraction,
-               "target_sensitivity": target_sensitivity,
-               "view": {"window": window, "slices": slices, "mode": mode}}
+               "target_sensitivity": target_sensitivity, "positive_class": positive_class,
+               "folds": folds, "view": {"window": window, "slices": slices, "mode": mode}}
     t_start = time.perf_counter()
     # The run is written beside ``out`` and takes its place only when complete (medtl.run).
     with bundle.writing_run(out, overwrite=overwrite, resume=resume) as draft, \
             run_logging(draft.path, options.quiet, append=resume):
         ds = _load(request, options)
+        request["positive"] = _positive_index(ds.classes, positive_class)
+        _guard_resume(draft, options, request, ds, resume=resume)  # before any training
+        request["split_overlap"] = _split_overlap(ds)
         if folds is not None:
             _cross_validate(clf, ds, folds, draft.path, request, resume=resume)
         else:
             _fit_and_write(clf, ds, draft.path, request, resume=resume, t_start=t_start)
+        (draft.path / bundle.REQUEST).unlink(missing_ok=True)  # served --resume only
         draft.commit()
         log.info("run written to %s", out)
     return Run(out)
@@ -122,16 +130,106 @@ def _load(request: dict[str, Any], options: TrainOptions):
     return ds
 
 
+# A class name read as a negative finding: sensitivity "of normal" is rarely what is meant.
+_NEGATIVE_WORDS = {"normal", "healthy", "negative", "benign", "control", "controls", "none",
+                   "unremarkable", "nofinding", "nodisease", "absent", "clear", "neg"}
+_NEGATIVE_PREFIXES = {"no", "non", "not", "without"}
+
+
+def looks_negative(name: str) -> bool:
+    """Whether a class name reads as a negative finding: normal, healthy, benign, no_tumor,
+    Non-COVID, without_effusion, 0_normal, ... (case-insensitive)."""
+    import re
+
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    lead = [w for w in words if not w.isdigit()][:1]
+    return bool(set(words) & _NEGATIVE_WORDS) or bool(set(lead) & _NEGATIVE_PREFIXES)
+
+
+def _positive_index(classes: Sequence[str], requested: str | None) -> int | None:
+    """The positive class of a binary task (None for multi-class): the one asked for, else
+    the last in name order, said in the log (a warning when its name reads as negative)."""
+    if requested is not None:
+        if len(classes) != 2:
+            raise MedtlError(f"--positive-class {requested}: only for a binary task; this data "
+                             f"has {len(classes)} classes ({', '.join(classes)})")
+        if requested not in classes:
+            raise MedtlError(f"--positive-class {requested}: not a class of the data (classes: "
+                             f"{', '.join(classes)})")
+        log.info("positive class: %s (--positive-class)", requested)
+        return list(classes).index(requested)
+    if len(classes) != 2:
+        return None
+    other, chosen = classes
+    if looks_negative(chosen):
+        log.warning("positive class: %s, taken as the last class in name order, but its name "
+                    "reads as a negative finding: sensitivity, specificity and the operating "
+                    "points refer to %s; pass --positive-class %s if %s is the finding",
+                    chosen, chosen, other, other)
+    else:
+        log.info("positive class: %s (the last class in name order; --positive-class chooses "
+                 "another)", chosen)
+    return 1
+
+
+def _resume_settings(options: TrainOptions, request: dict[str, Any], ds) -> dict[str, Any]:
+    """What a run was asked to do, as ``{label: value}`` (labels as the user knows them):
+    every option but those that say where and how verbosely it computes (``RESUME_EXEMPT``:
+    quiet, threads, cache, device, engine), the request values and the data's fingerprint."""
+    import medtl
+    from medtl.transfer.strategies import RESUME_EXEMPT  # how and where, not what
+
+    settings = {f"--{k.replace('_', '-')}": v for k, v in options.to_dict().items()
+                if k not in RESUME_EXEMPT}
+    for k in ("patient_regex", "val_fraction", "target_sensitivity", "positive_class",
+              "folds"):
+        settings[f"--{k.replace('_', '-')}"] = request[k]
+    settings.update({f"--{k}": v for k, v in request["view"].items()})
+    # By content, not path: a moved copy of the same data resumes.
+    settings["data images"] = len(ds)
+    settings["data fingerprint"] = ds.fingerprint()
+    settings["medtl version"] = medtl.__version__
+    return settings
+
+
+def _guard_resume(draft, options: TrainOptions, request: dict[str, Any], ds, *,
+                  resume: bool) -> None:
+    """Record the request in the draft; on --resume, first refuse any change from the one
+    recorded (one line naming each difference), before any checkpoint is read."""
+    settings = _resume_settings(options, request, ds)
+    if resume and not bundle.check_request(draft.path, settings, out=draft.out):
+        log.warning("%s holds no record of its request (left by an older medtl): --resume "
+                    "cannot check that request and data are unchanged", draft.path)
+    bundle.write_request(draft.path, settings)
+
+
+def _split_overlap(ds) -> dict[str, Any]:
+    """Shared patients and byte-identical files across the splits the run uses, warned about
+    and recorded in metrics.json, zeros included (so a reader sees it was checked)."""
+    from medtl.data.checks import split_overlap
+
+    found = split_overlap(ds)
+    if found["shared_patients"] or found["identical_files"]:
+        log.warning("the splits overlap: %d patient(s) in more than one split, %d group(s) of "
+                    "byte-identical files across splits; test figures are optimistic (e.g. "
+                    "%s). `medtl check` lists them all", found["shared_patients"],
+                    found["identical_files"], "; ".join(found["examples"][:2]))
+    return found
+
+
 def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                    t_start: float, eval_names: Sequence[str] = ("val", "test")) -> None:
     """Fit ``clf`` on ds's train (val for choices), score ``eval_names``, write the run."""
     checkpoints = out / bundle.CHECKPOINTS
     train_ds, val_ds = ds.split("train"), ds.split("val")
     clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
-    # Binary problems: the last class is the positive one (sensitivity, operating points).
-    positive = len(ds.classes) - 1 if len(ds.classes) == 2 else None
+    # Binary problems: the class sensitivity, operating points and ROC refer to (train()).
+    positive = request["positive"]
     eval_splits = [s for s in eval_names if s in ds.split_names()]
     metrics, rows, probas = _score_splits(clf, ds, eval_splits, positive, request)
+    metrics["positive_class"] = None if positive is None else ds.classes[positive]
+    if "split_overlap" in request:
+        metrics["split_overlap"] = request["split_overlap"]
     model = clf.model_
     metrics["timing"] = {**clf.timing_,
                          "predict_images_per_s": _throughput(model, ds.split(eval_splits[-1])),
@@ -297,8 +395,10 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
                 f"{s} {sum(c.values())}" for s, c in fold_ds.counts().items()))
             fold_clf = clone(clf)
             with run_logging(fold_dir, quiet=True, append=resume):
+                # The source's split overlap is the whole run's, recorded at its top.
+                fold_request = {key: v for key, v in request.items() if key != "split_overlap"}
                 _fit_and_write(fold_clf, fold_ds, fold_dir,
-                               {**request, "config_extra": {"fold": k, "folds": folds}},
+                               {**fold_request, "config_extra": {"fold": k, "folds": folds}},
                                resume=resume, t_start=time.perf_counter(),
                                eval_names=("val", "heldout"))
         fold_run = _load(fold_dir)
@@ -316,7 +416,8 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
             log.info("cv %s: %.3f +- %.3f", f, summary["mean"][f], summary["sd"][f] or 0.0)
     write_csv(out / bundle.CV_TABLE, per_fold)
     write_csv(out / bundle.PREDICTIONS, rows)
-    write_json(out / bundle.METRICS, {"cv": summary})
+    write_json(out / bundle.METRICS, {"cv": summary, "positive_class": _positive_name(
+        ds.classes, request), "split_overlap": request.get("split_overlap")})
     bundle.write_config(out, _cv_config(clf, ds, folds, request))
 
 
@@ -335,9 +436,14 @@ def _cv_config(clf, ds, folds: int, request: dict[str, Any]) -> dict[str, Any]:
                  "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"]},
         "folds": folds, "classes": ds.classes,
-        "positive_class": ds.classes[-1] if len(ds.classes) == 2 else None,
+        "positive_class": _positive_name(ds.classes, request),
         "options": o.to_dict(), "medtl_version": medtl.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _positive_name(classes: Sequence[str], request: dict[str, Any]) -> str | None:
+    positive = request.get("positive")
+    return None if positive is None else classes[positive]
 
 
 def _f(v: float | None) -> str:

@@ -136,6 +136,39 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
     return {"source": str(source), "problems": problems, "notes": notes, "summary": summary}
 
 
+def split_overlap(ds: Dataset, *, examples: int = 5) -> dict[str, Any]:
+    """Leakage across the splits of ``ds`` as ``medtl train`` uses them, cheaply: patients with
+    images in more than one split, and groups of byte-identical files (sha256 of the bytes,
+    :meth:`Dataset.content_key`) spanning splits. No decode and no perceptual pass (that is
+    ``medtl check``'s). Examples name files relative to the data folder.
+
+    Returns ``{"splits", "shared_patients", "identical_files", "examples"}`` (up to
+    ``examples`` of each kind), zeros when clean.
+    """
+    base = _base_folder(ds.source) if ds.source else ""
+    # An unreadable file is not a duplicate of anything; training says what is wrong with it.
+    keyed = [(i, key) for i in range(len(ds)) if (key := _key_or_none(ds, i)) is not None]
+    dup = [p for p in _exact_duplicates(ds, [i for i, _ in keyed], [k for _, k in keyed], base)
+           if p["leakage"]]
+    patients = _patients_in_several_splits(ds, base)
+    shown = [f"patient {it['patient']}: " + ", ".join(
+        f"{_named(im, base)} ({im['split']})" for im in it["images"][:2])
+        for it in (patients[0]["items"] if patients else [])[:examples]]
+    shown += [" = ".join(f"{_named(im, base)} ({im['split']})" for im in it["images"][:2])
+              for it in (dup[0]["items"] if dup else [])[:examples]]
+    return {"splits": ds.split_names(),
+            "shared_patients": patients[0]["count"] if patients else 0,
+            "identical_files": dup[0]["count"] if dup else 0,
+            "examples": shown}
+
+
+def _key_or_none(ds: Dataset, i: int) -> str | None:
+    try:
+        return ds.content_key(i)
+    except DataReadError:
+        return None
+
+
 @dataclass
 class _Decoded:
     """What the one decode of every image yields, for all the checks that follow."""

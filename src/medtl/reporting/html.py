@@ -209,6 +209,7 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
              _summary_paragraph(config, metrics),
              _data_html(config.get("data", {}), classes),
              _config_html(config),
+             _positive_html(config),
              _metrics_html(metrics, splits, classes)]
     if figures:
         parts.append(_figures_html(figures))
@@ -220,6 +221,17 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
     parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
                  f"{_e(config.get('created', ''))}</p>")
     return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
+
+
+def _positive_html(config: Mapping[str, Any]) -> str:
+    """Which class the binary figures are about: sensitivity of 'normal' reads very unlike
+    sensitivity of 'disease'."""
+    positive = config.get("positive_class")
+    if not positive:
+        return ""
+    return (f"<p class=positive>Positive class: <b>{_e(positive)}</b>. Sensitivity, "
+            "specificity, precision, the operating points and the ROC and precision-recall "
+            "curves refer to it.</p>")
 
 
 def _data_html(data: Mapping[str, Any], classes: Sequence[str]) -> str:

@@ -42,8 +42,9 @@ log = logging.getLogger("medtl")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-# A resumed run must draw the same batches, so these settings must match the checkpoint's.
-_RESUME_KEYS = ("batch_size", "seed", "epochs", "warmup_epochs", "class_weight", "sampler")
+# A resumed run must continue the same training: every setting, learning rate and the data
+# must match the checkpoint's, but these, which say where and how verbosely it runs.
+RESUME_EXEMPT = ("device", "quiet", "threads")
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -199,6 +200,7 @@ class Checkpoint(Callback):
 
     directory: Path
     resume: bool = False
+    data: str | None = None  # sha256 of the training and validation tensors (data_digest)
 
     @property
     def path(self) -> Path:
@@ -208,8 +210,13 @@ class Checkpoint(Callback):
         if not (self.resume and self.path.exists()):
             return
         ckpt = load_checkpoint(self.path)
-        _check_resumable(ckpt, state.config, self.path)
-        state.model.load_state_dict(ckpt["model"])
+        _check_resumable(ckpt, state, self.data, self.path)
+        try:
+            state.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:  # another architecture: missing keys, other shapes
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise MedtlError(f"{self.path}: cannot resume, the checkpoint holds another network "
+                             f"({first[:200]})") from None
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
         state.best = {**ckpt["early_stopping"], "state": ckpt["best_state"]}
@@ -224,6 +231,7 @@ class Checkpoint(Callback):
     def on_epoch_end(self, state: LoopState) -> None:
         save_checkpoint(self.path, {
             "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "config": asdict(state.config),
+            "data": self.data, "lrs": _initial_lrs(state.optimizer),
             "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
             "early_stopping": {k: v for k, v in state.best.items() if k != "state"},
@@ -343,7 +351,8 @@ def fit(
     state, criterion = _start(model, param_groups, y_train, y_val, config, device)
     # History before early stopping, and both before the checkpoint that saves what they hold.
     cbs: list[Callback] = [History(), EarlyStopping()]
-    cbs += [Checkpoint(Path(checkpoint_dir), resume)] if checkpoint_dir is not None else []
+    cbs += ([Checkpoint(Path(checkpoint_dir), resume, data_digest(x_train, y_train, x_val, y_val))]
+            if checkpoint_dir is not None else [])
     cbs += [LogEpochs()] if inputs.channels_last else []  # backbones log each epoch
     cbs += [EpochHook(on_epoch_end)] if on_epoch_end is not None else []
     cbs += list(callbacks)
@@ -497,12 +506,41 @@ def _check_labels(x: torch.Tensor, y: torch.Tensor, split: str) -> None:
         raise MedtlError(f"{split} split is empty")
 
 
-def _check_resumable(ckpt: dict, config: TrainConfig, path: Path) -> None:
+def data_digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the shapes, dtypes and bytes of ``tensors`` (the decoded training data)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous().numpy()
+        digest.update(f"{a.shape}|{a.dtype.str}|".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
+def _initial_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's learning rate before the schedule (what was asked)."""
+    return {str(g.get("name")): float(g.get("initial_lr", g["lr"]))
+            for g in optimizer.param_groups}
+
+
+def _check_resumable(ckpt: dict, state: LoopState, data: str | None, path: Path) -> None:
+    """Refuse, in one line naming each difference, to continue a checkpoint made with other
+    settings, learning rates or data: the saved optimizer and best state would silently win."""
     saved = ckpt.get("config", {})
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise MedtlError(f"{path}: cannot resume with different settings ({diffs})")
+    now = asdict(state.config)
+    diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+             if k not in RESUME_EXEMPT and _plain(saved.get(k)) != _plain(now[k])]
+    if "lrs" in ckpt and ckpt["lrs"] != _initial_lrs(state.optimizer):
+        diffs.append(f"learning rates: {ckpt['lrs']} -> {_initial_lrs(state.optimizer)}")
+    if data is not None and ckpt.get("data") not in (None, data):
+        diffs.append(f"training data: sha256 {str(ckpt['data'])[:12]} -> {data[:12]}")
+    if diffs:
+        raise MedtlError(f"{path}: cannot resume with different settings ({'; '.join(diffs)})")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _autocast(device: torch.device):

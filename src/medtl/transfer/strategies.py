@@ -54,6 +54,9 @@ from medtl.transfer.heads import (
 log = logging.getLogger("medtl")
 
 DEFAULT_STAGE_EPOCHS = 5
+# Options that may change when a run is resumed: where and how verbosely it computes, not what
+# (medtl.workflow's --resume guard and the climb's state share this list).
+RESUME_EXEMPT = ("quiet", "threads", "cache", "device", "engine")
 
 
 @dataclass
@@ -424,6 +427,7 @@ class _Climb:
                            else None)
         self.best_state: dict | None = None
         self.results: list = []
+        self.data_sha256: str | None = None
 
     def run(self, train, val) -> None:
         from medtl.training.loop import load_checkpoint
@@ -434,6 +438,7 @@ class _Climb:
         done: list[StageResult] = []
         if self.resume and self.state_path is not None and self.state_path.is_file():
             saved = load_checkpoint(self.state_path)
+            self._check_resumable(saved, stages)
             done = [StageResult(**r) for r in saved["results"]]
             self.outcome.history = saved["history"]
             self.best_state = saved["model"]
@@ -488,13 +493,39 @@ class _Climb:
                  ", ".join(blocks[len(blocks) - stage.unfreeze:]) or "no block",
                  result.val_auc, result.epochs, result.seconds, result.decision)
 
+    def _settings(self, stages) -> dict[str, Any]:
+        """What the climb was asked (options, stage plan) and on what data, for --resume."""
+        from medtl.training.loop import data_digest
+
+        options = {k: v for k, v in self.s.options.to_dict().items() if k not in RESUME_EXEMPT}
+        if self.data_sha256 is None:  # once: the data does not change during the climb
+            self.data_sha256 = data_digest(*self.data)
+        return {"options": options, "stages": [st.name for st in stages],
+                "data": self.data_sha256}
+
+    def _check_resumable(self, saved: dict, stages) -> None:
+        """Refuse to continue a climb saved with other options, stages or data (one line)."""
+        if "settings" not in saved:  # saved by a medtl that recorded none
+            return
+        old, new = saved["settings"], self._settings(stages)
+        diffs = [f"{k}: {old['options'].get(k)!r} -> {v!r}" for k, v in new["options"].items()
+                 if old["options"].get(k) != v]
+        if old["stages"] != new["stages"]:
+            diffs.append(f"stages: {old['stages']} -> {new['stages']}")
+        if old["data"] != new["data"]:
+            diffs.append(f"training data: sha256 {old['data'][:12]} -> {new['data'][:12]}")
+        if diffs:
+            raise MedtlError(f"{self.state_path}: cannot resume the climb with different "
+                             f"settings ({'; '.join(diffs)})")
+
     def _persist(self) -> None:
         from medtl.training.loop import save_checkpoint
 
         if self.state_path is not None:
             save_checkpoint(self.state_path, {
                 "format": 1, "model": self.best_state, "history": self.outcome.history,
-                "results": [r.to_dict() for r in self.results]})
+                "results": [r.to_dict() for r in self.results],
+                "settings": self._settings(self.stages)})
 
     def _accept(self, stage, result) -> None:
         self._report(stage, result)
