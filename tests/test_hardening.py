@@ -3,6 +3,8 @@ skipped, and error messages reach the terminal as text."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -213,3 +215,211 @@ def test_text_that_utf8_cannot_hold_is_escaped_in_json_csv_and_logs(tmp_path):
 
     assert "skipped caf\\xe9\\ud800.png" in (tmp_path / "log.txt").read_text("utf-8")
     assert printable("a\x1b[31m\u202eb\udce9\n", keep="\n") == "a\\x1b[31m\\u202eb\\xe9\n"
+
+
+def _npz_with_header(path, shape, dtype="|u1", payload=b""):
+    """An .npz whose train_images .npy header declares ``shape`` but holds only ``payload``:
+    what a compression bomb looks like before it is decompressed."""
+    import zipfile
+
+    header = repr({"descr": dtype, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + payload
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, np.int64))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train_images.npy", npy)
+        zf.writestr("train_labels.npy", labels.getvalue())
+    return path
+
+
+def _never_decompress(*args, **kwargs):
+    raise AssertionError("an array was decompressed")
+
+
+def test_an_npz_declaring_more_than_the_budget_is_refused_before_decompressing(tmp_path,
+                                                                               monkeypatch):
+    from medtl.data import load_dataset, readers
+
+    bomb = _npz_with_header(tmp_path / "bomb.npz", (10**6, 224, 224, 3))  # 150 GB declared
+    with monkeypatch.context() as m:
+        m.setattr(np.lib.format, "read_array", _never_decompress)
+        with pytest.raises(MedtlError, match=r"would take 140\.2 GB .*nothing was decompres"):
+            load_dataset(bomb)
+    monkeypatch.setenv(readers.NPZ_MAX_GB_ENV, "0.000001")  # about 1 kB
+    small = tmp_path / "small.npz"
+    np.savez_compressed(small, train_images=np.zeros((4, 32, 32), np.uint8),
+                        train_labels=np.array([0, 0, 1, 1]))  # 4 kB once decompressed
+    with pytest.raises(MedtlError, match="more than the 0.0 GB"):
+        load_dataset(small)
+    monkeypatch.delenv(readers.NPZ_MAX_GB_ENV)
+    assert len(load_dataset(small, val_fraction=0).records) == 4
+    # A header that lies the other way (less data than declared) is a clean error too.
+    short = _npz_with_header(tmp_path / "short.npz", (4, 8, 8), payload=b"\0" * 10)
+    with pytest.raises(MedtlError, match="cannot read .npz"):
+        load_dataset(short)
+    pickled = _npz_with_header(tmp_path / "pickled.npz", (4,), dtype="|O")
+    with pytest.raises(MedtlError, match="Python objects"):
+        load_dataset(pickled)
+
+
+@pytest.mark.parametrize("labels, why", [
+    ([0, 0, 1, 10**10], "holds the label 10000000000"),
+    ([0.0, 0.0, 1.0, float("inf")], "holds the label inf"),
+    ([0, 0, 5000, 5000], r"4999 of them have no image \(the first: 1\)"),
+])
+def test_npz_labels_are_class_numbers_below_a_cap_without_gaps(tmp_path, labels, why):
+    from medtl.data import load_dataset
+
+    path = tmp_path / "d.npz"
+    np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array(labels))
+    with pytest.raises(MedtlError, match=why):
+        load_dataset(path, val_fraction=0)
+
+
+# ------------------------------------------------------------------ values read from a run
+def test_read_json_takes_only_a_small_regular_file(tmp_path):
+    import os
+
+    from medtl.files import read_json
+
+    good = tmp_path / "m.json"
+    good.write_text('{"a": [1, NaN]}')
+    assert read_json(good)["a"][0] == 1
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.json")  # with no writer: a blocking open would hang here
+    (tmp_path / "dir.json").mkdir()
+    for name in ("zero.json", "fifo.json", "dir.json"):
+        with pytest.raises(MedtlError, match=f"{name}: not a regular file"):
+            read_json(tmp_path / name)
+    (tmp_path / "big.json").write_text("[" + "0," * 600 + "0]")
+    with pytest.raises(MedtlError, match="1203 bytes, more than the 1000"):
+        read_json(tmp_path / "big.json", max_bytes=1000)
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "latin.json").write_bytes(b'{"caf\xe9": 1}')
+    for name in ("deep.json", "latin.json"):
+        with pytest.raises(MedtlError, match=f"{name}: not valid JSON"):
+            read_json(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "missing.json")
+
+
+MODEL_META = {
+    "format": 2, "kind": "frozen", "classes": ["bar", "disc"], "num_classes": 2,
+    "params": {"backbone": "mobilenet_v2", "strategy": "hybrid", "head": "logreg",
+               "batch_size": 64, "seed": 0, "lr": 0.001, "in_chans": 3, "hflip": True},
+    "preprocessing": GOOD, "feature_dim": 1280, "head_params": {"C": 0.01},
+    "weights_info": {"kind": "random", "source": "random", "path": None, "sha256": None},
+    "temperature": None}
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"format": 3}, "format 3 is newer than this medtl reads .2.; upgrade medtl"),
+    ({"format": "2"}, "not a medtl model format"),
+    ({"kind": "pickle"}, "unknown model kind"),
+    ({"classes": ["bar"]}, "list of 2 to 10000 names"),
+    ({"classes": ["bar", "bar"]}, "class names repeat"),
+    ({"classes": ["bar", "../x"]}, "path separator"),
+    ({"classes": ["bar", ".."]}, "path separator or is '.' or '..'"),
+    ({"classes": ["bar", "a\x00b"]}, "not a short line of text"),
+    ({"classes": ["bar", 7]}, "not a short line of text"),
+    ({"num_classes": 3}, "num_classes 3 differs"),
+    ({"feature_dim": 10**9}, "feature_dim 1000000000: not an integer"),
+    ({"keep": -1}, "keep -1"),
+    ({"trainable_blocks": True}, "trainable_blocks True"),
+    ({"temperature": 0}, "temperature 0"),
+    ({"temperature": float("nan")}, "temperature nan"),
+    ({"temperature": 1e9}, r"temperature 1000000000.0"),
+    ({"head_params": {"C": [1] * 10}}, "not a plain value"),
+    ({"preprocessing": {**GOOD, "size": 100000}}, "size 100000"),
+    ({"weights_info": {"kind": "random", "source": "random", "sha256": "/../../xyz"}},
+     "sha256 '/../../xyz' is not 64 lowercase hex"),
+    ({"weights_info": {"kind": "random", "source": "random", "sha256": "AB" * 32}},
+     "not 64 lowercase hex"),
+    ({"weights_info": {"kind": "url", "source": "random"}}, "kind 'url'"),
+    ({"weights_info": {"kind": "file", "source": "x\ny"}}, "source"),
+])
+def test_every_model_json_value_is_checked(change, why):
+    from medtl.transfer.meta import check_model_meta
+
+    assert check_model_meta(MODEL_META, "m.json")["weights_info"].kind == "random"
+    with pytest.raises(MedtlError, match=f"m.json: .*{why}"):
+        check_model_meta({**MODEL_META, **change}, "m.json")
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"batch_size": 0}, "batch_size 0"), ({"seed": -1}, "seed -1"), ({"seed": 2**40}, "seed"),
+    ({"lr": float("inf")}, "lr inf"), ({"in_chans": 4}, "in_chans 4"),
+    ({"hflip": "yes"}, "hflip 'yes'"), ({"engine": "gpu"}, "engine 'gpu'"),
+    ({"backbone": "../../x"}, "unknown backbone '../../x'"), ({"image_size": 100000}, "100000"),
+    ({"augment": "x" * 300}, "not a short line"), ({"epochs": 1.5}, "epochs 1.5"),
+])
+def test_the_options_a_model_json_records_are_checked(change, why):
+    from medtl.transfer.meta import options_from_meta
+
+    options = options_from_meta({**MODEL_META["params"], "device": "cuda"}, "m.json",
+                                device="cpu")
+    assert options.device == "cpu" and options.batch_size == 64  # the caller's device
+    with pytest.raises(MedtlError, match=f"m.json: {why}"):
+        options_from_meta({**MODEL_META["params"], **change}, "m.json")
+
+
+CONFIG = {"format": 2, "kind": "single", "backbone": "mobilenet_v2", "strategy": "hybrid",
+          "head": "logreg", "weights": {"kind": "random", "sha256": None}, "seed": 0,
+          "classes": ["bar", "disc"], "positive_class": "disc", "medtl_version": "0.2",
+          "preprocessing": GOOD, "view": {"window": "auto", "slices": "middle", "mode": "2d"},
+          "data": {"source": "/data", "patient_regex": r"(p\d+)", "val_fraction": 0.2}}
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"positive_class": "healthy"}, "positive_class 'healthy' is not a class"),
+    ({"classes": ["a/b", "c"], "positive_class": None}, "path separator"),
+    ({"view": {"window": "auto", "evil": "1"}}, "view is not a mapping of window"),
+    ({"view": {"mode": "4d"}}, "unknown mode '4d'"),
+    ({"seed": "0"}, "seed '0'"),
+    ({"weights": {"sha256": "/../../../../xyz"}}, "not 64 lowercase hex"),
+    ({"preprocessing": {**GOOD, "interpolation": "bogus"}}, "interpolation 'bogus'"),
+    ({"data": {"val_fraction": 1.5}}, "val_fraction 1.5"),
+    ({"data": {"patient_regex": "(" * 2000}}, "not a short line of text"),
+    ({"data": {"patient_regex": "(p"}}, "invalid patient regex"),
+    ({"data": {"patient_regex": r"^(\w|\w)+(?=x)"}}, "backtracks catastrophically"),
+    ({"data": {"source": "a\x00b"}}, "data source"),
+    ({"target_sensitivity": 2}, "target_sensitivity 2"),
+])
+def test_every_config_json_value_medtl_uses_is_checked(change, why):
+    from medtl.run import check_config
+
+    assert check_config(dict(CONFIG), source="c.json") == CONFIG
+    with pytest.raises(MedtlError, match=f"c.json: .*{why}"):
+        check_config({**CONFIG, **change}, source="c.json")
+
+
+@pytest.mark.parametrize("metrics, why", [
+    ([], "not a medtl metrics file"), ({"test": [1]}, "test figures are not a mapping"),
+    ({"thresholds": {"youden": "0.5"}}, "threshold youden '0.5'"),
+    ({"thresholds": {"sensitivity_target": float("nan")}}, "threshold sensitivity_target nan"),
+    ({"positive_class": 3}, "positive_class is not a class name"),
+])
+def test_metrics_json_is_checked_where_medtl_reads_it_back(metrics, why):
+    from medtl.run import check_metrics
+
+    good = {"test": {"auc": 0.9}, "thresholds": {"youden": 0.4, "sensitivity_target": 0.1}}
+    assert check_metrics(good) == good
+    with pytest.raises(MedtlError, match=why):
+        check_metrics(metrics, source="m.json")
+
+
+def test_a_patient_regex_search_stops_at_its_timeout(monkeypatch):
+    """A pattern that passes the probes but backtracks on some file name: the search of that
+    name stops (the timeout) and the pattern is named; ``re`` would run for hours."""
+    import regex
+
+    from medtl.data import splits
+
+    monkeypatch.setattr(splits, "MATCH_TIMEOUT", 0.2)
+    slow = regex.compile(r"^(\w|\w)+(?=x)")  # compiled already: the probes are not run
+    assert splits.patient_from_name("p12_scan.png", regex.compile(r"(p\d+)")) == "p12"
+    with pytest.raises(MedtlError, match=r"took more than 0.2 s on the file name"):
+        splits.patient_from_name("person1946_bacteria_4874.jpeg", slow)
+    with pytest.raises(MedtlError, match="1001 characters, more than the 1000"):
+        splits.compile_patient_regex("a" * 1001)

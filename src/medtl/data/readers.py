@@ -6,7 +6,9 @@ corrupt image in a folder of thousands is reported as one line instead of a Pill
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,78 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+# ---- .npz archives (MedMNIST) ----------------------------------------------------------------
+NPZ_MAX_GB_ENV = "MEDTL_MAX_NPZ_GB"
+_NPZ_DEFAULT_MAX = 8 << 30  # 8 GiB: MedMNIST's largest (224 px, ~100k images) is under 5
+
+
+def npz_budget() -> int:
+    """Bytes the arrays of one .npz may take once decompressed: ``MEDTL_MAX_NPZ_GB`` when set,
+    else 8 GiB or half the machine's memory, whichever is less."""
+    env = os.environ.get(NPZ_MAX_GB_ENV)
+    if env:
+        try:
+            return int(float(env) * (1 << 30))
+        except ValueError:
+            raise DataReadError(NPZ_MAX_GB_ENV, f"not a number of GB: {env!r}") from None
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the fixed cap alone
+        return _NPZ_DEFAULT_MAX
+    return min(_NPZ_DEFAULT_MAX, ram // 2)
+
+
+def read_npz(path: str | os.PathLike[str], wanted: Iterable[str], *,
+             max_bytes: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays named in ``wanted`` that the .npz ``path`` holds, and the names of all its
+    arrays.
+
+    An .npz is a zip: a few MB can declare tens of GB (a compression bomb). So every wanted
+    member's .npy header (its shape and dtype: what it will take, whatever the zip's own size
+    fields claim) is read first, and nothing is decompressed when together they would take
+    more than ``max_bytes`` (default :func:`npz_budget`). numpy then reads exactly the declared
+    bytes of each. Arrays of Python objects (pickles, which can run code) are refused.
+    Every failure is a :class:`DataReadError` naming the file.
+    """
+    import zipfile
+
+    limit = npz_budget() if max_bytes is None else max_bytes
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {n.removesuffix(".npy"): n for n in zf.namelist()}
+            names = [k for k in wanted if k in members]
+            sizes = {k: _npy_nbytes(path, k, zf, members[k]) for k in names}
+            if sum(sizes.values()) > limit:
+                biggest = max(sizes, key=sizes.__getitem__)
+                raise DataReadError(str(path), (
+                    f"its arrays would take {sum(sizes.values()) / (1 << 30):.1f} GB once "
+                    f"decompressed ('{biggest}' alone {sizes[biggest] / (1 << 30):.1f} GB), more "
+                    f"than the {limit / (1 << 30):.1f} GB medtl reads from an .npz "
+                    f"({NPZ_MAX_GB_ENV} sets another limit); nothing was decompressed"))
+            arrays = {}
+            for k in names:
+                with zf.open(members[k]) as f:
+                    arrays[k] = np.lib.format.read_array(f, allow_pickle=False)
+    except DataReadError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise DataReadError(str(path), f"cannot read .npz ({exc})") from exc
+    return arrays, sorted(members)
+
+
+def _npy_nbytes(path: str | os.PathLike[str], key: str, zf, member: str) -> int:
+    """What the .npy ``member`` declares it holds, in bytes, from its header alone."""
+    fmt = np.lib.format
+    with zf.open(member) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise DataReadError(str(path), f"'{key}': .npy format {version} is not read")
+    if dtype.hasobject:
+        raise DataReadError(str(path), f"'{key}' holds Python objects (a pickle); refused")
+    return math.prod(shape) * dtype.itemsize

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from medtl.data.dataset import SPLIT_ORDER, Dataset, Record, View
-from medtl.data.readers import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_image_file, probe_image
+from medtl.data.privacy import patient_key, pseudonym
+from medtl.data.readers import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    is_image_file,
+    probe_image,
+    read_npz,
+)
 from medtl.data.splits import (
     KERMANY_PATIENT_REGEX,
     carve_validation,
@@ -181,7 +188,8 @@ def _expand_volumes(records: list[Record], view: View) -> list[Record]:
             out.append(r)
             continue
         # No patient known: the volume is its own group, so its slices never straddle splits.
-        patient = r.patient_id or f"volume:{Path(r.path).name}"
+        # Its name becomes a pseudonym: PACS exports name series folders after patients.
+        patient = r.patient_id or pseudonym(f"volume:{Path(r.path).name}")
         if view.mode == "mip":
             out.append(replace(r, mip=True, patient_id=patient))
             continue
@@ -192,33 +200,58 @@ def _expand_volumes(records: list[Record], view: View) -> list[Record]:
 
 def _patients_from_dicom(records: list[Record]) -> list[Record]:
     """Group DICOM records with no patient by their PatientID (else PatientName) tag, through
-    a salted pseudonym: the identifier itself is never stored."""
-    from medtl.data.privacy import pseudonym
-
+    a salted pseudonym: the identifier itself is never stored. Flag (and warn about, file by
+    file) DICOM whose BurnedInAnnotation is YES."""
     out = []
     for r in records:
         p = Path(r.path)
-        if r.patient_id is None and (p.suffix.lower() in DICOM_EXTENSIONS or p.is_dir()):
-            identifier = _dicom_patient(p)
+        if p.suffix.lower() in DICOM_EXTENSIONS or p.is_dir():
+            identifier, burned = _dicom_header(p, r.patient_id is None)
             if identifier:
                 r = replace(r, patient_id=pseudonym(identifier))
+            if burned:
+                r = replace(r, burned_in=True)
         out.append(r)
     return out
 
 
-def _dicom_patient(path: Path) -> str | None:
-    from medtl.data.dicom import dicom_tags
-
+def _dicom_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() in DICOM_EXTENSIONS)
-        if not files:
-            return None
-        path = files[0]
-    try:
-        tags = dicom_tags(path)
-    except DataReadError:
-        return None  # the pixel read reports the file properly later
-    return tags.get("patient_id") or tags.get("patient_name") or None
+        return sorted(f for f in path.iterdir() if f.suffix.lower() in DICOM_EXTENSIONS)
+    return [path]
+
+
+def _dicom_header(path: Path, want_patient: bool) -> tuple[str | None, bool]:
+    """(PatientID else PatientName when ``want_patient``, whether any file of ``path`` says
+    BurnedInAnnotation YES). A series folder's patient is its first file's."""
+    from medtl.data.dicom import burned_in, dicom_tags
+
+    files = _dicom_files(path)
+    identifier, known = None, {}
+    if want_patient and files:
+        try:
+            tags = dicom_tags(files[0])
+            identifier = tags.get("patient_id") or tags.get("patient_name") or None
+            known[files[0]] = bool(tags.get("burned_in"))
+        except DataReadError:
+            pass  # the pixel read reports the file properly later
+    marked = [f for f in files if (known[f] if f in known else burned_in(f))]
+    warn_burned_in(path, marked, len(files))
+    return identifier, bool(marked)
+
+
+def warn_burned_in(path: Path, marked: Sequence[Path], n_files: int) -> None:
+    """One warning per DICOM file (per series folder, with its count) whose pixels carry
+    burned-in text."""
+    import logging
+
+    if not marked:
+        return
+    what = (f"{len(marked)} of its {n_files} DICOM files say" if path.is_dir()
+            else "the DICOM file says")
+    logging.getLogger("medtl").warning(
+        "%s: %s BurnedInAnnotation YES: text in the pixels may identify the patient, which no "
+        "pseudonym removes; reports show no image of it", path, what)
 
 
 # ---- folders ---------------------------------------------------------------------------------
@@ -344,7 +377,9 @@ def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
             raise MedtlError(
                 f"{where}: split '{split_value}' is not one of train, val, test (or empty)"
             )
-        patient = (row.get("patient_id") or "").strip() or None
+        # A manifest's patient ids are record numbers: pseudonymised before anything sees them.
+        raw_patient = (row.get("patient_id") or "").strip()
+        patient = patient_key(raw_patient) if raw_patient else None
         if patient is None and regex is not None:
             patient = patient_from_name(str(file), regex)
         entries.append((os.path.abspath(file), label, split_value or None, patient))
@@ -358,45 +393,35 @@ def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
 # ---- .npz (MedMNIST layout) ------------------------------------------------------------------
 
 
+# Labels are class numbers 0..K-1; a run holds at most this many classes (as
+# medtl.transfer.meta.MAX_CLASSES), so a label of 10**10 is refused, not 10**10 class names.
+MAX_NPZ_CLASSES = 10_000
+
+
 def _from_npz(path: Path) -> _Raw:
     abs_path = os.path.abspath(path)
-    try:
-        # allow_pickle=False: an .npz from the internet must not be able to run code.
-        npz = np.load(abs_path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataReadError(abs_path, f"cannot read .npz ({exc})") from exc
-    if not isinstance(npz, np.lib.npyio.NpzFile):
+    if not zipfile.is_zipfile(abs_path):
         raise MedtlError(f"{path}: not an .npz archive (a single array, .npy?)")
-
+    wanted = [f"{s}_{kind}" for s in SPLIT_ORDER for kind in ("images", "labels")]
+    # Sizes checked from the .npy headers before anything is decompressed; no pickles.
+    found, keys = read_npz(abs_path, wanted)
+    present = [s for s in SPLIT_ORDER if f"{s}_images" in found or f"{s}_labels" in found]
+    if not present:
+        raise MedtlError(
+            f"{path}: no MedMNIST keys; expected train_images and train_labels (and "
+            f"optionally val_*, test_*), found: {', '.join(keys) or 'none'}"
+        )
     arrays: dict[tuple[str, str], np.ndarray] = {}
     labels_by_split: dict[str, np.ndarray] = {}
-    with npz:
-        keys = set(npz.files)
-        present = [s for s in SPLIT_ORDER if f"{s}_images" in keys or f"{s}_labels" in keys]
-        if not present:
-            raise MedtlError(
-                f"{path}: no MedMNIST keys; expected train_images and train_labels (and "
-                f"optionally val_*, test_*), found: {', '.join(sorted(keys)) or 'none'}"
-            )
-        for split in present:
-            img_key, lab_key = f"{split}_images", f"{split}_labels"
-            for key in (img_key, lab_key):
-                if key not in keys:
-                    raise MedtlError(f"{path}: has '{split}_*' arrays but no '{key}'")
-            try:
-                images = np.asarray(npz[img_key])
-                labels = np.asarray(npz[lab_key])
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataReadError(
-                    abs_path, f"cannot read '{img_key}'/'{lab_key}' ({exc})"
-                ) from exc
-            arrays[(abs_path, split)] = _check_npz_images(path, img_key, images)
-            labels_by_split[split] = _check_npz_labels(path, lab_key, labels, len(images))
-
-    n_classes = 1 + max(int(y.max(initial=-1)) for y in labels_by_split.values())
-    if n_classes < 1:
-        raise MedtlError(f"{path}: no images in {', '.join(labels_by_split)}")
-    classes = [str(i) for i in range(n_classes)]
+    for split in present:
+        img_key, lab_key = f"{split}_images", f"{split}_labels"
+        for key in (img_key, lab_key):
+            if key not in found:
+                raise MedtlError(f"{path}: has '{split}_*' arrays but no '{key}'")
+        images = _check_npz_images(path, img_key, found[img_key])
+        arrays[(abs_path, split)] = images
+        labels_by_split[split] = _check_npz_labels(path, lab_key, found[lab_key], len(images))
+    classes = _npz_classes(path, labels_by_split)
     records = [
         Record(abs_path, int(y), split, None, key=split, index=i)
         for split, ys in labels_by_split.items()
@@ -432,10 +457,26 @@ def _check_npz_labels(path: Path, key: str, labels: np.ndarray, n_images: int) -
     )
     if not integral:
         raise MedtlError(f"{path}: '{key}' holds non-integer labels (dtype {labels.dtype})")
-    labels = labels.astype(np.int64)
     if len(labels) and labels.min() < 0:
         raise MedtlError(f"{path}: '{key}' holds a negative label ({labels.min()})")
-    return labels
+    if len(labels) and labels.max() >= MAX_NPZ_CLASSES:  # before the cast: 1e30 or inf too
+        raise MedtlError(f"{path}: '{key}' holds the label {labels.max()}; labels are class "
+                         f"numbers 0 to {MAX_NPZ_CLASSES - 1}")
+    return labels.astype(np.int64)
+
+
+def _npz_classes(path: Path, labels_by_split: dict[str, np.ndarray]) -> list[str]:
+    """Class names "0".."K-1" for labels numbered 0..K-1, every number used."""
+    used = np.unique(np.concatenate(list(labels_by_split.values())))
+    if not len(used):
+        raise MedtlError(f"{path}: no images in {', '.join(labels_by_split)}")
+    n_classes = int(used[-1]) + 1
+    if len(used) < n_classes:  # (used is sorted: the first gap is where it leaves 0, 1, 2...)
+        first = int(np.flatnonzero(used != np.arange(len(used)))[0])
+        raise MedtlError(f"{path}: labels are class numbers 0..{n_classes - 1} but "
+                         f"{n_classes - len(used)} of them have no image (the first: {first}); "
+                         "number the classes 0..K-1 without gaps")
+    return [str(i) for i in range(n_classes)]
 
 
 # ---- checks and the carved validation split --------------------------------------------------
@@ -510,6 +551,15 @@ def dataset_from_files(
         else:
             raise MedtlError(f"{item}: not an image file ({_EXTENSIONS_TEXT})")
     records = [Record(str(p.resolve()), 0, None) for p in dict.fromkeys(paths)]
+    records = [replace(r, burned_in=True) if _burned(r.path) else r for r in records]
     view = view or View()
     return Dataset(_expand_volumes(records, view), classes,
                    ", ".join(str(i) for i in inputs), view=view)
+
+
+def _burned(path: str) -> bool:
+    """Whether a file to predict or explain is a DICOM saying BurnedInAnnotation YES (warned)."""
+    p = Path(path)
+    if p.suffix.lower() not in DICOM_EXTENSIONS:
+        return False
+    return _dicom_header(p, want_patient=False)[1]
