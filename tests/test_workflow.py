@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,14 +69,16 @@ def test_evaluate_and_predict_reproduce_the_test_predictions_exactly(hybrid_run,
     assert result["metrics"]["auc"] == run.metrics["test"]["auc"]
 
     out = tmp_path / "pred.csv"
-    files = [r["path"] for r in saved]
-    medtl.predict(run.path, files, output=out, quiet=True)
+    # The run names its images relative to the data (--paths relative); predict's files are
+    # named as given to it, here absolute.
+    files = [str(Path(data, r["path"]).resolve()) for r in saved]
+    medtl.predict(run.path, files, output=out, quiet=True, paths="absolute")
     with open(out, newline="") as f:
         predicted = {r["path"]: r for r in csv.DictReader(f)}
-    for row in saved:
+    for row, file in zip(saved, files, strict=True):
         for c in classes:
-            assert float(predicted[row["path"]][f"prob_{c}"]) == float(row[f"prob_{c}"])
-        assert predicted[row["path"]]["prediction"] == row["prediction"]
+            assert float(predicted[file][f"prob_{c}"]) == float(row[f"prob_{c}"])
+        assert predicted[file]["prediction"] == row["prediction"]
 
 
 def test_feature_extractor_strategy_trains_a_linear_head(tmp_path):
@@ -161,12 +164,12 @@ def test_python_api_fit_save_load_predict(tmp_path):
 def test_a_damaged_model_file_is_a_one_line_error(hybrid_run, tmp_path, capsys):
     import shutil
 
-    _, run = hybrid_run
+    data, run = hybrid_run
     copy = tmp_path / "damaged"
     shutil.copytree(run.path, copy)
     (copy / "model" / "backbone.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(SystemExit) as exc:
-        main(["predict", str(copy), str(run.predictions()[0]["path"]), "--quiet"])
+        main(["predict", str(copy), str(Path(data, run.predictions()[0]["path"])), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2
     assert "backbone.safetensors" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -9,7 +9,7 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ def train(
     mode: str = "2d",
     folds: int | None = None,
     positive_class: str | None = None,
+    paths: str = "relative",
     **option_values: Any,
 ) -> Run:
     """Load DATA, fit a TransferClassifier, score val and test, write a run directory.
@@ -82,6 +83,8 @@ def train(
     class that sensitivity, specificity, operating points and ROC refer to in a binary task
     (default: the last class in name order, with a warning when its name reads as a negative
     finding). ``resume`` refuses any change of request or data (:func:`_guard_resume`).
+    ``paths``: how the data's paths appear in what the run writes (relative to the data root,
+    hashed, absolute: medtl.data.privacy.PathDisplay).
     """
     from medtl.transfer.estimator import TransferClassifier
 
@@ -97,11 +100,13 @@ def train(
     # What the run reads and how it scores; how it trains is ``options``.
     request = {"data": data, "patient_regex": patient_regex, "val_fraction": val_fraction,
                "target_sensitivity": target_sensitivity, "positive_class": positive_class,
-               "folds": folds, "view": {"window": window, "slices": slices, "mode": mode}}
+               "folds": folds, "view": {"window": window, "slices": slices, "mode": mode},
+               "paths": paths, "display": _path_display(paths, data, out)}
     t_start = time.perf_counter()
     # The run is written beside ``out`` and takes its place only when complete (medtl.run).
     with bundle.writing_run(out, overwrite=overwrite, resume=resume) as draft, \
-            run_logging(draft.path, options.quiet, append=resume):
+            run_logging(draft.path, options.quiet, append=resume,
+                        rewrite=request["display"].scrub):
         ds = _load(request, options)
         request["positive"] = _positive_index(ds.classes, positive_class)
         _guard_resume(draft, options, request, ds, resume=resume)  # before any training
@@ -114,6 +119,16 @@ def train(
         draft.commit()
         log.info("run written to %s", out)
     return Run(out)
+
+
+def _path_display(paths: str, data: str | Path, out: Path):
+    """How the run writes the data's paths (``--paths``); its own folder (and its draft) and
+    the cache folder appear in its log by name, not by where they are on this machine."""
+    from medtl.data.privacy import PathDisplay
+    from medtl.files import cache_root
+
+    return PathDisplay.for_source(paths, data, aliases={
+        out: out.name, bundle.partial_dir(out): out.name, cache_root(): "medtl-cache"})
 
 
 def _load(request: dict[str, Any], options: TrainOptions):
@@ -227,6 +242,8 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
     positive = request["positive"]
     eval_splits = [s for s in eval_names if s in ds.split_names()]
     metrics, rows, probas = _score_splits(clf, ds, eval_splits, positive, request)
+    display = request["display"]  # --paths: every path written below goes through it
+    rows = [{**r, "path": display.show(r["path"])} for r in rows]
     metrics["positive_class"] = None if positive is None else ds.classes[positive]
     if "split_overlap" in request:
         metrics["split_overlap"] = request["split_overlap"]
@@ -235,18 +252,21 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                          "predict_images_per_s": _throughput(model, ds.split(eval_splits[-1])),
                          "total_s": time.perf_counter() - t_start, "engine": model.engine}
     metrics["params"] = {"total": model.n_total, "trainable": model.n_trainable}
-    skipped = [f"{p}: {r}" for p, r in ds.skipped] + clf.skipped_
+    skipped = [f"{display.show(p)}: {display.scrub(r)}" for p, r in ds.skipped]
+    skipped += [display.scrub(s) for s in clf.skipped_]
     if skipped:
         metrics["skipped_unreadable"] = len(skipped)
         log.warning("%d unreadable images skipped (--skip-bad)", len(skipped))
     model.save(out / bundle.MODEL_DIR)
-    config = _run_config(clf, ds, request, positive, skipped)
+    config = _run_config(clf, ds, request, positive, skipped, run_dir=out)
     config.update(request.get("config_extra", {}))
+    # The last guard: no string of either file names the data (or the run) by where it is.
+    metrics, config = display.scrub_tree(metrics), display.scrub_tree(config)
     write_json(out / bundle.METRICS, metrics)
     write_csv(out / bundle.PREDICTIONS, rows)
     write_csv(out / bundle.HISTORY, clf.history_)
     _write_report(clf, ds, out, config, metrics, probas[eval_splits[-1]], eval_splits[-1],
-                  positive)
+                  positive, show=display.show)
     # config.json last: its presence marks a complete run that load_run may trust.
     bundle.write_config(out, {"kind": "single", **config})
     # The best weights are in model/; the last-epoch checkpoint only served resumption.
@@ -254,7 +274,8 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
 
 
 def _write_report(clf, ds, out: Path, config: dict[str, Any], metrics: dict[str, Any],
-                  proba: np.ndarray, split: str, positive: int | None) -> None:
+                  proba: np.ndarray, split: str, positive: int | None,
+                  show: Callable[[str], str] = str) -> None:
     """report.html of the last scored split. Each figure is guarded by reporting itself; any
     other failure costs the run its report (said in the log), never the finished run."""
     from medtl.reporting.html import confident_errors, run_figures, write_run_report
@@ -264,10 +285,14 @@ def _write_report(clf, ds, out: Path, config: dict[str, Any], metrics: dict[str,
         figures = run_figures(classes=ds.classes, positive=positive, split=split,
                               y_true=split_ds.labels, proba=proba, metrics=metrics[split],
                               history=clf.history_)
-        write_run_report(out, config, metrics, figures=figures,
-                         errors=confident_errors(split_ds, proba, ds.classes),
-                         explanations=_gallery(clf, split_ds, proba, ds.classes, positive,
-                                               ds.view.mode))
+        # Images are named as --paths says (``show``); burned-in DICOM show no pixels.
+        errors = [{**e, "path": show(e["path"])}
+                  for e in confident_errors(split_ds, proba, ds.classes)]
+        gallery = _gallery(clf, split_ds, proba, ds.classes, positive, ds.view.mode)
+        if gallery is not None:
+            gallery["entries"] = [{**e, "path": show(e["path"])} for e in gallery["entries"]]
+        write_run_report(out, config, metrics, figures=figures, errors=errors,
+                         explanations=gallery)
     except Exception as exc:  # noqa: BLE001 - metrics, predictions and model are on disk
         log.warning("no report.html for this run: %s: %s", type(exc).__name__, exc)
 
@@ -311,7 +336,7 @@ def _score_splits(clf, ds, eval_splits: Sequence[str], positive: int | None,
 
 
 def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
-                skipped: list[str]) -> dict[str, Any]:
+                skipped: list[str], *, run_dir: Path) -> dict[str, Any]:
     """config.json of a single run (medtl.run owns its layout and format version)."""
     import medtl
 
@@ -336,7 +361,7 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
         "engine": model.engine,
         "strategy_params": strategy.own_values(),
         "options": options.to_dict(),
-        "data": {"source": str(Path(str(request["data"])).resolve()),
+        "data": {**_recorded_source(request, run_dir),
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"], "skipped": skipped},
@@ -394,7 +419,8 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
             log.info("fold %d/%d: %s", k, folds, "; ".join(
                 f"{s} {sum(c.values())}" for s, c in fold_ds.counts().items()))
             fold_clf = clone(clf)
-            with run_logging(fold_dir, quiet=True, append=resume):
+            with run_logging(fold_dir, quiet=True, append=resume,
+                             rewrite=request["display"].scrub):
                 # The source's split overlap is the whole run's, recorded at its top.
                 fold_request = {key: v for key, v in request.items() if key != "split_overlap"}
                 _fit_and_write(fold_clf, fold_ds, fold_dir,
@@ -416,12 +442,23 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
             log.info("cv %s: %.3f +- %.3f", f, summary["mean"][f], summary["sd"][f] or 0.0)
     write_csv(out / bundle.CV_TABLE, per_fold)
     write_csv(out / bundle.PREDICTIONS, rows)
-    write_json(out / bundle.METRICS, {"cv": summary, "positive_class": _positive_name(
-        ds.classes, request), "split_overlap": request.get("split_overlap")})
-    bundle.write_config(out, _cv_config(clf, ds, folds, request))
+    display = request["display"]  # --paths, as in each fold's files
+    write_json(out / bundle.METRICS, display.scrub_tree({"cv": summary, "positive_class":
+        _positive_name(ds.classes, request), "split_overlap": request.get("split_overlap")}))
+    bundle.write_config(out, display.scrub_tree(_cv_config(clf, ds, folds, request,
+                                                           run_dir=out)))
 
 
-def _cv_config(clf, ds, folds: int, request: dict[str, Any]) -> dict[str, Any]:
+def _recorded_source(request: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """config.json's data source as ``--paths`` allows: see medtl.data.privacy.recorded_source
+    (relative: from the run folder, which keeps its depth when the draft becomes the run)."""
+    from medtl.data.privacy import recorded_source
+
+    return recorded_source(request.get("paths", "relative"), request["data"], run_dir)
+
+
+def _cv_config(clf, ds, folds: int, request: dict[str, Any], *,
+               run_dir: Path) -> dict[str, Any]:
     """config.json of a cross-validation run (medtl.run owns its layout)."""
     import medtl
 
@@ -431,7 +468,7 @@ def _cv_config(clf, ds, folds: int, request: dict[str, Any]) -> dict[str, Any]:
         "weights": {"requested": o.weights}, "in_chans": o.in_chans, "seed": o.seed,
         "epochs": o.epochs, "target_sensitivity": request["target_sensitivity"],
         "view": request["view"],
-        "data": {"source": str(Path(str(request["data"])).resolve()),
+        "data": {**_recorded_source(request, run_dir),
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"]},
@@ -462,19 +499,37 @@ def _torch_version() -> str:
 
 def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: str = "test",
              device: str = "auto", skip_bad: bool = False, quiet: bool = False,
-             ) -> dict[str, Any]:
+             paths: str = "relative") -> dict[str, Any]:
     """Re-score a saved run on a split of DATA (by default the data it was trained on).
 
-    Returns ``{"metrics": ..., "rows": ...}``; rows are predictions.csv rows.
+    Returns ``{"metrics": ..., "rows": ..., "data": ...}``; rows are predictions.csv rows,
+    ``data`` what was scored. Without DATA the folder or manifest recorded in the run's
+    config.json is read: it must exist (a run from elsewhere names paths of its own machine).
+    The run is checked whole (``load_run``) and its model loaded before any data is read.
+    ``paths``: how the rows name the images (relative to DATA's root, hashed, absolute).
     """
     from medtl.data import load_dataset
+    from medtl.data.privacy import PathDisplay, recorded_data_path
 
     run = run if isinstance(run, Run) else load_run(run)
     cfg = run.config
-    d = cfg.get("data", {})
-    if data is None and "source" not in d:
-        raise MedtlError(f"{run.path}: this run does not record its data; pass DATA")
-    source = data if data is not None else d["source"]
+    d = cfg.get("data") or {}
+    if data is None:
+        recorded = recorded_data_path(d, run.path)
+        if recorded is None:
+            named = (f" only as '{d['source']}' (--paths {d.get('paths')})"
+                     if d.get("source") else "")
+            raise MedtlError(f"{run.path}: this run does not record where its data is{named}; "
+                             "pass DATA")
+        source = Path(recorded)
+        if not (source.is_dir() or source.is_file()):
+            raise MedtlError(f"{run.path}: the data it records, {source}, is not a folder or "
+                             "file here; pass DATA")
+        log.info("evaluating on the data recorded in %s: %s", run.path / bundle.CONFIG, source)
+    else:
+        source = data
+    display = PathDisplay.for_source(paths, source)  # a bad --paths before the model loads
+    clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
     ds = load_dataset(source, patient_regex=d.get("patient_regex"),
                       val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),
                       skip_bad=skip_bad, **cfg.get("view", {}))
@@ -482,29 +537,34 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
         raise MedtlError(f"{source}: classes {ds.classes} differ from the run's {cfg['classes']}")
     if split not in ds.split_names():
         raise MedtlError(f"{source}: no '{split}' split (has: {', '.join(ds.split_names())})")
-    clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
     positive = cfg["classes"].index(cfg["positive_class"]) if cfg.get("positive_class") else None
     metrics, rows, _ = _split_metrics(clf, ds.split(split), split, positive,
                                       thresholds=run.metrics.get("thresholds"),
                                       seed=cfg.get("seed", 0))
-    return {"metrics": metrics, "rows": rows}
+    rows = [{**r, "path": display.show(r["path"])} for r in rows]
+    return {"metrics": metrics, "rows": rows, "data": str(source)}
 
 
 def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
             output: str | Path | None = None, device: str = "auto", skip_bad: bool = False,
-            quiet: bool = False) -> list[dict[str, Any]]:
-    """Class probabilities for image files (or folders of them) with a saved run."""
+            quiet: bool = False, paths: str = "relative") -> list[dict[str, Any]]:
+    """Class probabilities for image files (or folders of them) with a saved run.
+
+    ``paths``: how rows name the images: relative to the folder given (a file given by its
+    name), hashed, or absolute."""
     from medtl.data import dataset_from_files
+    from medtl.data.privacy import PathDisplay
     from medtl.data.sources import make_view
 
+    display = PathDisplay.for_inputs(paths, inputs)
     run = run if isinstance(run, Run) else load_run(run)
     clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
     ds = dataset_from_files(inputs, classes=clf.classes_,
                             view=make_view(**run.config.get("view", {})))
     proba = clf.predict_proba(ds)
-    rows = prediction_rows(ds.records, None, proba, clf.classes_, None)
+    rows = prediction_rows(ds.records, None, proba, clf.classes_, None, show=display.show)
     if any(ds.volumes):
-        rows = _with_volume_rows(rows, ds.volumes, proba, clf.classes_)
+        rows = _with_volume_rows(rows, ds.volumes, proba, clf.classes_, show=display.show)
     if output is not None:
         write_csv(Path(output), rows)
     return rows
@@ -553,7 +613,8 @@ def _report_entry(path: Path, split: str) -> dict[str, Any]:
 
 
 def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],
-                      proba: np.ndarray, classes: Sequence[str]) -> list[dict[str, Any]]:
+                      proba: np.ndarray, classes: Sequence[str],
+                      show: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """Slice rows followed by one row per volume: the mean of its slices' probabilities."""
     out = [{**r, "level": "slice" if v else "image"} for r, v in zip(rows, volumes, strict=True)]
     for volume in dict.fromkeys(v for v in volumes if v):
@@ -561,7 +622,7 @@ def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],
         p = proba[idx]
         p = p[np.isfinite(p).all(axis=1)]
         mean = p.mean(axis=0) if len(p) else np.full(len(classes), np.nan)
-        row = prediction_rows([volume], None, mean[None, :], classes, None)[0]
+        row = prediction_rows([volume], None, mean[None, :], classes, None, show=show)[0]
         out.append({**row, "level": "volume"})
     return out
 
@@ -569,17 +630,19 @@ def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],
 def explain(run: str | Path | Run, inputs: Sequence[str | Path], *, out: str | Path,
             method: str = "gradcam", target: str = "predicted", device: str = "auto",
             sanity_check: bool = False, skip_bad: bool = False, quiet: bool = False,
-            ) -> dict[str, Any]:
+            paths: str = "relative") -> dict[str, Any]:
     """Attribution maps of a saved run for image files (medtl.explain.explain_images)."""
+    from medtl.data.privacy import PATH_MODES
     from medtl.errors import check_choice
     from medtl.explain import METHODS, explain_images
 
     check_choice("method", method, METHODS)  # before the model loads
+    check_choice("--paths", paths, PATH_MODES)
     run = run if isinstance(run, Run) else load_run(run)
     clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
     return explain_images(clf, inputs, out=out, view=run.config.get("view"), method=method,
                           target=target, sanity_check=sanity_check, skip_bad=skip_bad,
-                          quiet=quiet)
+                          quiet=quiet, paths=paths)
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

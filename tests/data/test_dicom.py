@@ -210,7 +210,7 @@ def test_tags_are_read_without_pixels(tmp_path):
     assert dicom_tags(f) == {"modality": "CT", "body_part": "CHEST", "patient_id": "12345",
                              "patient_name": "Doe^John", "study_uid": "1.2.3",
                              "series_uid": "1.2.3.4", "photometric": "MONOCHROME2",
-                             "frames": 1}
+                             "frames": 1, "burned_in": False}
 
 
 def test_missing_tags_are_none(tmp_path):

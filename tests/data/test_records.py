@@ -159,7 +159,7 @@ def test_npz_run_predictions_have_key_and_index_columns_and_no_markers(tmp_path)
     assert "::" not in text
     rows = run.predictions()
     assert list(rows[0])[:3] == ["path", "key", "index"]
-    assert {r["path"] for r in rows} == {str(path)}
+    assert {r["path"] for r in rows} == {path.name}  # relative to the data root (--paths)
     assert len({(r["key"], r["index"]) for r in rows}) == len(rows) == 12  # val 4 + test 8
     assert {r["key"] for r in rows if r["split"] == "val"} == {"train"}  # carved from train
     assert sorted(int(r["index"]) for r in rows if r["split"] == "test") == list(range(8))

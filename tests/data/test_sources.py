@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from medtl.data import Dataset, load_dataset
+from medtl.data.privacy import pseudonym
 from medtl.errors import DataReadError, MedtlError
 
 
@@ -123,7 +124,9 @@ def test_manifest_relative_absolute_patients_and_splits(tree, tmp_path: Path) ->
         "test": {"sick": 1, "well": 1},
     }
     assert ds.records[3].path == str(root / "imgs/3.png")
-    assert ds.patients == ["p0", "p1", "p2", "p3", "p4", None, "p6", "p7"]
+    # A manifest's patient ids are record numbers: only their pseudonyms reach the records.
+    assert ds.patients == [None if p is None else pseudonym(p)
+                           for p in ["p0", "p1", "p2", "p3", "p4", None, "p6", "p7"]]
 
 
 def test_manifest_header_case_bom_and_minimal_columns(tree) -> None:

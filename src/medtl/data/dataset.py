@@ -48,6 +48,8 @@ class Record:
             along the volume's third axis as :func:`medtl.data.volumes.read_volume` returns it.
         mip: the record is its volume's maximum intensity projection (``mip`` mode): one image
             per volume, so no slice.
+        burned_in: a DICOM file (or a file of a DICOM series) says BurnedInAnnotation YES: its
+            pixels may show identifying text, so reports show no image of it.
     """
 
     path: str
@@ -58,6 +60,7 @@ class Record:
     index: int | None = None
     slice: int | None = None
     mip: bool = False
+    burned_in: bool = False
 
     def __post_init__(self) -> None:
         if (self.key is None) != (self.index is None):

@@ -247,11 +247,13 @@ def shrink(pixels: np.ndarray, max_side: int | None = None) -> np.ndarray:
     return mean.astype(pixels.dtype)
 
 
-def dicom_tags(path: str | os.PathLike[str]) -> dict[str, str | int | None]:
-    """Modality, body part, patient, study/series UIDs, photometric and frames; no pixels read.
+def dicom_tags(path: str | os.PathLike[str]) -> dict[str, str | int | bool | None]:
+    """Modality, body part, patient, study/series UIDs, photometric, frames and whether text is
+    burned into the pixels; no pixels read.
 
     Keys: ``modality``, ``body_part``, ``patient_id``, ``patient_name``, ``study_uid``,
-    ``series_uid``, ``photometric`` (str or None when missing/empty) and ``frames`` (int).
+    ``series_uid``, ``photometric`` (str or None when missing/empty), ``frames`` (int) and
+    ``burned_in`` (bool: BurnedInAnnotation (0028,0301) is YES, see :func:`burned_in`).
     These values may identify a patient: use them for grouping, never write them out (see
     medtl.data.privacy). Raises :class:`DataReadError` for a file pydicom cannot parse.
     """
@@ -267,7 +269,27 @@ def dicom_tags(path: str | os.PathLike[str]) -> dict[str, str | int | None]:
         return {"modality": tag("Modality"), "body_part": tag("BodyPartExamined"),
                 "patient_id": tag("PatientID"), "patient_name": tag("PatientName"),
                 "study_uid": tag("StudyInstanceUID"), "series_uid": tag("SeriesInstanceUID"),
-                "photometric": tag("PhotometricInterpretation"), "frames": _frame_count(ds)}
+                "photometric": tag("PhotometricInterpretation"), "frames": _frame_count(ds),
+                "burned_in": _says_burned_in(ds)}
     except Exception as exc:  # values are parsed lazily: a damaged one fails here
         raise DataReadError(str(p), f"cannot read DICOM tags ({type(exc).__name__}: {exc})"
                             ) from exc
+
+
+def _says_burned_in(ds: Any) -> bool:
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
+def burned_in(path: str | os.PathLike[str]) -> bool:
+    """Whether the file's BurnedInAnnotation (0028,0301) is YES: its pixels carry text
+    (names, dates, record numbers) that no tag pseudonym removes, so medtl shows none of its
+    pixels in a report. Only that tag is read; an unreadable file is False (the pixel read
+    reports it)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(Path(path), stop_before_pixels=True,
+                             specific_tags=["BurnedInAnnotation"])
+        return _says_burned_in(ds)
+    except Exception:  # noqa: BLE001 - damaged files are reported when their pixels are read
+        return False

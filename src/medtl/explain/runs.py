@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,9 +70,10 @@ def _target_index(target: str, classes: Sequence[str]) -> int | None:
     return list(classes).index(target)
 
 
-def _file_stem(record: Record, taken: set[str]) -> str:
-    """A readable, unique file name for an input (volume slices and npz rows included)."""
-    name = Path(record.path).name
+def _file_stem(record: Record, taken: set[str], shown: str | None = None) -> str:
+    """A readable, unique file name for an input (volume slices and npz rows included), from
+    its path as ``--paths`` shows it (``shown``): a hashed run names its files by pseudonym."""
+    name = Path(shown if shown is not None else record.path).name
     for ext in (".nii.gz", ".nii", ".npz", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                 ".bmp"):
         if name.lower().endswith(ext):
@@ -102,31 +103,38 @@ def _png(array: np.ndarray) -> bytes:
 def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
                    view: dict[str, str] | None = None, method: str = "gradcam",
                    target: str = "predicted", sanity_check: bool = False,
-                   skip_bad: bool = False, quiet: bool = False) -> dict[str, Any]:
+                   skip_bad: bool = False, quiet: bool = False,
+                   paths: str = "relative") -> dict[str, Any]:
     """Write an overlay PNG and the raw map (.npy) per input image to ``out``, for a fitted or
     loaded classifier (``view``: how its run reads DICOM and volumes).
+
+    ``paths``: how explanations.csv, the file names and the log name the inputs: relative to
+    the folder given (a file by its name), hashed, or absolute (medtl.data.privacy).
 
     Returns ``{"method": the method used, "rows": one dict per image, "sanity": the model
     randomisation check or None}`` and writes ``out/explanations.csv``.
     """
     from medtl.console import run_logging
     from medtl.data import dataset_from_files
+    from medtl.data.privacy import PathDisplay
     from medtl.data.sources import make_view
 
     check_choice("method", method, METHODS)
+    display = PathDisplay.for_inputs(paths, inputs, aliases={out: Path(out).name})
     classes = list(clf.classes_)
     fixed = _target_index(target, classes)
     view = make_view(**(view or {}))
     ds = dataset_from_files(inputs, classes=classes, view=view)
     explainer = Explainer.for_classifier(clf)
-    with run_logging(Path(out), quiet, append=True):
+    with run_logging(Path(out), quiet, append=True, rewrite=display.scrub):
         return _explain(clf, ds, explainer, Path(out), method=method, fixed=fixed,
                         mode=view.mode, sanity_check=sanity_check, skip_bad=skip_bad,
-                        quiet=quiet)
+                        quiet=quiet, show=display.show)
 
 
 def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: int | None,
-             mode: str, sanity_check: bool, skip_bad: bool, quiet: bool) -> dict[str, Any]:
+             mode: str, sanity_check: bool, skip_bad: bool, quiet: bool,
+             show: Callable[[str], str] = str) -> dict[str, Any]:
     from medtl.console import progress_bar
     from medtl.files import atomic_open, atomic_write, write_csv, write_json
 
@@ -142,7 +150,7 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
     with progress_bar(f"explain ({used})", len(ds), quiet=quiet) as advance:
         for start in range(0, len(ds), BATCH):
             batch = range(start, min(start + BATCH, len(ds)))
-            images, indices = _read_batch(ds, batch, skip_bad, used, rows)
+            images, indices = _read_batch(ds, batch, skip_bad, used, rows, show)
             if not images:
                 advance(len(batch))
                 continue
@@ -153,13 +161,13 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
             maps = explainer.maps(pixels, targets, used)
             for j, i in enumerate(indices):
                 record = ds.records[i]
-                stem = _file_stem(record, taken)
+                stem = _file_stem(record, taken, show(record.path))
                 with atomic_open(out / f"{stem}.npy") as f:
                     np.save(f, maps[j])
                 heat = display_map(maps[j], used, proba[j, targets[j]])
                 picture = overlay(display_image(images[j], mode), heat)
                 atomic_write(out / f"{stem}.png", _png(picture))
-                rows.append({"path": record.path, **record.location(), "method": used,
+                rows.append({"path": show(record.path), **record.location(), "method": used,
                              "target": classes[targets[j]],
                              "prediction": classes[predicted[j]],
                              "probability_target": float(proba[j, targets[j]]),
@@ -181,7 +189,7 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
 
 
 def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str, Any]],
-                ) -> tuple[list[np.ndarray], list[int]]:
+                show: Callable[[str], str] = str) -> tuple[list[np.ndarray], list[int]]:
     """The readable images of ``batch`` and their indices; an unreadable one is a row saying
     so (with ``skip_bad``) or the error."""
     images, indices = [], []
@@ -193,7 +201,7 @@ def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str
             if not skip_bad:
                 raise
             log.warning("skipped unreadable image %s: %s", exc.path, exc.reason)
-            rows.append({"path": exc.path, "method": used, "target": "",
+            rows.append({"path": show(exc.path), "method": used, "target": "",
                          "prediction": "UNREADABLE"})
     return images, indices
 
@@ -253,9 +261,11 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
     else:
         kinds = {"correct": pred == labels, "wrong": pred != labels}
         per_kind *= 2
+    # A DICOM saying BurnedInAnnotation YES may show a name in its pixels: never drawn here.
+    burned = np.array([r.burned_in for r in data.records], dtype=bool)
     chosen: list[tuple[str, int]] = []
     for kind, mask in kinds.items():
-        idx = np.flatnonzero(mask & ok)
+        idx = np.flatnonzero(mask & ok & ~burned)
         idx = idx[np.argsort(-proba[idx, pred[idx]], kind="stable")][:per_kind]
         chosen.extend((kind, int(i)) for i in idx)
     entries, images, picked = [], [], []
@@ -283,4 +293,5 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
                 "probability": p,
                 "image": _png(small), "overlay": _png(overlay(small, display_map(raw, used, p)))})
     return {"method": used, "entries": entries,
-            "note": explainer.why_not_differentiable if used != method else None}
+            "note": explainer.why_not_differentiable if used != method else None,
+            "withheld": int(burned.sum())}

@@ -170,10 +170,9 @@ def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int 
     """The ``n`` wrong predictions made with the highest confidence, with PNG thumbnails.
 
     ``data`` is the Dataset the probabilities belong to; an image that cannot be read again
-    gets no thumbnail rather than failing the report.
+    gets no thumbnail rather than failing the report, and a DICOM saying BurnedInAnnotation
+    YES gets none at all (``withheld``): its pixels may show the patient's name.
     """
-    from PIL import Image
-
     proba = np.asarray(proba)
     ok = np.isfinite(proba).all(axis=1)
     pred = np.where(ok, np.nan_to_num(proba).argmax(axis=1), -1)
@@ -181,19 +180,26 @@ def confident_errors(data, proba: np.ndarray, classes: Sequence[str], *, n: int 
     order = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
     out = []
     for i in order:
-        thumb = None
-        try:
-            img = Image.fromarray(data.read(int(i)))
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            thumb = buf.getvalue()
-        except Exception:  # noqa: BLE001 - a thumbnail is a courtesy, never a failure
-            thumb = None
+        withheld = data.records[i].burned_in
         out.append({"path": data.records[i].path, "label": classes[int(data.labels[i])],
                     "prediction": classes[int(pred[i])],
-                    "confidence": float(proba[i, pred[i]]), "thumbnail": thumb})
+                    "confidence": float(proba[i, pred[i]]),
+                    "thumbnail": None if withheld else _thumbnail(data, int(i), size),
+                    "withheld": withheld})
     return out
+
+
+def _thumbnail(data, i: int, size: int) -> bytes | None:
+    from PIL import Image
+
+    try:
+        img = Image.fromarray(data.read(i))
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # noqa: BLE001 - a thumbnail is a courtesy, never a failure
+        return None
 
 
 def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
@@ -394,13 +400,23 @@ def _per_group_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
 def _errors_html(errors: Sequence[Mapping[str, Any]], split: str) -> str:
     if not errors:
         return f"<h2>Most confident errors, {_e(split)}</h2><p>No errors.</p>"
-    rows = [[(_img(e["thumbnail"], Path(str(e["path"])).name) if e.get("thumbnail") else "–"),
+    rows = [[(_img(e["thumbnail"], Path(str(e["path"])).name) if e.get("thumbnail") else
+              "withheld" if e.get("withheld") else "–"),
              f"<code>{_e(_short(e['path']))}</code>", _e(e["label"]), _e(e["prediction"]),
              _fmt(e["confidence"])] for e in errors]
     table = _table(["image", "path", "true", "predicted", "confidence"], rows)
     return (f"<h2>Most confident errors, {_e(split)}</h2><p class=note>The wrong predictions "
             "the model was surest of: the first place to look for label noise, shortcuts "
-            "and hard cases.</p>" + table.replace("<td><img", "<td class=thumb><img"))
+            "and hard cases." + _withheld_note(sum(bool(e.get("withheld")) for e in errors))
+            + "</p>" + table.replace("<td><img", "<td class=thumb><img"))
+
+
+def _withheld_note(n: int) -> str:
+    """What the page says when burned-in DICOM images are left out of it."""
+    if not n:
+        return ""
+    return (f" {n} image{'s' if n > 1 else ''} withheld: {'their' if n > 1 else 'its'} DICOM "
+            "says BurnedInAnnotation YES (text in the pixels may identify the patient).")
 
 
 _GALLERY_NOTES = {
@@ -414,6 +430,9 @@ def _gallery_html(gallery: Mapping[str, Any], split: str) -> str:
     entries = gallery.get("entries") or []
     method = str(gallery.get("method"))
     head = f"<h2>Where the model looks, {_e(split)}</h2>"
+    withheld = _withheld_note(int(gallery.get("withheld") or 0))
+    if withheld:
+        head += f"<p class=note>{withheld.strip()} They are never chosen here.</p>"
     if not entries:
         return head + "<p>No images to show.</p>"
     binary = entries[0]["kind"] in ("true positive", "false positive", "false negative",
