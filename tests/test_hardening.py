@@ -360,7 +360,7 @@ def test_the_options_a_model_json_records_are_checked(change, why):
     options = options_from_meta({**MODEL_META["params"], "device": "cuda"}, "m.json",
                                 device="cpu")
     assert options.device == "cpu" and options.batch_size == 64  # the caller's device
-    with pytest.raises(MedtlError, match=f"m.json: {why}"):
+    with pytest.raises(MedtlError, match=f"m.json: .*{why}"):
         options_from_meta({**MODEL_META["params"], **change}, "m.json")
 
 

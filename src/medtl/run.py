@@ -128,14 +128,14 @@ def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[st
     else one MedtlError naming ``source`` and the value. Keys medtl does not use pass."""
     from medtl.data.sources import make_view
     from medtl.data.transforms import Preprocessing
-    from medtl.transfer.meta import MAX_SEED, check_class_names, check_int, check_text
+    from medtl.transfer.meta import MAX_SEED, check_class_names, check_int, check_text, shown
 
     try:
         if cfg.get("kind") not in KINDS:
-            raise MedtlError(f"kind {str(cfg.get('kind'))[:40]!r} is not one of {KINDS}")
+            raise MedtlError(f"kind {shown(cfg.get('kind'))} is not one of {KINDS}")
         classes = check_class_names(cfg.get("classes"), "classes")
         if cfg.get("positive_class") is not None and cfg["positive_class"] not in classes:
-            raise MedtlError(f"positive_class {str(cfg['positive_class'])[:60]!r} is not a "
+            raise MedtlError(f"positive_class {shown(cfg['positive_class'])} is not a "
                              "class")
         for key in ("backbone", "strategy", "head", "medtl_version"):
             if cfg.get(key) is not None:
@@ -156,7 +156,7 @@ def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[st
         ts = cfg.get("target_sensitivity")
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)
                                or not 0.0 < ts <= 1.0):
-            raise MedtlError(f"target_sensitivity {str(ts)[:40]!r} is not in (0, 1]")
+            raise MedtlError(f"target_sensitivity {shown(ts)} is not in (0, 1]")
         if cfg["kind"] == "cv":
             check_int(cfg.get("folds"), "folds", 2, 1000)
     except MedtlError as exc:
@@ -166,6 +166,8 @@ def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[st
 
 def _check_recorded_weights(weights: Any) -> None:
     """config.json's weights provenance: shown only, but a digest is 64 lowercase hex."""
+    from medtl.transfer.meta import shown
+
     if weights is None:
         return
     if not isinstance(weights, dict):
@@ -173,12 +175,12 @@ def _check_recorded_weights(weights: Any) -> None:
     sha = weights.get("sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64
                                 and set(sha) <= _SHA256_HEX):
-        raise MedtlError(f"weights sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
+        raise MedtlError(f"weights sha256 {shown(sha)} is not 64 lowercase hex digits")
 
 
 def _check_data_record(data: Any) -> None:
     """config.json's ``data``: where ``evaluate`` reads by default and how it splits."""
-    from medtl.transfer.meta import check_text
+    from medtl.transfer.meta import check_text, shown
 
     if data is None:
         return
@@ -196,7 +198,7 @@ def _check_data_record(data: Any) -> None:
     vf = data.get("val_fraction")
     if vf is not None and (isinstance(vf, bool) or not isinstance(vf, int | float)
                            or not 0.0 <= vf < 1.0):
-        raise MedtlError(f"data val_fraction {str(vf)[:40]!r} is not in [0, 1)")
+        raise MedtlError(f"data val_fraction {shown(vf)} is not in [0, 1)")
 
 
 def upgrade_config(cfg: Mapping[str, Any], *, source: str | Path = CONFIG) -> dict[str, Any]:
@@ -613,6 +615,8 @@ def check_metrics(metrics: Any, *, source: str | Path = METRICS) -> dict[str, An
     """metrics.json's shape where medtl reads it back: a mapping; each split's figures a
     mapping; the operating thresholds chosen on validation (which ``evaluate`` applies) finite
     numbers in [0, 1]; the positive class a name."""
+    from medtl.transfer.meta import shown
+
     if not isinstance(metrics, dict):
         raise MedtlError(f"{source}: not a medtl metrics file")
     for split in _SPLIT_NAMES:
@@ -626,7 +630,7 @@ def check_metrics(metrics: Any, *, source: str | Path = METRICS) -> dict[str, An
             t = thresholds.get(name)
             if name in thresholds and (isinstance(t, bool) or not isinstance(t, int | float)
                                        or not 0.0 <= t <= 1.0):
-                raise MedtlError(f"{source}: threshold {name} {str(t)[:40]!r} is not a "
+                raise MedtlError(f"{source}: threshold {name} {shown(t)} is not a "
                                  "number in [0, 1]")
     pc = metrics.get("positive_class")
     if pc is not None and not isinstance(pc, str):

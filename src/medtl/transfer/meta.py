@@ -37,12 +37,18 @@ _INTS = {"in_chans": (1, 3, False), "epochs": (1, 100_000, True),
          "seed": (0, MAX_SEED, False)}
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value read from a file, for a one-line message: its repr, cut at ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def check_int(value: Any, what: str, lo: int, hi: int, *, none: bool = False) -> int | None:
     """``value`` when it is an integer in [lo, hi] (``None`` too when ``none``)."""
     if value is None and none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise MedtlError(f"{what} {str(value)[:40]!r}: not an integer in {lo}..{hi}")
+        raise MedtlError(f"{what} {shown(value)}: not an integer in {lo}..{hi}")
     return value
 
 
@@ -53,7 +59,7 @@ def check_float(value: Any, what: str, lo: float, hi: float, *, none: bool = Fal
         return None
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not math.isfinite(value) or not lo < value <= hi):
-        raise MedtlError(f"{what} {str(value)[:40]!r}: not a number in ({lo}, {hi}]")
+        raise MedtlError(f"{what} {shown(value)}: not a number in ({lo}, {hi}]")
     return float(value)
 
 
@@ -61,7 +67,7 @@ def check_text(value: Any, what: str, *, limit: int = MAX_NAME) -> str:
     """A non-empty string of at most ``limit`` characters without control characters."""
     if (not isinstance(value, str) or not value or len(value) > limit
             or any(unicodedata.category(c) == "Cc" for c in value)):
-        raise MedtlError(f"{what} {str(value)[:60]!r}: not a short line of text")
+        raise MedtlError(f"{what} {shown(value)}: not a short line of text")
     return value
 
 
@@ -102,7 +108,7 @@ def options_from_meta(params: Any, where: str, **runtime: Any) -> TrainOptions:
         check_choice("augment", values.get("augment", TrainOptions.augment), AUGMENT_PRESETS)
         for name in _BOOLS:
             if name in values and not isinstance(values[name], bool):
-                raise MedtlError(f"{name} {str(values[name])[:40]!r}: not true or false")
+                raise MedtlError(f"{name} {shown(values[name])}: not true or false")
         for name, (lo, hi, none) in _INTS.items():
             if name in values:
                 check_int(values[name], name, lo, hi, none=none)
@@ -134,14 +140,14 @@ def check_model_meta(meta: Any, where: str | Path) -> dict[str, Any]:
         raise MedtlError(f"{where}: not a medtl model.json")
     fmt = meta.get("format", 1)
     if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
-        raise MedtlError(f"{where}: format {str(fmt)[:40]!r} is not a medtl model format")
+        raise MedtlError(f"{where}: format {shown(fmt)} is not a medtl model format")
     if fmt > MODEL_FORMAT:
         raise MedtlError(f"{where}: format {fmt} is newer than this medtl reads "
                          f"({MODEL_FORMAT}); upgrade medtl")
     out = dict(meta)
     try:
         if meta.get("kind") not in (None, "frozen", "network"):
-            raise MedtlError(f"unknown model kind {str(meta.get('kind'))[:40]!r}")
+            raise MedtlError(f"unknown model kind {shown(meta.get('kind'))}")
         out["classes"] = check_class_names(meta.get("classes"), "classes")
         if meta.get("num_classes", len(out["classes"])) != len(out["classes"]):
             raise MedtlError(f"num_classes {str(meta['num_classes'])[:20]} differs from the "
@@ -172,5 +178,5 @@ def _check_head_params(params: Any) -> None:
         if isinstance(v, float) and not math.isfinite(v) or not (
                 v is None or isinstance(v, bool | int | float)
                 or isinstance(v, str) and len(v) <= MAX_NAME):
-            raise MedtlError(f"head_params {k[:40]}: {str(v)[:40]!r} is not a plain value")
+            raise MedtlError(f"head_params {k[:40]}: {shown(v)} is not a plain value")
 
