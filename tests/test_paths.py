@@ -181,5 +181,13 @@ def test_hashed_and_absolute_runs(relative_run, tmp_path, capsys):
     assert code == 0, text
     rows = _rows(tmp_path / "abs.csv")
     assert all(Path(r["path"]).is_absolute() and Path(r["path"]).is_file() for r in rows)
+    code, text = _cli(["explain", out, data / "test" / "disc", "--paths", "hashed", "--out",
+                       tmp_path / "maps", "--quiet"], capsys)
+    assert code == 0, text
+    maps = files_under(tmp_path / "maps")
+    assert {f.suffix for f in maps} == {".png", ".npy", ".csv", ".txt"}
+    assert all(re.fullmatch(r"ph-[0-9a-f]{16}", f.stem) for f in maps if f.suffix in (".png",
+                                                                                   ".npy"))
+    assert occurrences(maps, [*names, str(data)]) == []
     code, text = _cli(["predict", out, data / "test", "--paths", "nowhere"], capsys)
     assert code == 2 and "--paths" in text
