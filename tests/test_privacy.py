@@ -222,3 +222,23 @@ def test_burned_in_dicom_are_warned_about_and_left_out_of_the_report(dicom_run):
     # naming a burned-in file holds no image.
     parts = [p for chunk in page.split("<tr") for p in chunk.split("<figure")]
     assert not [p for p in parts if any(b in p for b in burned) and "<img" in p]
+
+
+def test_confident_errors_withhold_burned_in_images(tmp_path):
+    from PIL import Image
+
+    from medtl.data.dataset import Dataset, Record
+    from medtl.reporting.html import confident_errors, render_run_report
+
+    records = []
+    for k in range(4):
+        Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        records.append(Record(str(tmp_path / f"{k}.png"), k % 2, "test", burned_in=k < 2))
+    data = Dataset(records, ["a", "b"])
+    proba = np.array([[0.1, 0.9], [0.8, 0.2], [0.05, 0.95], [0.7, 0.3]])  # all wrong
+    errors = confident_errors(data, proba, ["a", "b"])
+    by_name = {Path(e["path"]).name: e for e in errors}
+    assert [by_name[f"{k}.png"]["thumbnail"] is None for k in range(4)] == [True, True, False,
+                                                                          False]
+    page = render_run_report({"classes": ["a", "b"]}, {}, errors=errors)
+    assert "2 images withheld" in page and page.count("<img") == 2
