@@ -21,7 +21,9 @@ def test_preprocessing_read_from_a_run_is_checked():
         64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).key()
     for bad, why in [({"size": 100000}, "size 100000"), ({"size": 2}, "size 2"),
                      ({"interpolation": "lanczos9"}, "interpolation"),
-                     ({"std": [0.2, 0.0, 0.2]}, "std positive"), ({"mean": [0.5]}, "three"),
+                     ({"std": [0.2, 0.0, 0.2]}, "std in"), ({"mean": [0.5]}, "three"),
+                     ({"mean": [0.5, float("nan"), 0.5]}, "finite"),
+                     ({"std": [0.2, float("inf"), 0.2]}, "finite"),
                      ({"channels": 4}, "channels 4"), ({"size": "big"}, "not a medtl")]:
         with pytest.raises(MedtlError, match=why):
             Preprocessing.from_dict({**GOOD, **bad})

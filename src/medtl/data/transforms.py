@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,8 +66,13 @@ class Preprocessing:
         problems = []
         if not MIN_SIZE <= pre.size <= MAX_SIZE:
             problems.append(f"size {pre.size} outside {MIN_SIZE}..{MAX_SIZE}")
-        if len(pre.mean) != 3 or len(pre.std) != 3 or not all(s > 0 for s in pre.std):
-            problems.append("mean and std need three values each, std positive")
+        # Pixels are scaled to [0, 1]: a mean or std far outside it (or not finite) is no
+        # normalisation medtl wrote, and NaN or inf would turn every prediction into NaN.
+        if len(pre.mean) != 3 or len(pre.std) != 3 \
+                or not all(math.isfinite(m) and -10 <= m <= 10 for m in pre.mean) \
+                or not all(math.isfinite(s) and 1e-6 <= s <= 10 for s in pre.std):
+            problems.append("mean and std need three finite values each (|mean| <= 10, "
+                            "std in [1e-6, 10])")
         if pre.resize != "squash" or pre.interpolation not in INTERPOLATIONS:
             problems.append(f"resize {pre.resize!r} / interpolation {pre.interpolation!r} unknown")
         if pre.channels not in (1, 3):
