@@ -199,6 +199,7 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped_everywhere(tmp_path, ca
 
 
 def test_text_that_utf8_cannot_hold_is_escaped_in_json_csv_and_logs(tmp_path):
+    import csv
     import json
 
     from medtl.console import log, printable, run_logging
@@ -212,6 +213,9 @@ def test_text_that_utf8_cannot_hold_is_escaped_in_json_csv_and_logs(tmp_path):
         "path": "caf\\xe9\\ud800.png", "caf\\xe9\\ud800.png": ["caf\\xe9\\ud800.png"], "ok": "😀"}
     write_csv(tmp_path / "a.csv", [{"path": name, "p": 0.5}])
     assert (tmp_path / "a.csv").read_text("utf-8") == "path,p\ncaf\\xe9\\ud800.png,0.5\n"
+    write_csv(tmp_path / "b.csv", [{"path": "a\rb.png", "p": 0.5}, {"path": "c.png", "p": 1.0}])
+    with open(tmp_path / "b.csv", newline="", encoding="utf-8") as f:  # a lone CR stays inside
+        assert [r["path"] for r in csv.DictReader(f)] == ["a\rb.png", "c.png"]
     with run_logging(tmp_path, quiet=True):
         log.info("skipped %s", name)
 

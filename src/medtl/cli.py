@@ -692,9 +692,9 @@ def _print_error(message: str) -> None:
     """``error: message`` on stderr, one line. The message names the user's files and patterns:
     printed as text, never as markup (a regex like '[/_](P\\d+)' or a file 'scan[left].png'
     would be eaten or crash rich), without control characters that could steer the terminal
-    (a newline in a file name would split the line), and with the bytes of a file name that
+    (a newline would split the line, a tab become spaces), and with the bytes of a file name that
     are not UTF-8 written \\xNN."""
-    console.print(Text.assemble(("error:", "bold red"), " ", printable(message, keep="\t")),
+    console.print(Text.assemble(("error:", "bold red"), " ", printable(message)),
                   highlight=False, soft_wrap=True)
 
 

@@ -263,10 +263,16 @@ def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
+        # csv quotes a field holding the "\n" line end but not a lone "\r", which a reader
+        # takes for one: a file name with a carriage return would split its row in two.
+        quoted = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n",
+                                quoting=csv.QUOTE_ALL)
+        (quoted if any("\r" in str(f) for f in fields) else w).writeheader()
         for r in rows:
             # repr() keeps every bit of a float, so a reloaded run reproduces it exactly.
-            w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+            row = {k: repr(v) if isinstance(v, float) else v for k, v in r.items()}
+            cr = any(isinstance(v, str) and "\r" in v for v in row.values())
+            (quoted if cr else w).writerow(row)
     atomic_write(path, buf.getvalue())
 
 
