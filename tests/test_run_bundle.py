@@ -354,3 +354,28 @@ def test_a_config_json_that_is_a_device_does_not_make_a_folder_a_run(tmp_path):
     (d / "config.json").unlink()
     (d / "config.json").symlink_to("/dev/zero")  # read without a bound, this never ends
     assert not bundle.is_run(d)
+
+
+def test_a_damaged_or_newer_run_is_one_error_line(tmp_path, capsys):
+    """A corrupt config.json, a model.json of a newer medtl, and a run --out over a corrupt run:
+    exit 2 with one line naming the file, never a traceback."""
+    import shutil
+
+    from medtl.cli import main
+
+    cases = []
+    bad = shutil.copytree(FIXTURE / "run", tmp_path / "bad")
+    (bad / "config.json").write_text("{not json")
+    cases += [(["evaluate", str(bad), str(FIXTURE / "data")], "config.json: not valid JSON"),
+              (["predict", str(bad), str(FIXTURE / "data" / "test")], "config.json"),
+              (["train", str(FIXTURE / "data"), "--out", str(bad), "-q"], "not a medtl run")]
+    newer = shutil.copytree(FIXTURE / "run", tmp_path / "newer")
+    meta = json.loads((newer / "model" / "model.json").read_text())
+    (newer / "model" / "model.json").write_text(json.dumps({**meta, "format": 99}))
+    cases += [(["predict", str(newer), str(FIXTURE / "data" / "test")], "newer than this medtl")]
+    for argv, why in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and why in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
