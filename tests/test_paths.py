@@ -80,7 +80,11 @@ def test_log_lines_are_rewritten_and_only_at_path_boundaries(tmp_path, monkeypat
     assert f"skipped {hashed.show(bad)}: not an image" in text
     assert "broken" not in text and f"{root}/" not in text and "data data" not in text
     assert PathDisplay.for_source("absolute", root, aliases=aliases).scrub(line) == line
-    assert hashed.scrub_tree({"a": [line, 1, None]})["a"][1:] == [1, None]
+    # The last guard on a run's JSON files: every string, keys and nested lists included.
+    tree = PathDisplay.for_source("relative", root).scrub_tree(
+        {"skipped": [f"{bad}: x", 1, None], str(bad): {"n": (f"{root}", 2.5)}})
+    assert tree == {"skipped": ["train/a/broken scan.png: x", 1, None],
+                    "train/a/broken scan.png": {"n": ["data", 2.5]}}
 
 
 def test_the_recorded_source_is_relative_to_the_run_or_only_a_name(tmp_path):
