@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ from PIL import Image
 
 import medtl
 from medtl import run as bundle
+
+from .processes import wait_for
 
 # Many epochs, no early stop: the process is surely still training when the test acts on it.
 LONG_TRAINING = ["--strategy", "full", "--weights", "random", "--image-size", "32",
@@ -31,18 +32,6 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (hidden ones too) and its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
-
-
-def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
-    """Poll until ``condition()`` holds; fail if ``proc`` ends first (it must still run)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the process ended before {what}: {proc.communicate()[1][-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +87,7 @@ def test_a_retrain_killed_mid_epoch_leaves_the_old_run_whole(tmp_path, shapes):
     checkpoints = bundle.partial_dir(out) / bundle.CHECKPOINTS
     try:
         # A checkpoint of the new run exists: an epoch is over and the next one is running.
-        _wait_for(lambda: any(checkpoints.glob("*.pt")), retrain, "a checkpoint")
+        wait_for(lambda: any(checkpoints.glob("*.pt")), retrain, "a checkpoint")
     finally:
         retrain.send_signal(signal.SIGKILL)
         retrain.communicate()
@@ -128,7 +117,7 @@ def test_a_second_writer_of_a_run_is_refused_naming_the_first(tmp_path, shapes):
             return {}
 
     try:
-        _wait_for(lambda: holder().get("pid") == first.pid, first, "the first writer's lock")
+        wait_for(lambda: holder().get("pid") == first.pid, first, "the first writer's lock")
         second = subprocess.run(_medtl("train", str(shapes), "--strategy", "hybrid", "--out",
                                        str(out), "--overwrite", "--quiet"),
                                 capture_output=True, text=True, timeout=300)

@@ -36,7 +36,8 @@ def kermany_manifest(tmp_path_factory):
 def runs(kermany_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("kermany-runs")
     common = dict(backbone="mobilenet_v2", strategy="hybrid", head="logreg",
-                  patient_regex=REGEX, quiet=True)
+                  patient_regex=REGEX, quiet=True,
+                  paths="absolute")  # the manifest's rows point outside its folder
     imagenet = medtl.train(kermany_manifest, weights="imagenet", out=out / "imagenet", **common)
     random = medtl.train(kermany_manifest, weights="random", out=out / "random", **common)
     return imagenet, random

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from medtl.cli import main
 from medtl.data.privacy import pseudonym
 
 from .conftest import write_dicom
+from .processes import wait_for
 from .scan import files_under, occurrences
 
 pydicom = pytest.importorskip("pydicom")
@@ -116,17 +116,6 @@ def test_a_manifest_and_a_folder_name_give_only_pseudonyms(dicom_data, tmp_path)
         pseudonym("volume:DOE_JANE_19700101"), pseudonym("volume:ROE_RICHARD")}
 
 
-def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the process ended before {what}: {proc.communicate()[1][-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 def _killed_run(data: Path, out: Path) -> Path:
     """A trainable run's draft after ``kill -9`` past its first checkpoint."""
     env = {**os.environ, "MEDTL_OFFLINE": "1"}
@@ -137,7 +126,7 @@ def _killed_run(data: Path, out: Path) -> Path:
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     draft = out.with_name(f".{out.name}.partial")
     try:
-        _wait_for(lambda: any((draft / "checkpoints").glob("*.pt")), proc, "a checkpoint")
+        wait_for(lambda: any((draft / "checkpoints").glob("*.pt")), proc, "a checkpoint")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()

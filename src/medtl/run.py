@@ -120,9 +120,6 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return check_config(upgrade_config(cfg, source=path), source=path)
 
 
-_SHA256_HEX = frozenset("0123456789abcdef")
-
-
 def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[str, Any]:
     """``cfg`` (current format) when every value medtl uses from it has its type and bounds;
     else one MedtlError naming ``source`` and the value. Keys medtl does not use pass."""
@@ -166,6 +163,7 @@ def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[st
 
 def _check_recorded_weights(weights: Any) -> None:
     """config.json's weights provenance: shown only, but a digest is 64 lowercase hex."""
+    from medtl.models.weights import is_sha256
     from medtl.transfer.meta import shown
 
     if weights is None:
@@ -173,8 +171,7 @@ def _check_recorded_weights(weights: Any) -> None:
     if not isinstance(weights, dict):
         raise MedtlError("weights is not a mapping")
     sha = weights.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and len(sha) == 64
-                                and set(sha) <= _SHA256_HEX):
+    if sha is not None and not is_sha256(sha):
         raise MedtlError(f"weights sha256 {shown(sha)} is not 64 lowercase hex digits")
 
 

@@ -497,6 +497,12 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> Reso
 # Provenance read from a run
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: Any) -> bool:
+    """A sha256 digest as medtl writes one: 64 lowercase hex digits (a run's claim is checked
+    with this before it is shown or saved again)."""
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 _MAX_PROVENANCE = 4096  # characters of a recorded source or path
 
 
@@ -515,7 +521,7 @@ def weights_info_from_dict(d: Any, where: str = "weights_info") -> WeightsInfo:
     kind, source, sha, path = (d.get(k) for k in ("kind", "source", "sha256", "path"))
     if kind not in ("imagenet", "random", "file"):
         raise WeightsError(f"{where}: kind {kind!r} is not imagenet, random or file")
-    if sha is not None and not (isinstance(sha, str) and _SHA256_HEX.fullmatch(sha)):
+    if sha is not None and not is_sha256(sha):
         raise WeightsError(f"{where}: sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
     for name, value in (("source", source), ("path", path)):
         if value is None and name == "path":
