@@ -268,3 +268,25 @@ def test_two_processes_extracting_the_same_key_leave_one_consistent_cache(blob_d
     counter = CountingRunner()
     np.testing.assert_array_equal(counter.wrap(shared).transform(ds), expected)
     assert counter.images == 0
+
+
+def test_no_cache_path_leaves_the_cache_root(tmp_path, monkeypatch):
+    """Every cache path is resolved and must stay under the root: a key part that climbs out,
+    or a link planted in the cache that points elsewhere, is refused before anything is
+    written."""
+    from medtl.errors import MedtlError
+
+    root, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ext = _extractor(_backbone(), root)
+    assert ext.store.directory.parent == (root / "features").resolve()
+    monkeypatch.setattr(type(ext), "key", property(lambda self: "../../elsewhere/x"))
+    ext._store = None
+    with pytest.raises(MedtlError, match="leads outside"):
+        ext.store  # noqa: B018 - the property is what is tested
+    monkeypatch.undo()
+    root.mkdir(exist_ok=True)
+    (root / "onnx").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(MedtlError, match="leads outside"):
+        ext._in_cache("onnx", f"{ext.key}.onnx")
+    assert list(elsewhere.iterdir()) == []

@@ -29,7 +29,7 @@ from torch import nn
 from medtl.console import progress_bar
 from medtl.data import readers
 from medtl.data.transforms import Preprocessing
-from medtl.errors import DataReadError, check_choice
+from medtl.errors import DataReadError, MedtlError, check_choice
 from medtl.files import atomic_path, atomic_write, cache_root
 from medtl.training.loop import torch_threads
 from medtl.training.options import ENGINES
@@ -251,10 +251,20 @@ class FrozenFeatures:
                          f"-px{readers.PIXEL_PIPELINE_VERSION}")
         return self._key
 
+    def _in_cache(self, *parts: str) -> Path:
+        """A path under the cache root, resolved and refused if it leaves the root: the key is
+        built from hashes and a registry name today, and this keeps any later part of it (or a
+        link planted in the cache) from steering a write elsewhere."""
+        root = self.cache_dir.resolve()
+        path = root.joinpath(*parts).resolve()
+        if path == root or not path.is_relative_to(root):
+            raise MedtlError(f"feature cache: {'/'.join(parts)!r} leads outside {root}")
+        return path
+
     @property
     def store(self) -> FeatureStore:
         if self._store is None:
-            self._store = FeatureStore(self.cache_dir / "features" / self.key,
+            self._store = FeatureStore(self._in_cache("features", self.key),
                                        dim=self.backbone.num_features)
         return self._store
 
@@ -364,7 +374,7 @@ class FrozenFeatures:
         import onnxruntime as ort
 
         path = export_onnx(self.backbone, self.preprocessing.size,
-                           self.cache_dir / "onnx" / f"{self.key}.onnx")
+                           self._in_cache("onnx", f"{self.key}.onnx"))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
