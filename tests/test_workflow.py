@@ -159,6 +159,15 @@ def test_python_api_fit_save_load_predict(tmp_path):
         medtl.evaluate(run.path, quiet=True)
     result = medtl.evaluate(run.path, data, quiet=True)
     assert result["metrics"]["n"] == len(ds.split("test"))
+    # The first class as positive: evaluate's sensitivity is that class's recall.
+    first = ds.classes[0]
+    with pytest.raises(medtl.MedtlError, match="not one of the two classes"):
+        medtl.save_run(clf, tmp_path / "bad", positive_class="nodule")
+    saved = medtl.save_run(clf, tmp_path / "first", positive_class=first)
+    assert saved.config["positive_class"] == first
+    rows = medtl.evaluate(saved.path, data, quiet=True)
+    hits = [r["prediction"] == first for r in rows["rows"] if r["label"] == first]
+    assert rows["metrics"]["sensitivity"] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_a_damaged_model_file_is_a_one_line_error(hybrid_run, tmp_path, capsys):

@@ -579,11 +579,13 @@ class Run:
         return clf
 
 
-def save_run(clf, out: str | Path, *, overwrite: bool = False) -> Run:
+def save_run(clf, out: str | Path, *, overwrite: bool = False,
+             positive_class: str | None = None) -> Run:
     """A run directory (kind ``model``) around a classifier fitted from Python: its model and
     config.json, so ``load_run``, ``evaluate`` and ``predict`` take it. Written like any run
     (beside ``out``, swapped in when whole; ``overwrite`` replaces only a run). ``medtl train``
-    writes complete runs (metrics, predictions, report)."""
+    writes complete runs (metrics, predictions, report). ``positive_class``: the class that
+    ``evaluate``'s sensitivity and specificity refer to in a binary task (default: the last)."""
     from sklearn.utils.validation import check_is_fitted
 
     import medtl
@@ -591,13 +593,17 @@ def save_run(clf, out: str | Path, *, overwrite: bool = False) -> Run:
     check_is_fitted(clf, "model_")  # before anything is written
     model, out = clf.model_, Path(out)
     classes = list(model.classes)
+    if positive_class is not None and (len(classes) != 2 or positive_class not in classes):
+        raise MedtlError(f"positive_class {positive_class!r}: not one of the two classes of a "
+                         f"binary model (classes: {', '.join(classes)})")
+    positive = positive_class or (classes[-1] if len(classes) == 2 else None)
     with writing_run(out, overwrite=overwrite) as draft:
         model.save(draft.path / MODEL_DIR)
         write_config(draft.path, {
             "kind": "model", "backbone": clf.backbone, "strategy": clf.strategy,
             "head": clf.head, "weights": model.backbone.weights_info.to_dict(),
             "seed": clf.seed, "classes": classes,
-            "positive_class": classes[-1] if len(classes) == 2 else None,
+            "positive_class": positive,
             "preprocessing": model.preprocessing.to_dict(), "options": clf.options.to_dict(),
             "medtl_version": medtl.__version__})
     return Run(out)
