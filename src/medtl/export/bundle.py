@@ -1,0 +1,270 @@
+"""An exported bundle on disk: its manifest, and a predictor that needs no PyTorch.
+
+A bundle is a folder: ``model.onnx`` (a normalised image batch to class probabilities),
+``preprocessing.json`` (how images become that batch, the classes and operating points), a
+model card, and ``manifest.json`` naming every other file with its sha256. A bundle comes from
+elsewhere (a colleague, a download), so loading treats it as untrusted: every file is checked
+against the manifest, nothing else may lie in the folder, and every value is bounded.
+
+This module imports onnxruntime, NumPy, Pillow and medtl's torch-free readers only; a test
+checks that predicting with a bundle never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtl.data.transforms import Preprocessing
+from medtl.errors import MedtlError
+from medtl.files import MAX_JSON_BYTES, write_json
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+MANIFEST_FILE = "manifest.json"
+# protobuf cannot hold a single-file ONNX model over 2 GiB; other files (model card) are small.
+MAX_MODEL_BYTES = 2 << 30
+MAX_OTHER_BYTES = 64 << 20
+MAX_FILES = 64
+MAX_OPERATING_POINTS = 64
+BATCH_SIZE = 32
+INPUT_SCALE = "pixels / 255 then (x - mean) / std"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_name(name: Any, where: Path) -> str:
+    """A file name the manifest may list: one plain name inside the bundle, nothing else."""
+    if (not isinstance(name, str) or not name or len(name) > 255 or name in (".", "..")
+            or any(c in name for c in "/\\\0") or name == MANIFEST_FILE):
+        raise MedtlError(f"{where}: file name {str(name)[:80]!r} is not a plain file name of "
+                         "the bundle (no '/', '..' or manifest.json); refused")
+    return name
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, never through a symlink (O_NOFOLLOW) and checked
+    on the descriptor read, so the file hashed is the file used."""
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_NOCTTY", 0))
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise MedtlError(f"{path}: listed in the manifest but missing; refused") from None
+    except OSError as exc:  # ELOOP: a symlink
+        raise MedtlError(f"{path}: cannot be read ({exc.strerror or exc}; a symlink is "
+                         "refused)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MedtlError(f"{path}: not a regular file; refused")
+        if st.st_size > max_bytes:
+            raise MedtlError(f"{path}: {st.st_size} bytes, more than {max_bytes}; refused")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise MedtlError(f"{path}: more than {max_bytes} bytes; refused")
+    return data
+
+
+def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write ``manifest.json``: the sha256 of every file in ``directory`` but itself.
+
+    The exporter calls this last. The bundle must be flat and hold regular files only, as
+    :func:`load_bundle` requires."""
+    root = Path(directory)
+    files: dict[str, str] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name == MANIFEST_FILE:
+            continue
+        if entry.is_symlink() or not entry.is_file():
+            raise MedtlError(f"{entry}: a bundle holds regular files only")
+        limit = MAX_MODEL_BYTES if entry.name == MODEL_FILE else MAX_OTHER_BYTES
+        files[_check_name(entry.name, root)] = hashlib.sha256(_read_file(entry, limit)).hexdigest()
+    manifest = {"format": BUNDLE_FORMAT, "files": files}
+    write_json(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an exported bundle (a folder with a manifest and a model) rather
+    than a run directory."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST_FILE).is_file() and (p / MODEL_FILE).is_file()
+
+
+def _verified_files(root: Path) -> dict[str, bytes]:
+    """Every file the manifest lists, read once and checked against its sha256; a file the
+    manifest does not list, or anything but a regular file, is refused."""
+    where = root / MANIFEST_FILE
+    try:
+        manifest = json.loads(_read_file(where, MAX_JSON_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MedtlError(f"{where}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise MedtlError(f"{where}: not a medtl bundle manifest of format {BUNDLE_FORMAT}")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not 0 < len(listed) <= MAX_FILES:
+        raise MedtlError(f"{where}: 'files' must map 1 to {MAX_FILES} file names to sha256")
+    for name in (MODEL_FILE, PREPROCESSING_FILE):
+        if name not in listed:
+            raise MedtlError(f"{where}: does not list {name}; refused")
+    present = {entry.name for entry in root.iterdir()} - {MANIFEST_FILE}
+    if extra := sorted(present - set(listed)):
+        raise MedtlError(f"{root / extra[0]}: not listed in the manifest; refused")
+    out = {}
+    for name, digest in listed.items():
+        _check_name(name, where)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise MedtlError(f"{where}: {name}: not a sha256 digest")
+        path = root / name
+        data = _read_file(path, MAX_MODEL_BYTES if name == MODEL_FILE else MAX_OTHER_BYTES)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MedtlError(f"{path}: sha256 differs from the manifest (changed since export); "
+                             "refused")
+        out[name] = data
+    return out
+
+
+def _check_number(value: Any, what: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or not low <= value <= high:
+        raise MedtlError(f"{what} {str(value)[:40]!r}: not a number in [{low}, {high}]")
+    return float(value)
+
+
+def _check_preprocessing(d: Any) -> dict[str, Any]:
+    """preprocessing.json's values, each checked as a run's model.json is (one MedtlError)."""
+    from medtl.data.sources import make_view
+    from medtl.transfer.meta import check_class_names, check_text
+
+    if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
+        raise MedtlError(f"not a medtl preprocessing of format {BUNDLE_FORMAT}")
+    pre = Preprocessing.from_dict(d)
+    view = d.get("view", {})
+    if not isinstance(view, dict) or set(view) - {"window", "slices", "mode"} \
+            or not all(isinstance(v, str) for v in view.values()):
+        raise MedtlError("view must map window, slices and mode to strings")
+    make_view(**view)
+    classes = check_class_names(d.get("classes"), "classes")
+    positive = d.get("positive_class")
+    if positive is not None and positive not in classes:
+        raise MedtlError(f"positive_class {str(positive)[:60]!r} is not one of the classes")
+    points = d.get("operating_points") or {}
+    if not isinstance(points, dict) or len(points) > MAX_OPERATING_POINTS:
+        raise MedtlError(f"operating_points must map at most {MAX_OPERATING_POINTS} names to "
+                         "thresholds")
+    points = {check_text(k, "operating point"): _check_number(v, f"operating point {k}", 0, 1)
+              for k, v in points.items()}
+    temperature = d.get("temperature")
+    if temperature is not None:
+        _check_number(temperature, "temperature", 1e-3, 1e3)
+    io = d.get("input", {}), d.get("output", {})
+    if not all(isinstance(x, dict) for x in io) \
+            or io[0].get("layout", "NCHW") != "NCHW" or io[0].get("dtype", "float32") != "float32" \
+            or io[0].get("scale", INPUT_SCALE) != INPUT_SCALE:
+        raise MedtlError(f"input must be NCHW float32 scaled as {INPUT_SCALE!r}")
+    names = [check_text(x.get(k, v), f"{k} name") for x, k, v in
+             ((io[0], "name", "image"), (io[1], "name", "probabilities"))]
+    return {"preprocessing": pre, "view": view, "classes": classes, "positive_class": positive,
+            "operating_points": points, "temperature": temperature, "input_name": names[0],
+            "output_name": names[1]}
+
+
+@dataclass
+class ExportedModel:
+    """A loaded bundle: its classes and operating points, and probabilities for image files.
+
+    The ONNX graph maps the normalised batch to probabilities, calibration temperature
+    included; ``temperature`` is shown for information and not applied again."""
+
+    directory: Path
+    classes: list[str]
+    positive_class: str | None
+    operating_points: dict[str, float]
+    preprocessing: Preprocessing
+    view: dict[str, str]
+    temperature: float | None
+    input_name: str
+    output_name: str
+    sha256: str  # of model.onnx
+    info: dict[str, Any] = field(repr=False)  # preprocessing.json as read
+    session: Any = field(repr=False, default=None)
+
+    def dataset(self, inputs: Sequence[str | os.PathLike[str]]):
+        """Image files (and folders of them) as a medtl Dataset, read with the bundle's view."""
+        from medtl.data.sources import dataset_from_files, make_view
+
+        return dataset_from_files(inputs, classes=self.classes, view=make_view(**self.view))
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) for a normalised float32 NCHW batch."""
+        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        out = np.asarray(out, dtype=np.float64)
+        if out.shape != (len(batch), len(self.classes)):
+            raise MedtlError(f"{self.directory / MODEL_FILE}: output of shape {out.shape}, not "
+                             f"({len(batch)}, {len(self.classes)}); refused")
+        return out
+
+    def predict_dataset(self, ds) -> np.ndarray:
+        """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``."""
+        parts = [np.zeros((0, len(self.classes)))]
+        for start in range(0, len(ds), BATCH_SIZE):
+            images = [ds.read(i) for i in range(start, min(start + BATCH_SIZE, len(ds)))]
+            parts.append(self.predict_batch(self.preprocessing(images)))
+        return np.concatenate(parts)
+
+    def predict_proba(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        """Probabilities (N, K), one row per image found in ``paths`` (files or folders)."""
+        return self.predict_dataset(self.dataset(paths))
+
+
+def _session(model: bytes, where: Path, input_name: str, output_name: str):
+    """An onnxruntime session on the checked bytes themselves (no second read of the file, and
+    no external-data path resolved beside it)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
+        raise MedtlError(f"{where}: not an ONNX model onnxruntime can run ({reason})") from None
+    if input_name not in [i.name for i in session.get_inputs()] \
+            or output_name not in [o.name for o in session.get_outputs()]:
+        raise MedtlError(f"{where}: no input {input_name!r} or output {output_name!r}")
+    return session
+
+
+def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
+    """Load an exported bundle, every file checked against the manifest and every value of
+    preprocessing.json bounded; each problem is one MedtlError naming the file."""
+    root = Path(path)
+    if not is_bundle(root):
+        raise MedtlError(f"{root}: not an exported bundle (no {MANIFEST_FILE} and {MODEL_FILE})")
+    files = _verified_files(root)
+    where = root / PREPROCESSING_FILE
+    try:
+        info = json.loads(files[PREPROCESSING_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MedtlError(f"{where}: not valid JSON ({type(exc).__name__})") from None
+    try:
+        checked = _check_preprocessing(info)
+    except MedtlError as exc:
+        raise MedtlError(f"{where}: {exc}") from None
+    session = _session(files[MODEL_FILE], root / MODEL_FILE, checked["input_name"],
+                       checked["output_name"])
+    return ExportedModel(directory=root, sha256=hashlib.sha256(files[MODEL_FILE]).hexdigest(),
+                         info=info, session=session, **checked)
+
