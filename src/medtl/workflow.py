@@ -551,20 +551,27 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     """Class probabilities for image files (or folders of them) with a saved run.
 
     ``paths``: how rows name the images: relative to the folder given (a file given by its
-    name), hashed, or absolute."""
+    name), hashed, or absolute. ``run`` may be an exported bundle (``medtl export``): it is
+    checked against its manifest and predicts with onnxruntime, without importing torch."""
     from medtl.data import dataset_from_files
     from medtl.data.privacy import PathDisplay
     from medtl.data.sources import make_view
+    from medtl.export.bundle import is_bundle, load_bundle
 
     display = PathDisplay.for_inputs(paths, inputs)
-    run = run if isinstance(run, Run) else load_run(run)
-    clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
-    ds = dataset_from_files(inputs, classes=clf.classes_,
-                            view=make_view(**run.config.get("view", {})))
-    proba = clf.predict_proba(ds)
-    rows = prediction_rows(ds.records, None, proba, clf.classes_, None, show=display.show)
+    if not isinstance(run, Run) and is_bundle(run):
+        exported = load_bundle(run)
+        ds = exported.dataset(inputs)
+        proba, classes = exported.predict_dataset(ds), exported.classes
+    else:
+        run = run if isinstance(run, Run) else load_run(run)
+        clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
+        ds = dataset_from_files(inputs, classes=clf.classes_,
+                                view=make_view(**run.config.get("view", {})))
+        proba, classes = clf.predict_proba(ds), clf.classes_
+    rows = prediction_rows(ds.records, None, proba, classes, None, show=display.show)
     if any(ds.volumes):
-        rows = _with_volume_rows(rows, ds.volumes, proba, clf.classes_, show=display.show)
+        rows = _with_volume_rows(rows, ds.volumes, proba, classes, show=display.show)
     if output is not None:
         write_csv(Path(output), rows)
     return rows
