@@ -562,7 +562,7 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     if not isinstance(run, Run) and is_bundle(run):
         exported = load_bundle(run)
         ds = exported.dataset(inputs)
-        proba, classes = exported.predict_dataset(ds), exported.classes
+        proba, classes = exported.predict_dataset(ds, skip_bad=skip_bad), exported.classes
     else:
         run = run if isinstance(run, Run) else load_run(run)
         clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)

@@ -219,3 +219,24 @@ def test_cli_refuses_a_tampered_bundle_in_one_line(bundle, images):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "sha256 differs" in lines[0], done.stderr
+
+
+def test_a_model_whose_input_is_not_the_preprocessed_batch_is_refused_on_load(bundle):
+    d = _preprocessing()
+    d["size"] = 48  # the graph takes 32 x 32
+    (bundle / PREPROCESSING_FILE).write_text(json.dumps(d))
+    write_manifest(bundle)
+    with pytest.raises(MedtlError, match=r"model.onnx: input 'image' of shape .*\(N, 3, 48, 48\)"):
+        load_bundle(bundle)
+
+
+def test_an_unreadable_image_stops_prediction_unless_skip_bad(bundle, images, tmp_path):
+    from medtl.workflow import predict
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(MedtlError, match="notes.png"):
+        load_bundle(bundle).predict_proba([images[0], bad])
+    rows = predict(bundle, [images[0], bad], skip_bad=True)
+    assert [r["prediction"] for r in rows][1] == "UNREADABLE"
+    assert rows[0]["prob_PNEUMONIA"] == pytest.approx(_reference(images[0])[1], abs=1e-5)

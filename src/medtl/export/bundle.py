@@ -211,24 +211,43 @@ class ExportedModel:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, K) for a normalised float32 NCHW batch."""
-        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        try:
+            (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        except Exception as exc:  # onnxruntime's own types: a graph that fails on its input
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise MedtlError(f"{self.directory / MODEL_FILE}: the model failed on a batch "
+                             f"({reason})") from None
         out = np.asarray(out, dtype=np.float64)
         if out.shape != (len(batch), len(self.classes)):
             raise MedtlError(f"{self.directory / MODEL_FILE}: output of shape {out.shape}, not "
                              f"({len(batch)}, {len(self.classes)}); refused")
         return out
 
-    def predict_dataset(self, ds) -> np.ndarray:
-        """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``."""
-        parts = [np.zeros((0, len(self.classes)))]
-        for start in range(0, len(ds), BATCH_SIZE):
-            images = [ds.read(i) for i in range(start, min(start + BATCH_SIZE, len(ds)))]
-            parts.append(self.predict_batch(self.preprocessing(images)))
-        return np.concatenate(parts)
+    def predict_dataset(self, ds, *, skip_bad: bool = False) -> np.ndarray:
+        """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``; an
+        unreadable image raises DataReadError, or with ``skip_bad`` gets a NaN row (as a run's
+        prediction does: its CSV row says UNREADABLE)."""
+        from medtl.errors import DataReadError
 
-    def predict_proba(self, paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+        out = np.full((len(ds), len(self.classes)), np.nan)
+        for start in range(0, len(ds), BATCH_SIZE):
+            read, images = [], []
+            for i in range(start, min(start + BATCH_SIZE, len(ds))):
+                try:
+                    images.append(self.preprocessing.resize_uint8(ds.read(i)))
+                except DataReadError:
+                    if not skip_bad:
+                        raise
+                    continue
+                read.append(i)
+            if images:
+                out[read] = self.predict_batch(self.preprocessing.normalise(np.stack(images)))
+        return out
+
+    def predict_proba(self, paths: Sequence[str | os.PathLike[str]], *,
+                      skip_bad: bool = False) -> np.ndarray:
         """Probabilities (N, K), one row per image found in ``paths`` (files or folders)."""
-        return self.predict_dataset(self.dataset(paths))
+        return self.predict_dataset(self.dataset(paths), skip_bad=skip_bad)
 
 
 def _session(model: bytes, where: Path, input_name: str, output_name: str):
@@ -245,6 +264,17 @@ def _session(model: bytes, where: Path, input_name: str, output_name: str):
             or output_name not in [o.name for o in session.get_outputs()]:
         raise MedtlError(f"{where}: no input {input_name!r} or output {output_name!r}")
     return session
+
+
+def _check_input_shape(session, where: Path, name: str, pre: Preprocessing) -> None:
+    """The graph's input, where its dimensions are fixed, is the batch preprocessing.json
+    makes: a mismatch is refused on load rather than at the first image."""
+    (shape,) = [i.shape for i in session.get_inputs() if i.name == name]
+    wanted = [None, pre.channels, pre.size, pre.size]
+    if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w
+                              for d, w in zip(shape, wanted, strict=True)):
+        raise MedtlError(f"{where}: input {name!r} of shape {shape}, not (N, {pre.channels}, "
+                         f"{pre.size}, {pre.size}) as {PREPROCESSING_FILE} says; refused")
 
 
 def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
@@ -265,6 +295,8 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
         raise MedtlError(f"{where}: {exc}") from None
     session = _session(files[MODEL_FILE], root / MODEL_FILE, checked["input_name"],
                        checked["output_name"])
+    _check_input_shape(session, root / MODEL_FILE, checked["input_name"],
+                       checked["preprocessing"])
     return ExportedModel(directory=root, sha256=hashlib.sha256(files[MODEL_FILE]).hexdigest(),
                          info=info, session=session, **checked)
 
