@@ -458,7 +458,8 @@ def evaluate(
 
 @app.command()
 def predict(
-    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`, or a "
+                                             "bundle written by `medtl export`.")],
     inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
     output: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV "
                                                      "(default: print them).")] = None,
