@@ -1,0 +1,1 @@
+"""Deployable bundles of a trained run: a self-contained folder to predict without medtl."""

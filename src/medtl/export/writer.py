@@ -1,0 +1,317 @@
+"""Export a trained run as a folder that predicts without medtl: ``model.onnx`` (normalised
+pixels to calibrated probabilities), ``preprocessing.json`` (how to build those pixels, the
+classes, the operating points) and ``manifest.json`` (a sha256 of every file).
+
+One ONNX input contract for every kind of run, the one medtl's own prediction path uses:
+``image`` float32 (N, C, S, S), RGB uint8 pixels resized to S, divided by 255, averaged to one
+channel for a grey model (C = 1), then ``(x - mean) / std``; normalisation is never inside the
+graph, for frozen and network models alike (``Preprocessing.normalise``). The output
+``probabilities`` (N, K) is what ``clf.predict_proba`` returns, calibration included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medtl.errors import MedtlError
+from medtl.files import fsync_dir
+from medtl.run import Run
+from medtl.transfer.fitted import FeaturesThenHead, FrozenModel, NetworkModel
+from medtl.transfer.heads import SklearnHead
+
+PREPROCESSING_FORMAT = 1
+OPSET = 17
+INPUT = "image"
+OUTPUT = "probabilities"
+# medtl's calibration clips probabilities here before the log (training.calibration).
+_CLIP = 1e-12
+
+
+class _Probabilities(nn.Module):
+    """Logits to probabilities exactly as FittedModel.calibrate computes them: softmax, then
+    with a temperature softmax(log(clip(p)) / T)."""
+
+    def __init__(self, module: nn.Module, temperature: float | None) -> None:
+        super().__init__()
+        self.module = module
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.module(x), dim=1)
+        if self.temperature is None:
+            return p
+        return torch.softmax(torch.log(p.clamp(_CLIP, 1.0)) / self.temperature, dim=1)
+
+
+def export_run(run: Run, out: str | Path, *, format: str = "onnx",
+               overwrite: bool = False) -> Path:
+    """Write the deployable bundle of ``run`` into the new folder ``out``; return it.
+
+    An existing non-empty ``out`` is refused unless ``overwrite``; the bundle is written in a
+    temporary sibling and renamed, so ``out`` is never left half written.
+    """
+    if format != "onnx":
+        raise MedtlError(f"export format {format!r} is not supported (only 'onnx')")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MedtlError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MedtlError(f"{out}: folder exists and is not empty (pass --overwrite to replace)")
+    clf = run.load_model(quiet=True)
+    model = clf.model_
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")
+    tmp.mkdir()
+    try:
+        write_onnx(model, tmp / "model.onnx")
+        (tmp / "preprocessing.json").write_text(
+            json.dumps(preprocessing_record(run, model), indent=2) + "\n", encoding="utf-8")
+        from medtl.export.bundle import write_manifest
+
+        write_manifest(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    return out
+
+
+def preprocessing_record(run: Run, model) -> dict[str, Any]:
+    """What a deployment needs besides the graph (preprocessing.json, format 1)."""
+    import medtl
+
+    cfg, metrics = run.config, run.metrics
+    thresholds = metrics.get("thresholds") or {}
+    return {
+        "format": PREPROCESSING_FORMAT,
+        **model.preprocessing.to_dict(),
+        "view": cfg.get("view"),
+        "classes": list(model.classes),
+        "positive_class": cfg.get("positive_class"),
+        # choose_thresholds records its thresholds beside what they were chosen for
+        "operating_points": {k: v for k, v in thresholds.items()
+                             if k not in ("chosen_on", "target_sensitivity")},
+        "temperature": model.temperature,
+        "input": {"name": INPUT, "layout": "NCHW", "dtype": "float32",
+                  "channels": model.preprocessing.channels,
+                  "scale": "pixels / 255 then (x - mean) / std"
+                           + (" (grey: RGB averaged first)" if model.preprocessing.channels == 1
+                              else "")},
+        "output": {"name": OUTPUT},
+        "medtl_version": medtl.__version__,
+        "run": {k: cfg.get(k) for k in ("backbone", "strategy", "head", "weights")},
+    }
+
+
+def write_onnx(model, path: Path) -> Path:
+    """The model's normalised pixels -> calibrated probabilities as one ONNX graph."""
+    if isinstance(model, NetworkModel):
+        return _torch_to_onnx(_Probabilities(model.network, model.temperature), model, path)
+    if not isinstance(model, FrozenModel):
+        raise MedtlError(f"cannot export a {type(model).__name__}")
+    head = model.head
+    if isinstance(head, SklearnHead):
+        linear = head.as_linear()
+        if linear is None:
+            return _sklearn_to_onnx(model, path)
+        head = linear
+    module = FeaturesThenHead(model.backbone, head.eval())
+    return _torch_to_onnx(_Probabilities(module, model.temperature), model, path)
+
+
+def _torch_to_onnx(module: nn.Module, model, path: Path, output: str = OUTPUT) -> Path:
+    pre = model.preprocessing
+    dummy = torch.zeros(1, pre.channels, pre.size, pre.size)
+    # The TorchScript-based exporter, as training/features.py: dynamo needs onnxscript.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (dummy,), str(path), dynamo=False,
+                          input_names=[INPUT], output_names=[output],
+                          dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                          opset_version=OPSET)
+    return path
+
+
+class _Features(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+
+def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
+    """Backbone features (torch export) joined to the scikit-learn head (skl2onnx)."""
+    import onnx
+    from onnx import compose, helper
+
+    feats_path = path.with_name("features.onnx")
+    _torch_to_onnx(_Features(model.backbone), model, feats_path, output="features")
+    features = onnx.load(str(feats_path))
+    feats_path.unlink()
+    head = _sklearn_graph(model.head, int(model.backbone.num_features))
+    head.ir_version = features.ir_version  # merge_models wants one IR version
+    head = compose.add_prefix(head, prefix="head_")
+    merged = compose.merge_models(features, head, io_map=[("features", "head_features")])
+    graph = merged.graph
+    proba = next(o.name for o in graph.output if o.name.endswith("probabilities"))
+    nodes = [helper.make_node("Identity", [proba], [OUTPUT])]
+    if model.temperature is not None:
+        t = float(model.temperature)
+        graph.initializer.extend([helper.make_tensor("calib_lo", onnx.TensorProto.FLOAT, [],
+                                                     [_CLIP]),
+                                  helper.make_tensor("calib_hi", onnx.TensorProto.FLOAT, [],
+                                                     [1.0]),
+                                  helper.make_tensor("calib_t", onnx.TensorProto.FLOAT, [],
+                                                     [t])])
+        nodes = [helper.make_node("Clip", [proba, "calib_lo", "calib_hi"], ["calib_p"]),
+                 helper.make_node("Log", ["calib_p"], ["calib_log"]),
+                 helper.make_node("Div", ["calib_log", "calib_t"], ["calib_z"]),
+                 helper.make_node("Softmax", ["calib_z"], [OUTPUT], axis=1)]
+    graph.node.extend(nodes)
+    outputs = [helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, ["batch", None])]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(path))
+    return path
+
+
+def _sklearn_graph(head: SklearnHead, dim: int):
+    """The fitted estimator as ONNX: ``features`` (N, dim) float32 -> ``probabilities``."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.neighbors import KNeighborsClassifier
+
+    est = head.estimator_
+    inputs = [("features", FloatTensorType([None, dim]))]
+    opset = {"": OPSET, "ai.onnx.ml": 3}
+    try:
+        if isinstance(est, CalibratedClassifierCV):
+            return _platt_svm_graph(est, inputs, opset)
+        if isinstance(est[-1], KNeighborsClassifier):
+            return _knn_graph(est)
+        return to_onnx(est, initial_types=inputs, options={"zipmap": False},
+                       target_opset=opset)
+    except MedtlError:
+        raise
+    except Exception as exc:  # skl2onnx raises many kinds for an unsupported model
+        raise MedtlError(f"cannot export the {head.head!r} head ({type(est).__name__}) to "
+                         f"ONNX: {exc}") from exc
+
+
+def _platt_svm_graph(cal, inputs, opset):
+    """The SVM head: SVC decision values (skl2onnx) then medtl's Platt scaling as ONNX nodes.
+
+    skl2onnx's own CalibratedClassifierCV converter gives wrong probabilities for a binary SVC
+    (the decision value's sign is flipped; seen with skl2onnx 1.20), and has no converter for
+    the FrozenEstimator the head wraps its pipeline in; so the sigmoid calibration, averaged
+    over the calibrated folds as ``CalibratedClassifierCV.predict_proba`` does, is built here.
+    """
+    import onnx
+    from onnx import helper
+    from skl2onnx import to_onnx
+    from sklearn.svm import SVC
+
+    pipelines = {id(c.estimator): getattr(c.estimator, "estimator", c.estimator)
+                 for c in cal.calibrated_classifiers_}
+    if len(cal.classes_) != 2 or len(pipelines) != 1:
+        raise MedtlError(f"cannot export an SVM head with {len(cal.classes_)} classes to ONNX "
+                         "yet (its Platt scaling is converted for two classes only)")
+    pipeline = next(iter(pipelines.values()))
+    model = to_onnx(pipeline, initial_types=inputs, target_opset=opset,
+                    options={SVC: {"raw_scores": True, "zipmap": False}})
+    graph = model.graph
+    scores = next(o.name for o in graph.output if o.name != "label")
+    f32 = onnx.TensorProto.FLOAT
+    consts = {"svm_one": [1.0], "svm_n": [float(len(cal.calibrated_classifiers_))]}
+    nodes = [helper.make_node("Slice", [scores, "svm_c1", "svm_c2", "svm_axis"], ["svm_f"])]
+    parts = []
+    for i, c in enumerate(cal.calibrated_classifiers_):
+        (sig,) = c.calibrators
+        consts[f"svm_a{i}"], consts[f"svm_b{i}"] = [-float(sig.a_)], [-float(sig.b_)]
+        nodes += [helper.make_node("Mul", ["svm_f", f"svm_a{i}"], [f"svm_af{i}"]),
+                  helper.make_node("Add", [f"svm_af{i}", f"svm_b{i}"], [f"svm_z{i}"]),
+                  helper.make_node("Sigmoid", [f"svm_z{i}"], [f"svm_q{i}"])]
+        parts.append(f"svm_q{i}")
+    nodes += [helper.make_node("Sum", parts, ["svm_sum"]),
+              helper.make_node("Div", ["svm_sum", "svm_n"], ["svm_p1"]),
+              helper.make_node("Sub", ["svm_one", "svm_p1"], ["svm_p0"]),
+              helper.make_node("Concat", ["svm_p0", "svm_p1"], ["svm_probabilities"], axis=1)]
+    graph.initializer.extend([helper.make_tensor(k, f32, [], v) for k, v in consts.items()])
+    graph.initializer.extend([helper.make_tensor(k, onnx.TensorProto.INT64, [1], [v])
+                              for k, v in (("svm_c1", 1), ("svm_c2", 2), ("svm_axis", 1))])
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("svm_probabilities", f32, [None, 2])])
+    return model
+
+
+def _knn_graph(pipeline):
+    """The kNN head (``Normalizer -> KNeighborsClassifier(weights="distance")``) as ONNX nodes.
+
+    skl2onnx's converter ignores distance weights in its probabilities (uniform votes; seen
+    with skl2onnx 1.20), so the vote is built here: Euclidean distances to every training
+    feature, the k nearest, weights 1/d (only the exact matches when a distance is 0, as
+    scikit-learn does), summed per class and normalised.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    from sklearn.preprocessing import Normalizer
+
+    norm, knn = pipeline.steps[0][1], pipeline.steps[-1][1]
+    if (len(pipeline.steps) != 2 or not isinstance(norm, Normalizer) or norm.norm != "l2"
+            or knn.weights != "distance" or knn.effective_metric_ != "euclidean"):
+        raise MedtlError("cannot export this kNN head to ONNX: only the built-in "
+                         "Normalizer -> distance-weighted Euclidean kNN is converted")
+    k, f32 = int(knn.n_neighbors), onnx.TensorProto.FLOAT
+    onehot = np.eye(len(knn.classes_), dtype=np.float32)[knn._y]
+    inits = [numpy_helper.from_array(np.asarray(knn._fit_X, np.float32), "knn_X"),
+             numpy_helper.from_array(onehot, "knn_Y"),
+             numpy_helper.from_array(np.array([k], np.int64), "knn_k"),
+             numpy_helper.from_array(np.array([1], np.int64), "knn_ax1"),
+             numpy_helper.from_array(np.array([2], np.int64), "knn_ax2"),
+             numpy_helper.from_array(np.array(0, np.float32), "knn_zero")]
+    n = helper.make_node
+    nodes = [n("ReduceL2", ["features"], ["knn_l2"], axes=[1], keepdims=1),
+             n("Div", ["features", "knn_l2"], ["knn_x"]),
+             n("Unsqueeze", ["knn_x", "knn_ax1"], ["knn_x3"]),
+             n("Sub", ["knn_x3", "knn_X"], ["knn_diff"]),
+             n("ReduceSumSquare", ["knn_diff"], ["knn_d2"], axes=[2], keepdims=0),
+             n("Sqrt", ["knn_d2"], ["knn_d"]),
+             n("TopK", ["knn_d", "knn_k"], ["knn_dk", "knn_ik"], axis=1, largest=0),
+             n("Equal", ["knn_dk", "knn_zero"], ["knn_is0"]),
+             n("Cast", ["knn_is0"], ["knn_w0"], to=f32),
+             n("ReduceMax", ["knn_w0"], ["knn_any0"], axes=[1], keepdims=1),
+             n("Cast", ["knn_any0"], ["knn_anyb"], to=onnx.TensorProto.BOOL),
+             n("Reciprocal", ["knn_dk"], ["knn_inv"]),
+             n("Where", ["knn_anyb", "knn_w0", "knn_inv"], ["knn_w"]),
+             n("Gather", ["knn_Y", "knn_ik"], ["knn_votes"], axis=0),
+             n("Unsqueeze", ["knn_w", "knn_ax2"], ["knn_w3"]),
+             n("Mul", ["knn_votes", "knn_w3"], ["knn_wv"]),
+             n("ReduceSum", ["knn_wv", "knn_ax1"], ["knn_sum"], keepdims=0),
+             n("ReduceSum", ["knn_sum", "knn_ax1"], ["knn_total"], keepdims=1),
+             n("Div", ["knn_sum", "knn_total"], ["knn_probabilities"])]
+    graph = helper.make_graph(
+        nodes, "knn_head",
+        [helper.make_tensor_value_info("features", f32, [None, knn.n_features_in_])],
+        [helper.make_tensor_value_info("knn_probabilities", f32, [None, len(knn.classes_)])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+__all__ = ["export_run", "preprocessing_record", "write_onnx"]
