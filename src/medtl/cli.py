@@ -488,6 +488,25 @@ def predict(
 
 
 @app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    out: Annotated[Path, typer.Option(help="New folder to write the bundle into.")],
+    format: Annotated[str, typer.Option(help="Model format (onnx).")] = "onnx",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a deployable bundle of a run: model.onnx (normalised pixels to calibrated
+    probabilities), preprocessing.json and manifest.json; `medtl predict BUNDLE` runs it.
+
+    Example: [bold]medtl export runs/cxr --format onnx --out deploy/cxr[/bold]
+    """
+    from medtl.export.writer import export_run
+    from medtl.run import load_run
+
+    path = export_run(load_run(run), out, format=format, overwrite=overwrite)
+    out_console.print(f"bundle written to {path}")
+
+
+@app.command()
 def explain(
     run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
     inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],

@@ -96,3 +96,22 @@ def test_refuses_a_non_empty_folder_unless_overwrite(runs, tmp_path):
     export_run(run, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_cli_export_then_bundle_predicts_as_the_run(runs, blobs, tmp_path, capsys):
+    """`medtl export` writes a bundle that medtl.export.bundle loads (manifest checked) and that
+    predicts the run's probabilities; an occupied --out is one error line, exit 2."""
+    from medtl.cli import main
+    from medtl.export.bundle import load_bundle
+
+    out = tmp_path / "deploy"
+    for args, code in (([runs["rf"], "--format", "onnx", "--out", out], 0),
+                       ([runs["rf"], "--out", out], 2)):
+        with pytest.raises(SystemExit) as exc:
+            main(["export", *map(str, args)])
+        assert exc.value.code == code
+    err = capsys.readouterr().err
+    assert "not empty" in err and "Traceback" not in err
+    test = load_dataset(blobs).split("test")
+    want = load_run(runs["rf"]).load_model(quiet=True).predict_proba(test)
+    np.testing.assert_allclose(load_bundle(out).predict_dataset(test), want, atol=1e-4)
