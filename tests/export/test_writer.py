@@ -115,3 +115,15 @@ def test_cli_export_then_bundle_predicts_as_the_run(runs, blobs, tmp_path, capsy
     test = load_dataset(blobs).split("test")
     want = load_run(runs["rf"]).load_model(quiet=True).predict_proba(test)
     np.testing.assert_allclose(load_bundle(out).predict_dataset(test), want, atol=1e-4)
+
+
+def test_refuses_a_linked_or_file_out(runs, tmp_path):
+    run = load_run(runs["logreg"])
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MedtlError, match="symbolic link"):
+        export_run(run, tmp_path / "link", overwrite=True)
+    with pytest.raises(MedtlError, match="not a folder"):
+        export_run(run, tmp_path / "file", overwrite=True)
+    assert (tmp_path / "target").is_dir() and (tmp_path / "file").read_text() == "x"

@@ -62,6 +62,8 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
     if format != "onnx":
         raise MedtlError(f"export format {format!r} is not supported (only 'onnx')")
     out = Path(out)
+    if out.is_symlink():  # --overwrite would replace the link's target, not the link
+        raise MedtlError(f"{out}: is a symbolic link; give the bundle folder itself")
     if out.exists() and not out.is_dir():
         raise MedtlError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
