@@ -25,6 +25,7 @@ from torch import nn
 from medtl.errors import MedtlError
 from medtl.files import fsync_dir
 from medtl.run import Run
+from medtl.training.features import PooledFeatures
 from medtl.transfer.fitted import FeaturesThenHead, FrozenModel, NetworkModel
 from medtl.transfer.heads import SklearnHead
 
@@ -146,13 +147,6 @@ def _torch_to_onnx(module: nn.Module, model, path: Path, output: str = OUTPUT) -
     return path
 
 
-class _Features(nn.Module):
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
 
 
 def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
@@ -161,7 +155,7 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     from onnx import compose, helper
 
     feats_path = path.with_name("features.onnx")
-    _torch_to_onnx(_Features(model.backbone), model, feats_path, output="features")
+    _torch_to_onnx(PooledFeatures(model.backbone), model, feats_path, output="features")
     features = onnx.load(str(feats_path))
     feats_path.unlink()
     head = _sklearn_graph(model.head, int(model.backbone.num_features))

@@ -56,7 +56,7 @@ def weights_key(backbone: nn.Module) -> str:
     return "state-" + h.hexdigest()[:16]
 
 
-class _FeatureHead(nn.Module):
+class PooledFeatures(nn.Module):
     """What is exported: pixels to pooled features, nothing else."""
 
     def __init__(self, backbone: nn.Module) -> None:
@@ -358,7 +358,7 @@ class FrozenFeatures:
         return self._run_batch
 
     def _torch_runner(self) -> Callable[[np.ndarray], np.ndarray]:
-        model = _FeatureHead(self.backbone).to(self.device).eval()
+        model = PooledFeatures(self.backbone).to(self.device).eval()
         model = model.to(memory_format=torch.channels_last)
 
         @torch.inference_mode()
@@ -401,7 +401,7 @@ def export_onnx(backbone: nn.Module, size: int, path: Path) -> Path:
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            _FeatureHead(backbone).eval(), (dummy,), str(tmp), dynamo=False,
+            PooledFeatures(backbone).eval(), (dummy,), str(tmp), dynamo=False,
             input_names=["pixels"], output_names=["features"],
             dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
             opset_version=17,
@@ -415,7 +415,7 @@ def _check_against_torch(backbone: nn.Module, run, size: int, path: Path) -> Non
     in_chans = getattr(backbone, "in_chans", 3)
     x = torch.randn(2, in_chans, size, size, generator=g)
     with torch.inference_mode():
-        ref = _FeatureHead(backbone).eval()(x).numpy()
+        ref = PooledFeatures(backbone).eval()(x).numpy()
     got = run(x.numpy())
     # Relative to the features' own scale: an absolute bound would pass any error on weights
     # whose features are small (random weights give ~1e-8).
