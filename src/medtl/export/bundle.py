@@ -33,6 +33,10 @@ BUNDLE_FORMAT = 1
 MODEL_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
+CARD_JSON = "model-card.json"
+CARD_MD = "model-card.md"
+# The graph's second output when the run has an out-of-distribution detector (medtl.transfer.ood)
+OOD_OUTPUT = "ood_score"
 # protobuf cannot hold a single-file ONNX model over 2 GiB; other files (model card) are small.
 MAX_MODEL_BYTES = 2 << 30
 MAX_OTHER_BYTES = 64 << 20
@@ -180,7 +184,18 @@ def _check_preprocessing(d: Any) -> dict[str, Any]:
              ((io[0], "name", "image"), (io[1], "name", "probabilities"))]
     return {"preprocessing": pre, "view": view, "classes": classes, "positive_class": positive,
             "operating_points": points, "temperature": temperature, "input_name": names[0],
-            "output_name": names[1]}
+            "output_name": names[1], "ood": _check_ood(d.get("ood"))}
+
+
+def _check_ood(d: Any) -> dict[str, Any] | None:
+    """preprocessing.json's out-of-distribution record: absent, or a threshold on the graph's
+    ``ood_score`` output."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise MedtlError("ood must be an object")
+    _check_number(d.get("threshold"), "ood threshold", 0, 1e12)
+    return d
 
 
 @dataclass
@@ -202,6 +217,9 @@ class ExportedModel:
     sha256: str  # of model.onnx
     info: dict[str, Any] = field(repr=False)  # preprocessing.json as read
     session: Any = field(repr=False, default=None)
+    # preprocessing.json's "ood" (threshold, training modalities...) when the graph scores it
+    ood: dict[str, Any] | None = None
+    card: dict[str, Any] | None = field(repr=False, default=None)  # model-card.json, if listed
 
     def dataset(self, inputs: Sequence[str | os.PathLike[str]]):
         """Image files (and folders of them) as a medtl Dataset, read with the bundle's view."""
@@ -211,8 +229,14 @@ class ExportedModel:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, K) for a normalised float32 NCHW batch."""
+        return self.predict_batch_ood(batch)[0]
+
+    def predict_batch_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities (N, K) and, when the bundle has an out-of-distribution detector, the
+        OOD score (N,) of each image (None otherwise), from one run of the graph."""
+        names = [self.output_name] + ([OOD_OUTPUT] if self.ood is not None else [])
         try:
-            (out,) = self.session.run([self.output_name], {self.input_name: batch})
+            out, *rest = self.session.run(names, {self.input_name: batch})
         except Exception as exc:  # onnxruntime's own types: a graph that fails on its input
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise MedtlError(f"{self.directory / MODEL_FILE}: the model failed on a batch "
@@ -221,7 +245,13 @@ class ExportedModel:
         if out.shape != (len(batch), len(self.classes)):
             raise MedtlError(f"{self.directory / MODEL_FILE}: output of shape {out.shape}, not "
                              f"({len(batch)}, {len(self.classes)}); refused")
-        return out
+        if not rest:
+            return out, None
+        score = np.asarray(rest[0], dtype=np.float64).reshape(-1)
+        if score.shape != (len(batch),):
+            raise MedtlError(f"{self.directory / MODEL_FILE}: {OOD_OUTPUT} of shape "
+                             f"{score.shape}, not ({len(batch)},); refused")
+        return out, score
 
     def predict_dataset(self, ds, *, skip_bad: bool = False) -> np.ndarray:
         """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``; an
@@ -250,7 +280,7 @@ class ExportedModel:
         return self.predict_dataset(self.dataset(paths), skip_bad=skip_bad)
 
 
-def _session(model: bytes, where: Path, input_name: str, output_name: str):
+def _session(model: bytes, where: Path, input_name: str, output_names: Sequence[str]):
     """An onnxruntime session on the checked bytes themselves (no second read of the file, and
     no external-data path resolved beside it)."""
     import onnxruntime as ort
@@ -260,9 +290,11 @@ def _session(model: bytes, where: Path, input_name: str, output_name: str):
     except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
         raise MedtlError(f"{where}: not an ONNX model onnxruntime can run ({reason})") from None
+    outputs = {o.name for o in session.get_outputs()}
     if input_name not in [i.name for i in session.get_inputs()] \
-            or output_name not in [o.name for o in session.get_outputs()]:
-        raise MedtlError(f"{where}: no input {input_name!r} or output {output_name!r}")
+            or any(name not in outputs for name in output_names):
+        raise MedtlError(f"{where}: no input {input_name!r} or no output among "
+                         f"{list(output_names)!r}")
     return session
 
 
@@ -293,10 +325,19 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
         checked = _check_preprocessing(info)
     except MedtlError as exc:
         raise MedtlError(f"{where}: {exc}") from None
-    session = _session(files[MODEL_FILE], root / MODEL_FILE, checked["input_name"],
-                       checked["output_name"])
+    outputs = [checked["output_name"]] + ([OOD_OUTPUT] if checked["ood"] is not None else [])
+    session = _session(files[MODEL_FILE], root / MODEL_FILE, checked["input_name"], outputs)
     _check_input_shape(session, root / MODEL_FILE, checked["input_name"],
                        checked["preprocessing"])
+    card = None
+    if CARD_JSON in files:
+        try:
+            card = json.loads(files[CARD_JSON].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise MedtlError(f"{root / CARD_JSON}: not valid JSON ({type(exc).__name__})") \
+                from None
+        if not isinstance(card, dict):
+            raise MedtlError(f"{root / CARD_JSON}: not a JSON object")
     return ExportedModel(directory=root, sha256=hashlib.sha256(files[MODEL_FILE]).hexdigest(),
-                         info=info, session=session, **checked)
+                         info=info, session=session, card=card, **checked)
 
