@@ -507,6 +507,38 @@ def export(
 
 
 @app.command()
+def serve(
+    source: Annotated[str, typer.Argument(help="Bundle written by `medtl export`, or a run "
+                                                "directory (exported to a temporary folder; "
+                                                "Grad-CAM for /v1/explain).")],
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs a "
+                                           "token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        help="Bearer token every /v1/ request must send (default: $MEDTL_SERVE_TOKEN; prefer "
+             "the variable: a command line is visible to the machine's other users).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Most images in one model call.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(
+        help="How long the first image of a batch waits for others.")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request accepted (413 "
+                                                      "beyond).")] = 64.0,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels an image may have (422 beyond, "
+                                                 "judged before decoding).")] = 50_000_000,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        help="Allow this browser origin (repeatable); CORS is off otherwise.")] = None,
+) -> None:
+    """Serve a model over HTTP: the API (/v1/predict, /v1/explain, /docs) and a web page at /.
+
+    Example: [bold]medtl serve deploy/cxr --port 8000[/bold]
+    """
+    from medtl.serving.server import serve as run_server
+
+    run_server(source, host=host, port=port, token=token, batch_size=batch_size,
+               batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+               cors_origins=cors_origin)
+
+
+@app.command()
 def explain(
     run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
     inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
