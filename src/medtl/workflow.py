@@ -562,16 +562,20 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     if not isinstance(run, Run) and is_bundle(run):
         exported = load_bundle(run)
         ds = exported.dataset(inputs)
-        proba, classes = exported.predict_dataset(ds, skip_bad=skip_bad), exported.classes
+        proba, scores = exported.predict_dataset_ood(ds, skip_bad=skip_bad)
+        classes, ood = exported.classes, exported.ood
     else:
         run = run if isinstance(run, Run) else load_run(run)
         clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
         ds = dataset_from_files(inputs, classes=clf.classes_,
                                 view=make_view(**run.config.get("view", {})))
-        proba, classes = clf.predict_proba(ds), clf.classes_
+        proba, scores = clf.model_.predict_proba_ood(ds)
+        classes = clf.classes_
+        ood = None if clf.model_.ood is None else clf.model_.ood.record()
     rows = prediction_rows(ds.records, None, proba, classes, None, show=display.show)
     if any(ds.volumes):
         rows = _with_volume_rows(rows, ds.volumes, proba, classes, show=display.show)
+    rows = _with_ood_columns(rows, ds, scores, ood)
     if output is not None:
         write_csv(Path(output), rows)
     return rows
@@ -617,6 +621,32 @@ def _report_entry(path: Path, split: str) -> dict[str, Any]:
         raise MedtlError(f"{run.path}: metrics.json has no '{split}' figures")
     return {"name": run.path.name, "config": run.config, "metrics": metrics,
             "rows": [r for r in run.predictions() if r.get("split") == split]}
+
+
+def _with_ood_columns(rows: list[dict[str, Any]], ds, scores: np.ndarray | None,
+                      ood: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``ood_score``, ``ood`` and ``ood_reason`` on every row (medtl.transfer.ood): the image
+    rows first, then a volume row flagged when any of its slices is, with their highest score.
+    A model without a detector (saved before the guard) says so once; then only a DICOM's
+    tags could flag, and no training tags are known, so ``ood`` is empty."""
+    from medtl.transfer.ood import ood_columns
+
+    if ood is None:
+        log.warning("this model has no out-of-distribution detector (saved before medtl had "
+                    "one): the ood columns are empty; train or export it again to have them")
+    cols = ood_columns(scores, None if ood is None else ood["threshold"], ds.paths,
+                       *(() if ood is None else (ood["modalities"], ood["body_parts"])))
+    out = [{**r, **c} for r, c in zip(rows, cols, strict=False)]
+    volumes = list(dict.fromkeys(v for v in ds.volumes if v))  # as _with_volume_rows adds
+    for row, volume in zip(rows[len(cols):], volumes, strict=True):
+        mine = [c for c, v in zip(cols, ds.volumes, strict=True) if v == volume]
+        known = [c["ood_score"] for c in mine if c["ood_score"] is not None]
+        flags = [c["ood"] for c in mine if c["ood"] is not None]
+        out.append({**row, "ood_score": max(known) if known else None,
+                    "ood": any(flags) if flags else None,
+                    "ood_reason": "; ".join(dict.fromkeys(c["ood_reason"] for c in mine
+                                                          if c["ood_reason"]))})
+    return out
 
 
 def _with_volume_rows(rows: list[dict[str, Any]], volumes: Sequence[str | None],

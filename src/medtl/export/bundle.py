@@ -190,12 +190,36 @@ def _check_preprocessing(d: Any) -> dict[str, Any]:
 def _check_ood(d: Any) -> dict[str, Any] | None:
     """preprocessing.json's out-of-distribution record: absent, or a threshold on the graph's
     ``ood_score`` output."""
+    from medtl.transfer.ood import FITTED_ON, MAX_TAG_LEN, MAX_TAGS
+
     if d is None:
         return None
-    if not isinstance(d, dict):
-        raise MedtlError("ood must be an object")
-    _check_number(d.get("threshold"), "ood threshold", 0, 1e12)
-    return d
+    known = {"method", "threshold", "percentile", "fitted_on", "n_threshold", "modalities",
+             "body_parts"}
+    if not isinstance(d, dict) or set(d) - known:
+        raise MedtlError(f"ood must be an object with keys among {sorted(known)}")
+    if d.get("method", "mahalanobis") != "mahalanobis":
+        raise MedtlError(f"ood method {str(d.get('method'))[:40]!r}: only 'mahalanobis'")
+    out: dict[str, Any] = {"method": "mahalanobis",
+                           "threshold": _check_number(d.get("threshold"), "ood threshold",
+                                                      0, 1e12),
+                           "percentile": _check_number(d.get("percentile", 99.0),
+                                                       "ood percentile", 0, 100)}
+    if d.get("fitted_on", "val") not in FITTED_ON:
+        raise MedtlError(f"ood fitted_on {str(d.get('fitted_on'))[:40]!r}: not one of "
+                         f"{list(FITTED_ON)}")
+    out["fitted_on"] = d.get("fitted_on", "val")
+    n = d.get("n_threshold")
+    out["n_threshold"] = None if n is None else int(_check_number(n, "ood n_threshold", 1, 1e9))
+    for key in ("modalities", "body_parts"):
+        values = d.get(key, [])
+        if not isinstance(values, list) or len(values) > MAX_TAGS or not all(
+                isinstance(v, str) and 0 < len(v) <= MAX_TAG_LEN and v.isprintable()
+                and v == v.strip().upper() for v in values):
+            raise MedtlError(f"ood {key} must be a list of at most {MAX_TAGS} short upper-case "
+                             "DICOM values")
+        out[key] = list(values)
+    return out
 
 
 @dataclass
@@ -257,9 +281,16 @@ class ExportedModel:
         """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``; an
         unreadable image raises DataReadError, or with ``skip_bad`` gets a NaN row (as a run's
         prediction does: its CSV row says UNREADABLE)."""
+        return self.predict_dataset_ood(ds, skip_bad=skip_bad)[0]
+
+    def predict_dataset_ood(self, ds, *, skip_bad: bool = False,
+                            ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_dataset`'s probabilities and the OOD score (N,) of each image (NaN
+        for one skipped; None when the bundle has no detector), from one graph run a batch."""
         from medtl.errors import DataReadError
 
         out = np.full((len(ds), len(self.classes)), np.nan)
+        scores = None if self.ood is None else np.full(len(ds), np.nan)
         for start in range(0, len(ds), BATCH_SIZE):
             read, images = [], []
             for i in range(start, min(start + BATCH_SIZE, len(ds))):
@@ -271,8 +302,12 @@ class ExportedModel:
                     continue
                 read.append(i)
             if images:
-                out[read] = self.predict_batch(self.preprocessing.normalise(np.stack(images)))
-        return out
+                proba, score = self.predict_batch_ood(
+                    self.preprocessing.normalise(np.stack(images)))
+                out[read] = proba
+                if scores is not None and score is not None:
+                    scores[read] = score
+        return out, scores
 
     def predict_proba(self, paths: Sequence[str | os.PathLike[str]], *,
                       skip_bad: bool = False) -> np.ndarray:

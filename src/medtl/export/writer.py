@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from medtl.errors import MedtlError
+from medtl.export.bundle import OOD_OUTPUT
 from medtl.files import fsync_dir
 from medtl.run import Run
 from medtl.training.features import PooledFeatures
@@ -115,38 +116,63 @@ def preprocessing_record(run: Run, model) -> dict[str, Any]:
         "output": {"name": OUTPUT},
         "medtl_version": medtl.__version__,
         "run": {k: cfg.get(k) for k in ("backbone", "strategy", "head", "weights")},
+        # The graph's OOD_OUTPUT is flagged above this threshold (None: no detector, no output)
+        "ood": None if model.ood is None else model.ood.record(),
     }
 
 
 def write_onnx(model, path: Path) -> Path:
-    """The model's normalised pixels -> calibrated probabilities as one ONNX graph."""
+    """The model's normalised pixels -> calibrated probabilities as one ONNX graph, and, when
+    the model has an out-of-distribution detector, its Mahalanobis distance as a second output
+    (bundle.OOD_OUTPUT) computed in the graph from the same pooled features."""
     if isinstance(model, NetworkModel):
-        return _torch_to_onnx(_Probabilities(model.network, model.temperature), model, path)
-    if not isinstance(model, FrozenModel):
+        features, head = PooledFeatures(model.network), model.network.classifier
+    elif isinstance(model, FrozenModel):
+        features, head = PooledFeatures(model.backbone), model.head
+        if isinstance(head, SklearnHead):
+            head = head.as_linear()
+            if head is None:
+                return _sklearn_to_onnx(model, path)
+    else:
         raise MedtlError(f"cannot export a {type(model).__name__}")
-    head = model.head
-    if isinstance(head, SklearnHead):
-        linear = head.as_linear()
-        if linear is None:
-            return _sklearn_to_onnx(model, path)
-        head = linear
-    module = FeaturesThenHead(model.backbone, head.eval())
-    return _torch_to_onnx(_Probabilities(module, model.temperature), model, path)
+    if model.ood is None:  # a run saved before the guard: probabilities alone
+        module = FeaturesThenHead(features.backbone, head.eval())
+        return _torch_to_onnx(_Probabilities(module, model.temperature), model, path)
+    return _torch_to_onnx(_WithOod(features, head.eval(), model.temperature, model.ood),
+                          model, path, outputs=(OUTPUT, OOD_OUTPUT))
 
 
-def _torch_to_onnx(module: nn.Module, model, path: Path, output: str = OUTPUT) -> Path:
+class _WithOod(nn.Module):
+    """Pooled features once, then the calibrated probabilities of the head and the features'
+    Mahalanobis distance ``||(f - location) @ whitener||`` (medtl.transfer.ood)."""
+
+    def __init__(self, features: nn.Module, head: nn.Module, temperature: float | None,
+                 detector) -> None:
+        super().__init__()
+        self.features = features
+        self.probabilities = _Probabilities(head, temperature)
+        self.register_buffer("location", torch.from_numpy(detector.location_.copy()))
+        self.register_buffer("whitener", torch.from_numpy(detector.whitener_.copy()))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        z = (f - self.location) @ self.whitener
+        return self.probabilities(f), torch.sqrt((z * z).sum(dim=1))
+
+
+def _torch_to_onnx(module: nn.Module, model, path: Path,
+                   outputs: tuple[str, ...] = (OUTPUT,)) -> Path:
     pre = model.preprocessing
     dummy = torch.zeros(1, pre.channels, pre.size, pre.size)
     # The TorchScript-based exporter, as training/features.py: dynamo needs onnxscript.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), (dummy,), str(path), dynamo=False,
-                          input_names=[INPUT], output_names=[output],
-                          dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
+                          input_names=[INPUT], output_names=list(outputs),
+                          dynamic_axes={INPUT: {0: "batch"},
+                                        **{name: {0: "batch"} for name in outputs}},
                           opset_version=OPSET)
     return path
-
-
 
 
 def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
@@ -155,7 +181,7 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     from onnx import compose, helper
 
     feats_path = path.with_name("features.onnx")
-    _torch_to_onnx(PooledFeatures(model.backbone), model, feats_path, output="features")
+    _torch_to_onnx(PooledFeatures(model.backbone), model, feats_path, outputs=("features",))
     features = onnx.load(str(feats_path))
     feats_path.unlink()
     head = _sklearn_graph(model.head, int(model.backbone.num_features))
@@ -179,11 +205,29 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
                  helper.make_node("Softmax", ["calib_z"], [OUTPUT], axis=1)]
     graph.node.extend(nodes)
     outputs = [helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, ["batch", None])]
+    if model.ood is not None:
+        outputs.append(_ood_nodes(graph, model.ood))
     del graph.output[:]
     graph.output.extend(outputs)
     onnx.checker.check_model(merged)
     onnx.save(merged, str(path))
     return path
+
+
+def _ood_nodes(graph, detector):
+    """Append to ``graph`` the Mahalanobis distance of its ``features`` tensor as OOD_OUTPUT
+    (Sub location, MatMul whitener, ReduceSumSquare, Sqrt); return that output's info."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph.initializer.extend([numpy_helper.from_array(detector.location_, "ood_location"),
+                              numpy_helper.from_array(detector.whitener_, "ood_whitener")])
+    graph.node.extend([
+        helper.make_node("Sub", ["features", "ood_location"], ["ood_centred"]),
+        helper.make_node("MatMul", ["ood_centred", "ood_whitener"], ["ood_z"]),
+        helper.make_node("ReduceSumSquare", ["ood_z"], ["ood_d2"], axes=[1], keepdims=0),
+        helper.make_node("Sqrt", ["ood_d2"], [OOD_OUTPUT])])
+    return helper.make_tensor_value_info(OOD_OUTPUT, onnx.TensorProto.FLOAT, ["batch"])
 
 
 def _sklearn_graph(head: SklearnHead, dim: int):

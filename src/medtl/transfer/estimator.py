@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 from medtl.errors import MedtlError
 from medtl.training.options import TrainOptions
 from medtl.transfer.fitted import FittedModel
+from medtl.transfer.ood import MahalanobisDetector
 from medtl.transfer.strategies import FitOutcome, Strategy, get_strategy
 
 log = logging.getLogger("medtl")
@@ -92,6 +93,7 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
                         "resumed_s": outcome.resumed_s, "feature_s": outcome.feature_s}
         if self.calibrate:
             self._fit_temperature(val)
+        self.model_.ood = fit_ood(self.model_, train, val, seed=self.seed)
         return self
 
     def _fit_temperature(self, val) -> None:
@@ -141,6 +143,39 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         clf.model_ = model
         clf.classes_ = list(model.classes)
         return clf
+
+
+def fit_ood(model: FittedModel, train, val=None, *, seed: int = 0,
+            max_train: int | None = None) -> MahalanobisDetector | None:
+    """The out-of-distribution detector of a fitted model: Mahalanobis distance on its own
+    backbone's pooled features of ``train`` (a seeded subsample of at most ``max_train``
+    images), thresholded at a percentile of ``val``'s distances (of train's when no val), and
+    the training DICOMs' Modality and BodyPartExamined. None, with a warning, when the features
+    cannot give one (fewer than two readable training images)."""
+    from medtl.transfer.ood import MAX_FIT_TRAIN, MahalanobisDetector, training_dicom_tags
+
+    limit = MAX_FIT_TRAIN if max_train is None else max_train
+    if len(train) > limit:
+        rng = np.random.default_rng(seed)
+        train = train.subset(np.sort(rng.choice(len(train), limit, replace=False)))
+    quiet, model.options.quiet = model.options.quiet, True
+    try:
+        f_train = model.features_and_proba(train, calibrated=False)[0]
+        f_val = (model.features_and_proba(val, calibrated=False)[0]
+                 if val is not None and len(val) else None)
+    finally:
+        model.options.quiet = quiet
+    modalities, body_parts = training_dicom_tags(train.paths)
+    try:
+        detector = MahalanobisDetector().fit(f_train, f_val, modalities=modalities,
+                                             body_parts=body_parts)
+    except MedtlError as exc:
+        log.warning("no out-of-distribution guard for this model: %s", exc)
+        return None
+    log.info("out-of-distribution guard: Mahalanobis threshold %.2f (%g th percentile of %d "
+             "%s images)", detector.threshold_, detector.percentile, detector.n_threshold_,
+             detector.fitted_on_)
+    return detector
 
 
 def _signature() -> inspect.Signature:

@@ -35,6 +35,7 @@ from medtl.training.loop import seeded
 from medtl.training.options import TrainOptions, resolve_device
 from medtl.transfer.heads import LinearHead, SklearnHead
 from medtl.transfer.meta import MODEL_FORMAT, check_model_meta, options_from_meta
+from medtl.transfer.ood import OOD_FILE, MahalanobisDetector
 
 log = logging.getLogger("medtl")
 
@@ -53,12 +54,30 @@ class FittedModel(ABC):
         self.options = options
         self.temperature = temperature
         self.device = resolve_device(options.device)
+        # The out-of-distribution detector on the backbone's pooled features (None: a run
+        # saved before the guard existed); fitted by TransferClassifier.fit, saved as ood.npz.
+        self.ood: MahalanobisDetector | None = None
 
     # ---------------------------------------------------------------------- the contract
     @abstractmethod
     def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True,
                       ) -> np.ndarray:
         """(n, n_classes) probabilities; NaN rows for images skipped as unreadable."""
+
+    @abstractmethod
+    def features_and_proba(self, data, *, calibrated: bool = True, cache: bool = True,
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """The backbone's pooled features (n, dim) and the probabilities (n, n_classes) they
+        give, from one pass over the images; NaN rows for images skipped as unreadable."""
+
+    def predict_proba_ood(self, data, *, calibrated: bool = True, cache: bool = True,
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and out-of-distribution scores (n,) (Mahalanobis distance of the
+        features; None when the model has no detector), features computed once."""
+        if self.ood is None:
+            return self.predict_proba(data, calibrated=calibrated, cache=cache), None
+        features, proba = self.features_and_proba(data, calibrated=calibrated, cache=cache)
+        return proba, self.ood.score(features)
 
     @property
     @abstractmethod
@@ -120,6 +139,10 @@ class FittedModel(ABC):
             "temperature": self.temperature,
             **self._save_weights(directory),
         }
+        if self.ood is not None:
+            self.ood.save(directory)
+        else:
+            (directory / OOD_FILE).unlink(missing_ok=True)  # never a stale detector
         atomic_write(directory / MODEL_JSON, json.dumps(meta, indent=2))
         return directory
 
@@ -136,6 +159,7 @@ class FittedModel(ABC):
         cls = {c.kind: c for c in (FrozenModel, NetworkModel)}[kind]
         model = cls._load(directory, meta, options)
         model.temperature = meta["temperature"]
+        model.ood = MahalanobisDetector.load(directory, dim=int(model.backbone.num_features))
         return model
 
 
@@ -204,6 +228,11 @@ class FrozenModel(FittedModel):
     def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
         return self.predict_proba_features(self.features(data, cache=cache),
                                            calibrated=calibrated)
+
+    def features_and_proba(self, data, *, calibrated: bool = True, cache: bool = True,
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        x = self.features(data, cache=cache)
+        return x, self.predict_proba_features(x, calibrated=calibrated)
 
     def torch_module(self) -> nn.Module | None:
         head = self.head.as_linear() if isinstance(self.head, SklearnHead) else self.head
@@ -306,6 +335,25 @@ class NetworkModel(FittedModel):
                     out[keep] = predict_proba(self.network, x, config)
         return self.calibrate(out) if calibrated else out
 
+    def features_and_proba(self, data, *, calibrated: bool = True, cache: bool = True,
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features and probabilities in one forward pass per chunk (``forward`` is
+        ``classifier(forward_features(x))`` for every network medtl trains), streamed as
+        :meth:`predict_proba` streams."""
+        from medtl.console import progress_bar
+
+        config = self.loop_config()
+        chunk = -(-max(1, PREDICT_CHUNK) // config.batch_size) * config.batch_size
+        feats = np.full((len(data), int(self.network.num_features)), np.nan, dtype=np.float32)
+        out = np.full((len(data), len(self.classes)), np.nan)
+        with progress_bar("predicting", len(data),
+                          quiet=self.options.quiet or not cache) as advance:
+            for x, keep, _ in iter_decoded(data, self.preprocessing, chunk,
+                                           skip_bad=self.options.skip_bad, advance=advance):
+                if len(keep):
+                    feats[keep], out[keep] = _features_then_proba(self.network, x, config)
+        return feats, (self.calibrate(out) if calibrated else out)
+
     def loop_config(self, **changes: Any):
         """The training loop's settings for this model (batches, device, normalisation)."""
         from medtl.training.loop import TrainConfig
@@ -373,6 +421,30 @@ class NetworkModel(FittedModel):
         network.weights_info = meta["weights_info"]  # provenance only, as for frozen models
         network.eval()
         return cls(network, meta["classes"], meta["preprocessing"], options)
+
+
+@torch.no_grad()
+def _features_then_proba(network: nn.Module, x_uint8: torch.Tensor, config,
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """training.loop.predict_proba's batches, device, layout and autocast, keeping the pooled
+    features on the way: the probabilities are the same numbers predict_proba gives."""
+    from medtl.training.loop import ImageInputs, _autocast, torch_threads
+
+    if getattr(network, "imagenet_pool", None) is not None:  # never so after reset_classifier
+        raise MedtlError("a network with its ImageNet classifier has no single feature layer")
+    device = torch.device(config.device)
+    network.to(device=device, memory_format=torch.channels_last).eval()
+    inputs = ImageInputs(config.mean, config.std)
+    feats, probas = [], []
+    with torch_threads(config.threads):
+        for start in range(0, len(x_uint8), config.batch_size):
+            xb = inputs.eval_batch(x_uint8[start:start + config.batch_size], device)
+            with _autocast(device):
+                f = network.forward_features(xb)
+                logits = network.classifier(f)
+            feats.append(f.float().cpu().numpy())
+            probas.append(torch.softmax(logits.float().double(), dim=1).cpu().numpy())
+    return np.concatenate(feats), np.concatenate(probas)
 
 
 def decode_images(data, preprocessing: Preprocessing, *, skip_bad: bool, quiet: bool,
