@@ -110,6 +110,7 @@ def create_app(served: Served | str | Path, settings: Settings | None = None, **
     _errors(app)
     _public_routes(app, state)
     _model_routes(app, state)
+    _image_routes(app, state)
     app.add_middleware(Guard, token=settings.token,
                        max_bytes=int(settings.max_upload_mb * 2**20))
     if settings.cors_origins:  # added last, so outermost: a preflight needs no token
@@ -195,6 +196,10 @@ def _model_routes(app: FastAPI, state: _State) -> None:
             if isinstance(outcome, BaseException):
                 raise outcome
         return {"results": done}
+
+
+def _image_routes(app: FastAPI, state: _State) -> None:
+    """/v1/explain and /v1/preview: one upload in, one PNG out."""
 
     @app.post("/v1/explain", summary="Heat map over the image (PNG); the method in a header",
               response_class=Response,
