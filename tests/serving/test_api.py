@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -352,3 +353,41 @@ def test_cli_refuses_a_tampered_bundle(tiny_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", str(copy)])
     assert exc.value.code == 2 and "sha256 differs" in capsys.readouterr().err
+
+
+def test_a_bundle_without_ood_detector_and_a_failed_load(tmp_path):
+    from tests.serving.bundles import write_bundle
+
+    plain = write_bundle(tmp_path / "plain", ood=False)
+    with TestClient(create_app(plain)) as client:
+        wait_ready(client)
+        assert client.get("/v1/model").json()["ood"] is None
+        answer = client.post("/v1/predict", files={"files": ("a.png", png_bytes(grey(0)))})
+        assert answer.status_code == 200 and answer.json()["results"][0]["ood"] is None
+    with TestClient(create_app(tmp_path / "missing")) as client:
+        for _ in range(200):
+            ready = client.get("/ready")
+            if "loading" not in ready.json()["detail"]:
+                break
+            time.sleep(0.02)
+        assert ready.status_code == 503 and "no such run or bundle" in ready.json()["detail"]
+        assert client.get("/v1/model").status_code == 503
+
+
+def test_cors_is_off_unless_an_origin_is_given(tiny_bundle):
+    origin = "https://viewer.example.org"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization"}
+    with TestClient(create_app(tiny_bundle)) as client:
+        wait_ready(client)
+        answer = client.get("/v1/model", headers={"Origin": origin})
+        assert "access-control-allow-origin" not in answer.headers
+        assert "access-control-allow-origin" not in client.options(
+            "/v1/predict", headers=preflight).headers
+    with TestClient(create_app(tiny_bundle, token=TOKEN, cors_origins=[origin])) as client:
+        wait_ready(client)
+        answer = client.options("/v1/predict", headers=preflight)  # no token in a preflight
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == origin
+        other = client.options("/v1/predict", headers={**preflight, "Origin": "https://x.org"})
+        assert other.headers.get("access-control-allow-origin") != "https://x.org"
