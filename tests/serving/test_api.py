@@ -36,6 +36,12 @@ def tinted(seed: int) -> np.ndarray:
     return (rng.integers(90, 166, (SIZE, SIZE, 3)) + rng.integers(-20, 20, 3)).astype(np.uint8)
 
 
+def assert_no_upload_left(client) -> None:
+    """Every upload file of the finished requests is gone from the server's private folder."""
+    folder = client.app.state.medtl._uploads
+    assert folder is not None and folder.is_dir() and not any(folder.iterdir())
+
+
 def test_health_ready_and_model(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True}
@@ -68,6 +74,7 @@ def test_predict_several_files(client):
     assert answer.status_code == 200, answer.text
     results = answer.json()["results"]
     assert [r["file"] for r in results] == ["a.png", "b.png", "black.png", "grey.png"]
+    assert_no_upload_left(client)
     model = client.get("/v1/model").json()
     for image, r in zip(images, results, strict=True):
         want = reference(image)
@@ -185,13 +192,15 @@ def test_not_an_image_is_415(client):
         assert answer.status_code == 415, name
         assert "judged by its content" in answer.json()["detail"]
     assert client.post("/v1/preview", files={"file": ("x.png", b"text")}).status_code == 415
+    assert_no_upload_left(client)
 
 
 def test_truncated_image_is_422(client):
     data = png_bytes(tinted(3))
     answer = client.post("/v1/predict", files={"files": ("cut.png", data[:len(data) // 2])})
     assert answer.status_code == 422 and answer.json()["detail"].startswith("cut.png: ")
-    assert "medtl-upload" not in answer.text  # no temporary path
+    assert "medtl-serve" not in answer.text  # no temporary path
+    assert_no_upload_left(client)
 
 
 def _huge_png(width: int, height: int) -> bytes:
@@ -364,6 +373,8 @@ def test_a_bundle_without_ood_detector_and_a_failed_load(tmp_path):
         assert client.get("/v1/model").json()["ood"] is None
         answer = client.post("/v1/predict", files={"files": ("a.png", png_bytes(grey(0)))})
         assert answer.status_code == 200 and answer.json()["results"][0]["ood"] is None
+        uploads = client.app.state.medtl._uploads
+    assert not uploads.exists()  # the server's upload folder goes at shutdown
     with TestClient(create_app(tmp_path / "missing")) as client:
         for _ in range(200):
             ready = client.get("/ready")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -28,7 +29,7 @@ from medtl.serving import heatmap
 from medtl.serving.batching import Batcher
 from medtl.serving.guard import FILES_KEY, Guard
 from medtl.serving.model import Served, load_served
-from medtl.serving.uploads import Upload, UploadError, decode, store
+from medtl.serving.uploads import RequestFiles, Upload, UploadError, decode, store
 
 log = logging.getLogger("medtl.serve")
 
@@ -60,6 +61,20 @@ class _State:
         self.error: str | None = None
         self.settings = settings
         self.batcher = Batcher(self._predict, settings.batch_size, settings.batch_wait_ms / 1000)
+        self._uploads: Path | None = None
+
+    def files(self) -> RequestFiles:
+        """A request's upload files, in the server's private temporary folder."""
+        if self._uploads is None:
+            self._uploads = Path(tempfile.mkdtemp(prefix="medtl-serve-uploads-"))  # mode 0700
+        return RequestFiles(self._uploads)
+
+    def close(self) -> None:
+        if self._uploads is not None:
+            shutil.rmtree(self._uploads, ignore_errors=True)
+            self._uploads = None
+        if self.served is not None:
+            self.served.close()
 
     def _predict(self, batch: np.ndarray):
         return self.require().model.predict_batch_ood(batch)
@@ -100,8 +115,7 @@ def create_app(served: Served | str | Path, settings: Settings | None = None, **
             yield
         finally:
             await state.batcher.stop()
-            if state.served is not None:
-                state.served.close()
+            state.close()
 
     app = FastAPI(title="medtl", version=medtl.__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, description="Predictions of an exported medtl model. "
@@ -188,8 +202,8 @@ def _model_routes(app: FastAPI, state: _State) -> None:
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"{len(files)} files in one request; at most {MAX_FILES}")
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="medtl-upload-") as folder:
-            jobs = [_predict_one(state, served, f, i, Path(folder), start)
+        with state.files() as folder:
+            jobs = [_predict_one(state, served, f, i, folder, start)
                     for i, f in enumerate(files)]
             done = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in done:
@@ -216,9 +230,9 @@ def _image_routes(app: FastAPI, state: _State) -> None:
                                      f"({', '.join(classes)})")
         index = classes.index(target) if target in classes else None
         data = await file.read()
-        with tempfile.TemporaryDirectory(prefix="medtl-upload-") as folder:
+        with state.files() as folder:
             png, used, t, p = await run_in_threadpool(
-                _explain, state, served, data, file.filename, Path(folder), index)
+                _explain, state, served, data, file.filename, folder, index)
         return Response(png, media_type="image/png", headers={
             "X-Medtl-Explain-Method": used, "X-Medtl-Target": _header_text(classes[t]),
             "X-Medtl-Probability": f"{p:.6f}", "Cache-Control": "no-store"})
@@ -229,9 +243,8 @@ def _image_routes(app: FastAPI, state: _State) -> None:
         served = state.require()
         setattr(request.state, FILES_KEY, 1)
         data = await file.read()
-        with tempfile.TemporaryDirectory(prefix="medtl-upload-") as folder:
-            png = await run_in_threadpool(_preview, state, served, data, file.filename,
-                                          Path(folder))
+        with state.files() as folder:
+            png = await run_in_threadpool(_preview, state, served, data, file.filename, folder)
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
@@ -241,13 +254,13 @@ def _header_text(text: str) -> str:
 
 
 def _read(state: _State, served: Served, data: bytes, filename: str | None, index: int,
-          folder: Path) -> tuple[Upload, np.ndarray]:
+          folder: RequestFiles) -> tuple[Upload, np.ndarray]:
     upload = store(data, filename, index, folder, max_pixels=state.settings.max_pixels)
     return upload, decode(served.model, upload)
 
 
 async def _predict_one(state: _State, served: Served, file: UploadFile, index: int,
-                       folder: Path, start: float) -> dict[str, Any]:
+                       folder: RequestFiles, start: float) -> dict[str, Any]:
     data = await file.read()
     upload, image, x, kind = await run_in_threadpool(_prepare, state, served, data,
                                                      file.filename, index, folder)
@@ -257,7 +270,7 @@ async def _predict_one(state: _State, served: Served, file: UploadFile, index: i
 
 
 def _prepare(state: _State, served: Served, data: bytes, filename: str | None, index: int,
-             folder: Path):
+             folder: RequestFiles):
     """Store, check and decode one upload, and build the model's input (in a worker thread)."""
     upload, image = _read(state, served, data, filename, index, folder)
     pre = served.model.preprocessing
@@ -316,8 +329,8 @@ def _ood(record: dict[str, Any] | None, score: float | None,
             "threshold": threshold, "flag": bool(reasons), "reasons": reasons}
 
 
-def _explain(state: _State, served: Served, data: bytes, filename: str | None, folder: Path,
-             target: int | None) -> tuple[bytes, str, int, float]:
+def _explain(state: _State, served: Served, data: bytes, filename: str | None,
+             folder: RequestFiles, target: int | None) -> tuple[bytes, str, int, float]:
     upload, image = _read(state, served, data, filename, 0, folder)
     if served.explain_method == "gradcam":
         heat, t, p = heatmap.gradcam_map(served, image, target)
@@ -328,7 +341,7 @@ def _explain(state: _State, served: Served, data: bytes, filename: str | None, f
 
 
 def _preview(state: _State, served: Served, data: bytes, filename: str | None,
-             folder: Path) -> bytes:
+             folder: RequestFiles) -> bytes:
     _, image = _read(state, served, data, filename, 0, folder)
     return heatmap.preview_png(image, served.model.view.get("mode", "2d"))
 

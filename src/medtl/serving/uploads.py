@@ -9,6 +9,7 @@ upload as its sender called it, never the temporary path, and says nothing from 
 from __future__ import annotations
 
 import re
+import secrets
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -84,6 +85,30 @@ def pixel_count(path: Path, kind: str) -> int:
     return width * height
 
 
+class RequestFiles:
+    """Where one request's uploads are written: the server's private folder (mode 0700,
+    removed at shutdown), under names of a random token and an index (never the sender's
+    names), every one removed when the request ends. One folder for the server rather than one
+    per request: creating and removing a folder costs more than a small image's decoding."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.token = secrets.token_hex(8)
+        self.paths: list[Path] = []
+
+    def path(self, index: int, suffix: str) -> Path:
+        path = self.root / f"{self.token}-{index}{suffix}"
+        self.paths.append(path)
+        return path
+
+    def __enter__(self) -> RequestFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
 @dataclass
 class Upload:
     """One accepted upload, stored as ``path`` in the request's temporary folder."""
@@ -94,18 +119,19 @@ class Upload:
     size: int
 
 
-def store(data: bytes, filename: str | None, index: int, folder: Path, *,
+def store(data: bytes, filename: str | None, index: int, files: RequestFiles, *,
           max_pixels: int) -> Upload:
-    """Check ``data`` (an uploaded file) and write it into ``folder`` under a name of medtl's
-    (never the sender's): 415 when it is not a PNG, JPEG, TIFF or DICOM, 422 when its header
-    gives more than ``max_pixels`` pixels or cannot be read."""
+    """Check ``data`` (an uploaded file) and write it among the request's ``files``: 415 when
+    it is not a PNG, JPEG, TIFF or DICOM, 422 when its header gives more than ``max_pixels``
+    pixels or cannot be read."""
     name = display_name(filename, index)
     kind = sniff(data[:132])
     if kind is None:
         raise UploadError(415, f"{name}: not a {KINDS_TEXT} file (judged by its content, not "
                                "its name)")
-    path = folder / f"{index}{SUFFIXES[kind]}"
-    path.write_bytes(data)
+    path = files.path(index, SUFFIXES[kind])
+    with open(path, "xb") as f:  # a new file, never one planted under the name
+        f.write(data)
     try:
         pixels = pixel_count(path, kind)
     except UploadError as exc:
@@ -133,4 +159,4 @@ def decode(model, upload: Upload) -> np.ndarray:
 def _scrub(message: str, upload: Upload) -> str:
     """A reader's message without the temporary path (the sender knows the file by its name)."""
     return (message.replace(str(upload.path), upload.name)
-            .replace(str(upload.path.parent), "").strip(": ") or "cannot be read")
+            .replace(str(upload.path.parent), "").strip(": /") or "cannot be read")
