@@ -402,3 +402,9 @@ def test_cors_is_off_unless_an_origin_is_given(tiny_bundle):
         assert answer.headers["access-control-allow-origin"] == origin
         other = client.options("/v1/predict", headers={**preflight, "Origin": "https://x.org"})
         assert other.headers.get("access-control-allow-origin") != "https://x.org"
+
+
+def test_too_many_files_in_one_request_is_413(client):
+    data = png_bytes(grey(128))
+    answer = client.post("/v1/predict", files=[("files", (f"{i}.png", data)) for i in range(65)])
+    assert answer.status_code == 413 and "at most 64" in answer.json()["detail"]
