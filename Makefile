@@ -20,15 +20,18 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/medtl demo
 
-# Headless Chromium renders report.html in tests/reporting/test_html.py. Installed from Debian
-# when missing and possible (root or password-less sudo); otherwise those tests skip, saying why.
+# Headless Chromium renders report.html in tests/reporting/test_html.py, and Selenium drives it
+# through chromium-driver (/usr/bin/chromedriver, the same version) on medtl serve's web page in
+# tests/serving/test_page.py. Installed from Debian when missing and possible (root or
+# password-less sudo); otherwise those tests skip, saying why.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } \
+	  && command -v chromedriver >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
-	  echo "installing Debian's chromium (report screenshot tests)"; \
+	  echo "installing Debian's chromium and chromium-driver (report and web page tests)"; \
 	  ( $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y \
-	    -qq --no-install-recommends chromium fonts-dejavu-core ) >/dev/null 2>&1 || \
-	  echo "could not install chromium: the report screenshot tests will skip"; }
+	    -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core ) >/dev/null \
+	    2>&1 || echo "could not install chromium: the report and web page tests will skip"; }
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m "not slow"
