@@ -491,11 +491,14 @@ def predict(
 def export(
     run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
     out: Annotated[Path, typer.Option(help="New folder to write the bundle into.")],
-    format: Annotated[str, typer.Option(help="Model format (onnx).")] = "onnx",
+    format: Annotated[str, typer.Option(help="Model format: onnx (every run; predicts without "
+                                             "PyTorch) or torchscript (model.pt; torch "
+                                             "models only, needs PyTorch).")] = "onnx",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Write a deployable bundle of a run: model.onnx (normalised pixels to calibrated
-    probabilities), preprocessing.json and manifest.json; `medtl predict BUNDLE` runs it.
+    """Write a deployable bundle of a run: model.onnx or model.pt (normalised pixels to
+    calibrated probabilities), preprocessing.json, the model card (model-card.md and .json) and
+    manifest.json; `medtl predict BUNDLE` runs it.
 
     Example: [bold]medtl export runs/cxr --format onnx --out deploy/cxr[/bold]
     """

@@ -81,8 +81,8 @@ def test_onnx_matches_predict_proba(name, runs, blobs, tmp_path):
     assert pre["classes"] == run.config["classes"]
     assert pre["run"]["strategy"] == run.config["strategy"]
     assert (pre["temperature"] is not None) == bool(RUNS[name].get("calibrate"))
-    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx",
-                                                        "preprocessing.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "manifest.json", "model-card.json", "model-card.md", "model.onnx", "preprocessing.json"]
 
 
 def test_refuses_a_non_empty_folder_unless_overwrite(runs, tmp_path):

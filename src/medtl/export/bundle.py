@@ -31,6 +31,11 @@ from medtl.files import MAX_JSON_BYTES, write_json
 
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.onnx"
+# A TorchScript bundle's model instead of MODEL_FILE (`medtl export --format torchscript`);
+# loading one needs PyTorch. Its archive holds TORCHSCRIPT_META: input, outputs, input shape.
+TORCHSCRIPT_FILE = "model.pt"
+TORCHSCRIPT_META = "medtl.json"
+MODEL_FILES = (MODEL_FILE, TORCHSCRIPT_FILE)
 PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
 CARD_JSON = "model-card.json"
@@ -95,7 +100,7 @@ def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         if entry.is_symlink() or not entry.is_file():
             raise MedtlError(f"{entry}: a bundle holds regular files only")
-        limit = MAX_MODEL_BYTES if entry.name == MODEL_FILE else MAX_OTHER_BYTES
+        limit = MAX_MODEL_BYTES if entry.name in MODEL_FILES else MAX_OTHER_BYTES
         files[_check_name(entry.name, root)] = hashlib.sha256(_read_file(entry, limit)).hexdigest()
     manifest = {"format": BUNDLE_FORMAT, "files": files}
     write_json(root / MANIFEST_FILE, manifest)
@@ -103,10 +108,11 @@ def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is an exported bundle (a folder with a manifest and a model) rather
-    than a run directory."""
+    """Whether ``path`` is an exported bundle (a folder with a manifest and a model, ONNX or
+    TorchScript) rather than a run directory."""
     p = Path(path)
-    return p.is_dir() and (p / MANIFEST_FILE).is_file() and (p / MODEL_FILE).is_file()
+    return p.is_dir() and (p / MANIFEST_FILE).is_file() \
+        and any((p / name).is_file() for name in MODEL_FILES)
 
 
 def _verified_files(root: Path) -> dict[str, bytes]:
@@ -122,9 +128,11 @@ def _verified_files(root: Path) -> dict[str, bytes]:
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not 0 < len(listed) <= MAX_FILES:
         raise MedtlError(f"{where}: 'files' must map 1 to {MAX_FILES} file names to sha256")
-    for name in (MODEL_FILE, PREPROCESSING_FILE):
-        if name not in listed:
-            raise MedtlError(f"{where}: does not list {name}; refused")
+    if PREPROCESSING_FILE not in listed:
+        raise MedtlError(f"{where}: does not list {PREPROCESSING_FILE}; refused")
+    if sum(name in listed for name in MODEL_FILES) != 1:
+        raise MedtlError(f"{where}: must list exactly one of {' and '.join(MODEL_FILES)}; "
+                         "refused")
     present = {entry.name for entry in root.iterdir()} - {MANIFEST_FILE}
     if extra := sorted(present - set(listed)):
         raise MedtlError(f"{root / extra[0]}: not listed in the manifest; refused")
@@ -134,7 +142,7 @@ def _verified_files(root: Path) -> dict[str, bytes]:
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise MedtlError(f"{where}: {name}: not a sha256 digest")
         path = root / name
-        data = _read_file(path, MAX_MODEL_BYTES if name == MODEL_FILE else MAX_OTHER_BYTES)
+        data = _read_file(path, MAX_MODEL_BYTES if name in MODEL_FILES else MAX_OTHER_BYTES)
         if hashlib.sha256(data).hexdigest() != digest:
             raise MedtlError(f"{path}: sha256 differs from the manifest (changed since export); "
                              "refused")
@@ -315,9 +323,89 @@ class ExportedModel:
         return self.predict_dataset(self.dataset(paths), skip_bad=skip_bad)
 
 
+@dataclass(frozen=True)
+class _Arg:
+    """An input or output as onnxruntime's NodeArg describes it (name, shape)."""
+
+    name: str
+    shape: list[Any]
+
+
+class _TorchScriptSession:
+    """A TorchScript module behind onnxruntime's InferenceSession interface (``run``,
+    ``get_inputs``, ``get_outputs``), so ExportedModel predicts with it unchanged."""
+
+    def __init__(self, module: Any, input_name: str, outputs: list[str],
+                 shape: list[Any]) -> None:
+        self.module, self.input_name, self.outputs = module, input_name, outputs
+        self.shape = shape
+
+    def get_inputs(self) -> list[_Arg]:
+        return [_Arg(self.input_name, self.shape)]
+
+    def get_outputs(self) -> list[_Arg]:
+        return [_Arg(name, ["batch"]) for name in self.outputs]
+
+    def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(feeds[self.input_name], dtype=np.float32))
+        with torch.inference_mode():
+            out = self.module(x)
+        out = list(out) if isinstance(out, tuple | list) else [out]
+        if len(out) != len(self.outputs):
+            raise ValueError(f"{len(out)} outputs, not {len(self.outputs)}")
+        by_name = dict(zip(self.outputs, out, strict=True))
+        return [by_name[name].detach().cpu().numpy() for name in output_names]
+
+
+def _torchscript_session(model: bytes, where: Path) -> _TorchScriptSession:
+    """The TorchScript module of the checked bytes (torch.jit.load from memory, never from the
+    path, on the CPU), with the input and output names its archive records. Needs PyTorch."""
+    import io
+    import warnings
+
+    try:
+        import torch
+    except ImportError:
+        raise MedtlError(f"{where}: a TorchScript bundle needs PyTorch; export the run with "
+                         "--format onnx to predict without it") from None
+    extra = {TORCHSCRIPT_META: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit
+            module = torch.jit.load(io.BytesIO(model), map_location="cpu",
+                                    _extra_files=extra)
+        meta = json.loads(extra[TORCHSCRIPT_META] or "null")
+    except Exception as exc:  # torch raises RuntimeError and others for a bad archive
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise MedtlError(f"{where}: not a TorchScript model medtl wrote ({reason})") from None
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    outputs = meta.get("outputs") if isinstance(meta, dict) else None
+    if not isinstance(meta.get("input") if isinstance(meta, dict) else None, str) \
+            or not isinstance(outputs, list) or not 0 < len(outputs) <= 4 \
+            or not all(isinstance(o, str) for o in outputs) \
+            or not isinstance(shape, list) or len(shape) != 4:
+        raise MedtlError(f"{where}: no {TORCHSCRIPT_META} naming its input, outputs and input "
+                         "shape; refused")
+    return _TorchScriptSession(module.eval(), meta["input"], outputs, shape)
+
+
 def _session(model: bytes, where: Path, input_name: str, output_names: Sequence[str]):
     """An onnxruntime session on the checked bytes themselves (no second read of the file, and
-    no external-data path resolved beside it)."""
+    no external-data path resolved beside it); for ``model.pt`` a TorchScript module behind
+    the same interface."""
+    session = (_torchscript_session(model, where) if where.name == TORCHSCRIPT_FILE
+               else _onnx_session(model, where))
+    outputs = {o.name for o in session.get_outputs()}
+    if input_name not in [i.name for i in session.get_inputs()] \
+            or any(name not in outputs for name in output_names):
+        raise MedtlError(f"{where}: no input {input_name!r} or no output among "
+                         f"{list(output_names)!r}")
+    return session
+
+
+def _onnx_session(model: bytes, where: Path):
     import onnxruntime as ort
 
     try:
@@ -325,11 +413,6 @@ def _session(model: bytes, where: Path, input_name: str, output_names: Sequence[
     except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc)
         raise MedtlError(f"{where}: not an ONNX model onnxruntime can run ({reason})") from None
-    outputs = {o.name for o in session.get_outputs()}
-    if input_name not in [i.name for i in session.get_inputs()] \
-            or any(name not in outputs for name in output_names):
-        raise MedtlError(f"{where}: no input {input_name!r} or no output among "
-                         f"{list(output_names)!r}")
     return session
 
 
@@ -346,11 +429,16 @@ def _check_input_shape(session, where: Path, name: str, pre: Preprocessing) -> N
 
 def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
     """Load an exported bundle, every file checked against the manifest and every value of
-    preprocessing.json bounded; each problem is one MedtlError naming the file."""
+    preprocessing.json bounded; each problem is one MedtlError naming the file.
+
+    An ONNX bundle (``model.onnx``) runs on onnxruntime and never imports torch; a TorchScript
+    bundle (``model.pt``) needs PyTorch, and is loaded from the checked bytes."""
     root = Path(path)
     if not is_bundle(root):
-        raise MedtlError(f"{root}: not an exported bundle (no {MANIFEST_FILE} and {MODEL_FILE})")
+        raise MedtlError(f"{root}: not an exported bundle (no {MANIFEST_FILE} and "
+                         f"{' or '.join(MODEL_FILES)})")
     files = _verified_files(root)
+    model_file = next(name for name in MODEL_FILES if name in files)
     where = root / PREPROCESSING_FILE
     try:
         info = json.loads(files[PREPROCESSING_FILE].decode("utf-8"))
@@ -361,8 +449,8 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
     except MedtlError as exc:
         raise MedtlError(f"{where}: {exc}") from None
     outputs = [checked["output_name"]] + ([OOD_OUTPUT] if checked["ood"] is not None else [])
-    session = _session(files[MODEL_FILE], root / MODEL_FILE, checked["input_name"], outputs)
-    _check_input_shape(session, root / MODEL_FILE, checked["input_name"],
+    session = _session(files[model_file], root / model_file, checked["input_name"], outputs)
+    _check_input_shape(session, root / model_file, checked["input_name"],
                        checked["preprocessing"])
     card = None
     if CARD_JSON in files:
@@ -373,6 +461,6 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
                 from None
         if not isinstance(card, dict):
             raise MedtlError(f"{root / CARD_JSON}: not a JSON object")
-    return ExportedModel(directory=root, sha256=hashlib.sha256(files[MODEL_FILE]).hexdigest(),
+    return ExportedModel(directory=root, sha256=hashlib.sha256(files[model_file]).hexdigest(),
                          info=info, session=session, card=card, **checked)
 

@@ -34,6 +34,7 @@ PREPROCESSING_FORMAT = 1
 OPSET = 17
 INPUT = "image"
 OUTPUT = "probabilities"
+FORMATS = ("onnx", "torchscript")
 # medtl's calibration clips probabilities here before the log (training.calibration).
 _CLIP = 1e-12
 
@@ -58,29 +59,35 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
                overwrite: bool = False) -> Path:
     """Write the deployable bundle of ``run`` into the new folder ``out``; return it.
 
-    An existing non-empty ``out`` is refused unless ``overwrite``; the bundle is written in a
-    temporary sibling and renamed, so ``out`` is never left half written.
+    ``format``: ``onnx`` (``model.onnx``, every kind of run) or ``torchscript`` (``model.pt``,
+    runs whose model is a torch module end to end; loading it needs PyTorch). Beside the model:
+    ``preprocessing.json``, the model card (``model-card.json``, ``model-card.md``) and
+    ``manifest.json``. An existing non-empty ``out`` is refused unless ``overwrite``; the bundle
+    is written in a temporary sibling and renamed, so ``out`` is never left half written.
     """
-    if format != "onnx":
-        raise MedtlError(f"export format {format!r} is not supported (only 'onnx')")
+    from medtl.export.bundle import CARD_JSON, CARD_MD, TORCHSCRIPT_FILE, write_manifest
+    from medtl.export.card import card_markdown, model_card
+
+    if format not in FORMATS:
+        raise MedtlError(f"export format {format!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.is_symlink():  # --overwrite would replace the link's target, not the link
-        raise MedtlError(f"{out}: is a symbolic link; give the bundle folder itself")
-    if out.exists() and not out.is_dir():
-        raise MedtlError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MedtlError(f"{out}: folder exists and is not empty (pass --overwrite to replace)")
+    _check_out(out, overwrite)
+    card = model_card(run)  # before the model loads: a run without usable records fails fast
     clf = run.load_model(quiet=True)
     model = clf.model_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")
     tmp.mkdir()
     try:
-        write_onnx(model, tmp / "model.onnx")
-        (tmp / "preprocessing.json").write_text(
-            json.dumps(preprocessing_record(run, model), indent=2) + "\n", encoding="utf-8")
-        from medtl.export.bundle import write_manifest
-
+        record = preprocessing_record(run, model)
+        if format == "onnx":
+            write_onnx(model, tmp / "model.onnx")
+        elif OOD_OUTPUT not in write_torchscript(model, tmp / TORCHSCRIPT_FILE):
+            record.pop("ood", None)  # no score in this model: load_bundle would refuse it
+        (tmp / "preprocessing.json").write_text(json.dumps(record, indent=2) + "\n",
+                                                encoding="utf-8")
+        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
         write_manifest(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -90,6 +97,56 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
         raise
     fsync_dir(out.parent)
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_symlink():  # --overwrite would replace the link's target, not the link
+        raise MedtlError(f"{out}: is a symbolic link; give the bundle folder itself")
+    if out.exists() and not out.is_dir():
+        raise MedtlError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MedtlError(f"{out}: folder exists and is not empty (pass --overwrite to replace)")
+
+
+def write_torchscript(model, path: Path) -> tuple[str, ...]:
+    """The model's normalised pixels -> calibrated probabilities as a traced TorchScript module
+    (the module write_onnx exports), saved with its input and output names (``medtl.json``
+    inside the archive, so the manifest's sha256 covers them); return the output names.
+
+    A scikit-learn head other than logistic regression has no torch form: refused."""
+    from medtl.export.bundle import TORCHSCRIPT_META
+
+    module, outputs = _torchscript_module(model)
+    pre = model.preprocessing
+    dummy = torch.zeros(1, pre.channels, pre.size, pre.size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values made constants
+        traced = torch.jit.trace(module.cpu().eval(), dummy, check_trace=False)
+    meta = {"format": 1, "input": INPUT, "outputs": list(outputs),
+            "shape": [None, pre.channels, pre.size, pre.size]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(meta)})
+    return outputs
+
+
+def _torchscript_module(model) -> tuple[nn.Module, tuple[str, ...]]:
+    """The torch module to trace and its output names: calibrated probabilities (and the OOD
+    score as a second output where the model has a detector with a torch form)."""
+    logits = model.torch_module() if isinstance(model, FrozenModel | NetworkModel) else None
+    if logits is None:
+        head = getattr(getattr(model, "head", None), "head", type(model).__name__)
+        raise MedtlError(f"the {head!r} head is a scikit-learn model and has no TorchScript "
+                         "form; export it with --format onnx")
+    if getattr(model, "ood", None) is None:
+        return _Probabilities(logits, model.temperature), (OUTPUT,)
+    # The OOD score from the same pooled features, as write_onnx builds it
+    if isinstance(model, NetworkModel):
+        features, head = PooledFeatures(model.network), model.network.classifier
+    else:
+        features, head = PooledFeatures(model.backbone), logits.head
+    return (_WithOod(features, head.eval(), model.temperature, model.ood),
+            (OUTPUT, OOD_OUTPUT))
 
 
 def preprocessing_record(run: Run, model) -> dict[str, Any]:
