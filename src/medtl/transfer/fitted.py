@@ -10,8 +10,9 @@ the torch module to explain or export (``None`` for black-box heads). Two implem
   truncated, the climb of ``auto``).
 
 The model directory (``RUN/model/``) holds ``model.json`` and the weights (safetensors; a
-scikit-learn head as skops); it is enough to predict with no other file. Bundles written by
-medtl 0.1 (no ``kind`` in model.json) still load.
+scikit-learn head as skops) and ``ood.npz``, the out-of-distribution detector on the pooled
+features (medtl.transfer.ood); it is enough to predict with no other file. Bundles written by
+medtl 0.1 (no ``kind`` in model.json), or before the detector (no ``ood.npz``), still load.
 """
 
 from __future__ import annotations
