@@ -59,6 +59,9 @@ def test_figures_are_the_runs_own_from_the_right_split(kermany):
     assert cal["temperature"] == run.config["calibration"]["temperature"] is not None
     assert cal["ece"] == metrics["test"]["calibration"]["ece"]
     assert card["model_details"]["weights"]["sha256"] == run.config["weights"]["sha256"]
+    ood = load_bundle(bundle).ood  # the detector the model carries, as preprocessing.json says
+    assert card["out_of_distribution"]["guard"] is True
+    assert card["out_of_distribution"]["threshold"] == ood["threshold"] is not None
 
 
 def test_counts_per_class_split_and_patient_are_the_datas(kermany):
@@ -86,5 +89,7 @@ def test_research_use_line_and_no_location_or_patient(kermany):
         assert run.config["data"]["source"] not in text  # the recorded relative path
         assert not re.search(DEMO_PATIENT_REGEX, text)  # no file or patient named
     assert text_md.splitlines()[2] == f"> **{RESEARCH_USE}**"  # the banner, under the title
-    assert card_markdown(model_card(run)) == text_md
+    ood = json.loads((bundle / "preprocessing.json").read_text())["ood"]
+    assert card_markdown(model_card(run, ood=ood)) == text_md
+    assert "## Out-of-distribution inputs" in text_md and "percentile of val" in text_md
     assert json.loads(text_json)["training_data"]["dataset"] == "chest-data"

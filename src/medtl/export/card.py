@@ -28,8 +28,9 @@ _NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "f1": "F1", "p
           "npv": "NPV"}
 
 
-def model_card(run: Run) -> dict[str, Any]:
-    """The model card of ``run`` as a JSON-ready dict (``model-card.json``)."""
+def model_card(run: Run, *, ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model card of ``run`` as a JSON-ready dict (``model-card.json``); ``ood``: the
+    model's out-of-distribution record (``MahalanobisDetector.record()``), when it has one."""
     cfg, metrics = run.config, run.metrics
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     scored = "test" if isinstance(metrics.get("test"), dict) else (
@@ -46,6 +47,7 @@ def model_card(run: Run) -> dict[str, Any]:
         "quantitative_analyses": {s: _split_figures(metrics[s]) for s in ("val", "test")
                                   if isinstance(metrics.get(s), dict)},
         "calibration": _calibration(cfg, metrics, scored),
+        "out_of_distribution": _ood(ood),
         "ethical_considerations": _ethics(),
         "caveats_and_recommendations": _caveats(cfg, metrics, data, scored),
     }
@@ -213,6 +215,21 @@ def _calibration(cfg: dict[str, Any], metrics: dict[str, Any], scored: str | Non
                if k in m}}
 
 
+def _ood(record: dict[str, Any] | None) -> dict[str, Any]:
+    if record is None:
+        return {"guard": False, "note": "No out-of-distribution detector: every image, of any "
+                                        "kind, gets one of the classes without a warning."}
+    tags = [f"{k.replace('_', ' ')} {', '.join(record[k])}" for k in ("modalities", "body_parts")
+            if record.get(k)]
+    note = (f"Each image's pooled features are scored by their {record.get('method')} distance "
+            "to the training images' features and flagged above the "
+            f"{_fmt(record.get('percentile'))}th percentile of {record.get('fitted_on')} "
+            f"distances (threshold {_fmt(record.get('threshold'))}).")
+    if tags:
+        note += f" A DICOM whose tags are not the training data's ({'; '.join(tags)}) is flagged."
+    return {"guard": True, **record, "note": note}
+
+
 def _ethics() -> list[str]:
     return [RESEARCH_USE,
             "The card names no image file and no patient; the data is identified by its folder "
@@ -309,7 +326,8 @@ def _closing_markdown(card: dict[str, Any]) -> list[str]:
     return ["## Calibration", "",
             f"- Method: {_fmt(cal['method'])}; temperature: {_fmt(cal['temperature'])}",
             f"- Expected calibration error ({_fmt(cal['split'])}): {_fmt(cal.get('ece'))}; "
-            f"Brier score: {_fmt(cal.get('brier'))}", "", "## Ethical considerations", "",
+            f"Brier score: {_fmt(cal.get('brier'))}", "", "## Out-of-distribution inputs", "",
+            card["out_of_distribution"]["note"], "", "## Ethical considerations", "",
             *[f"- {e}" for e in card["ethical_considerations"]], "",
             "## Caveats and recommendations", "",
             *[f"- {c}" for c in card["caveats_and_recommendations"]], "",

@@ -72,7 +72,6 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
         raise MedtlError(f"export format {format!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)
     _check_out(out, overwrite)
-    card = model_card(run)  # before the model loads: a run without usable records fails fast
     clf = run.load_model(quiet=True)
     model = clf.model_
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +85,7 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
             record.pop("ood", None)  # no score in this model: load_bundle would refuse it
         (tmp / "preprocessing.json").write_text(json.dumps(record, indent=2) + "\n",
                                                 encoding="utf-8")
+        card = model_card(run, ood=record.get("ood"))
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
         write_manifest(tmp)
@@ -317,7 +317,9 @@ def _platt_svm_graph(cal, inputs, opset):
     skl2onnx's own CalibratedClassifierCV converter gives wrong probabilities for a binary SVC
     (the decision value's sign is flipped; seen with skl2onnx 1.20), and has no converter for
     the FrozenEstimator the head wraps its pipeline in; so the sigmoid calibration, averaged
-    over the calibrated folds as ``CalibratedClassifierCV.predict_proba`` does, is built here.
+    over the calibrated folds as ``CalibratedClassifierCV.predict_proba`` does, is built here
+    (for more than two classes: one sigmoid per class on its one-vs-rest decision value, then
+    each row divided by its sum, :func:`_platt_multiclass_nodes`).
     """
     import onnx
     from onnx import helper
@@ -326,15 +328,17 @@ def _platt_svm_graph(cal, inputs, opset):
 
     pipelines = {id(c.estimator): getattr(c.estimator, "estimator", c.estimator)
                  for c in cal.calibrated_classifiers_}
-    if len(cal.classes_) != 2 or len(pipelines) != 1:
-        raise MedtlError(f"cannot export an SVM head with {len(cal.classes_)} classes to ONNX "
-                         "yet (its Platt scaling is converted for two classes only)")
+    if len(pipelines) != 1:
+        raise MedtlError("cannot export an SVM head calibrated over several fitted SVMs")
     pipeline = next(iter(pipelines.values()))
     model = to_onnx(pipeline, initial_types=inputs, target_opset=opset,
                     options={SVC: {"raw_scores": True, "zipmap": False}})
     graph = model.graph
     scores = next(o.name for o in graph.output if o.name != "label")
     f32 = onnx.TensorProto.FLOAT
+    if len(cal.classes_) > 2:
+        _platt_multiclass_nodes(graph, cal, scores, pipeline[-1].classes_)
+        return model
     consts = {"svm_one": [1.0], "svm_n": [float(len(cal.calibrated_classifiers_))]}
     nodes = [helper.make_node("Slice", [scores, "svm_c1", "svm_c2", "svm_axis"], ["svm_f"])]
     parts = []
@@ -356,6 +360,43 @@ def _platt_svm_graph(cal, inputs, opset):
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info("svm_probabilities", f32, [None, 2])])
     return model
+
+
+def _platt_multiclass_nodes(graph, cal, scores: str, svm_classes) -> None:
+    """Append to ``graph`` the Platt scaling of K > 2 one-vs-rest decision values ``scores``
+    (N, K), as ``_CalibratedClassifier.predict_proba`` computes it: ``sigmoid(-(a_k s_k +
+    b_k))`` per class, each row divided by its sum (uniform where the sum is 0), averaged over
+    the calibrated folds; output ``svm_probabilities`` (N, K)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    k = len(cal.classes_)
+    if list(np.searchsorted(cal.classes_, svm_classes)) != list(range(k)):
+        raise MedtlError("cannot export this SVM head to ONNX: its SVM does not score every "
+                         "class in order")
+    n = helper.make_node
+    inits = {"svm_one": np.array([1.0 / k], np.float32), "svm_zero": np.array(0, np.float32),
+             "svm_n": np.array(len(cal.calibrated_classifiers_), np.float32),
+             "svm_ax1": np.array([1], np.int64)}
+    nodes, parts = [], []
+    for i, c in enumerate(cal.calibrated_classifiers_):
+        inits[f"svm_a{i}"] = np.array([-float(s.a_) for s in c.calibrators], np.float32)
+        inits[f"svm_b{i}"] = np.array([-float(s.b_) for s in c.calibrators], np.float32)
+        nodes += [n("Mul", [scores, f"svm_a{i}"], [f"svm_af{i}"]),
+                  n("Add", [f"svm_af{i}", f"svm_b{i}"], [f"svm_z{i}"]),
+                  n("Sigmoid", [f"svm_z{i}"], [f"svm_q{i}"]),
+                  n("ReduceSum", [f"svm_q{i}", "svm_ax1"], [f"svm_den{i}"], keepdims=1),
+                  n("Equal", [f"svm_den{i}", "svm_zero"], [f"svm_is0{i}"]),
+                  n("Div", [f"svm_q{i}", f"svm_den{i}"], [f"svm_r{i}"]),
+                  n("Where", [f"svm_is0{i}", "svm_one", f"svm_r{i}"], [f"svm_p{i}"])]
+        parts.append(f"svm_p{i}")
+    nodes += [n("Sum", parts, ["svm_sum"]),
+              n("Div", ["svm_sum", "svm_n"], ["svm_probabilities"])]
+    graph.initializer.extend([numpy_helper.from_array(v, name) for name, v in inits.items()])
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("svm_probabilities",
+                                                       onnx.TensorProto.FLOAT, [None, k])])
 
 
 def _knn_graph(pipeline):
