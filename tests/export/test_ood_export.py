@@ -21,7 +21,7 @@ from medtl.transfer.ood import OOD_FILE
 from medtl.workflow import predict
 from tests.conftest import write_blob_images
 
-FAST = dict(backbone="mobilenet_v2", weights="imagenet", image_size=64, epochs=1, quiet=True)
+FAST = dict(backbone="mobilenet_v2", weights="imagenet", image_size=32, epochs=1, quiet=True)
 RUNS = {"logreg": dict(strategy="hybrid", head="logreg"),
         "svm": dict(strategy="hybrid", head="svm"),
         "fine-tune": dict(strategy="fine-tune", calibrate=True)}
