@@ -172,7 +172,7 @@ def fit_ood(model: FittedModel, train, val=None, *, seed: int = 0,
     except MedtlError as exc:
         log.warning("no out-of-distribution guard for this model: %s", exc)
         return None
-    log.info("out-of-distribution guard: Mahalanobis threshold %.2f (%g th percentile of %d "
+    log.info("out-of-distribution guard: Mahalanobis threshold %.2f (%gth percentile of %d "
              "%s images)", detector.threshold_, detector.percentile, detector.n_threshold_,
              detector.fitted_on_)
     return detector
