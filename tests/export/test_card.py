@@ -93,3 +93,22 @@ def test_research_use_line_and_no_location_or_patient(kermany):
     assert card_markdown(model_card(run, ood=ood)) == text_md
     assert "## Out-of-distribution inputs" in text_md and "percentile of val" in text_md
     assert json.loads(text_json)["training_data"]["dataset"] == "chest-data"
+
+
+def test_a_run_without_figures_says_so_and_names_no_weights_path():
+    """A run saved from Python (kind model) has no data or metrics: the card invents none."""
+
+    class Saved:
+        config = {"kind": "model", "backbone": "resnet18", "strategy": "hybrid", "head": "svm",
+                  "weights": {"kind": "file", "source": "/home/ana/weights/rad.pt",
+                              "sha256": "ab" * 32},
+                  "classes": ["a", "b", "c"], "positive_class": None, "medtl_version": "0.1.0"}
+        metrics: dict = {}
+
+    card = model_card(Saved())
+    text = json.dumps(card) + card_markdown(card)
+    assert "/home/ana" not in text and card["model_details"]["weights"]["source"] == "rad.pt"
+    assert card["summary"]["auc"] is None and "no test figures recorded" in card["summary"]["line"]
+    assert card["quantitative_analyses"] == {} and card["training_data"]["splits"] == {}
+    assert any("performance is unknown" in c for c in card["caveats_and_recommendations"])
+    assert not any("thresholds" in c for c in card["caveats_and_recommendations"])

@@ -262,14 +262,15 @@ def _caveats(cfg: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any],
     skipped = len(data.get("skipped") or [])
     if skipped:
         out.append(f"{skipped} unreadable image(s) were skipped in training and evaluation.")
-    if not data.get("patient_regex"):
+    if data and not data.get("patient_regex"):
         out.append("Patients were not identified: images of one patient may lie in more than "
                    "one split.")
     if cfg.get("calibration") is None:
         out.append("No temperature calibration: probabilities may be over- or under-confident "
                    "(see the calibration error).")
-    out.append("Operating-point thresholds were chosen on validation; re-check them on local "
-               "data before any use, as prevalence and image acquisition change them.")
+    if metrics.get("thresholds"):
+        out.append("Operating-point thresholds were chosen on validation; re-check them on "
+                   "local data before any use, as prevalence and image acquisition change them.")
     return out
 
 
