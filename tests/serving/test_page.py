@@ -1,6 +1,9 @@
 """The web page at ``/`` in a real browser: Debian's headless Chromium, driven by Selenium and
 chromium-driver, opens the page of a real ``medtl serve`` process, uploads a Kermany X-ray and
-shows what the API answers for the same file; the page asks for nothing but the server.
+shows what the API answers for the same file; the page asks for nothing but the server. Then,
+in the same browser, a server that needs a token (the hand-built tiny bundle of
+tests/serving/bundles.py): the page asks for the token, and a CT DICOM gets the
+out-of-distribution warning with the API's reasons.
 
 Chromium's proxy is a recording one that answers nothing (tests/reporting/chromium.py): loopback
 bypasses it, so the server is reached directly and any other request lands in the proxy.
@@ -14,9 +17,11 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from medtl.data.samples import demo_data_path
+from tests.conftest import write_dicom
 from tests.reporting.chromium import _BROWSER_OWN, _QUIET_BROWSER, _RecordingProxy
 from tests.serving.server import running_server
 
@@ -119,7 +124,51 @@ def _toggle_heatmap(driver, card, method: str) -> None:
     assert method in card.find_element(By.CSS_SELECTOR, ".preview-caption").text
 
 
-def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tmp_path):
+def _screenshot(driver, shot: Path) -> None:
+    """The whole page as PNG at ``shot``, copied to /tmp for a person to look at."""
+    height = driver.execute_script("window.scrollTo(0, 0);"
+                                   "return document.documentElement.scrollHeight")
+    driver.set_window_size(1200, height + 120)
+    assert driver.save_screenshot(str(shot))
+    shutil.copyfile(shot, Path("/tmp") / shot.name)
+    print(f"screenshot of the page: {shot} (copied to /tmp/{shot.name})")
+
+
+def _token_then_ood_warning(driver, url: str, token: str, dicom: Path) -> None:
+    """On a server that needs a token: the page asks for it, keeps it in sessionStorage only
+    and sends it; a CT DICOM sent to a model of X-rays (CR/DX) gets the out-of-distribution
+    warning with the API's reasons, and its preview (DICOM windowed by the server) loads."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with httpx.Client(base_url=url, timeout=60,
+                      headers={"Authorization": f"Bearer {token}"}) as client:
+        answer = client.post("/v1/predict", files={"files": (dicom.name, dicom.read_bytes())})
+        want = answer.json()["results"][0]
+    assert want["ood"]["flag"] and want["ood"]["reasons"], want
+    wait = WebDriverWait(driver, WAIT_S)
+    driver.get(f"{url}/")
+    wait.until(lambda d: d.find_element(By.ID, "auth").is_displayed())
+    driver.find_element(By.ID, "token").send_keys(token + Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.ID, "model-card").is_displayed())
+    assert driver.execute_script("return [sessionStorage.getItem('medtl-token'),"
+                                 " localStorage.length, document.cookie]") == [token, 0, ""]
+    driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(dicom))
+    done = f'.result[data-file="{dicom.name}"][data-state]'
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, done))
+    card = driver.find_element(By.CSS_SELECTOR, done)
+    _check_result(card, want)
+    warning = card.find_element(By.CSS_SELECTOR, ".ood-warning")
+    assert "Out of distribution" in warning.text
+    assert [li.text for li in warning.find_elements(By.CSS_SELECTOR, "li")] == \
+        want["ood"]["reasons"]
+    image = card.find_element(By.CSS_SELECTOR, ".preview-image")
+    wait.until(lambda _: driver.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", image))
+
+
+def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tiny_bundle, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -137,9 +186,9 @@ def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "model-card").is_displayed())
         summary = driver.find_element(By.ID, "card-summary").text
         assert model["id"] in summary and model["sha256"] in summary
-        card = (model.get("card") or {}).get("summary")
-        if card:  # the model card's summary (medtl.export.card): the model and its AUC
-            assert card["model"] in summary and f"{card['auc']:.3f}" in summary
+        told = (model.get("card") or {}).get("summary")
+        if told:  # the model card's summary (medtl.export.card): the model and its AUC
+            assert told["model"] in summary and f"{told['auc']:.3f}" in summary
         upload = driver.find_element(By.CSS_SELECTOR, "input[type=file]")
         upload.send_keys(str(xray))
         done = f'.result[data-file="{xray.name}"][data-state]'
@@ -148,22 +197,23 @@ def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tmp_path):
         _check_result(card, want)
         _toggle_heatmap(driver, card, model["explain"])
         upload.send_keys(str(not_image))  # an error is said in words, on its own card
-        failed = driver.find_element(By.CSS_SELECTOR, '.result[data-file="notes.png"]')
-        wait.until(lambda _: failed.get_attribute("data-state") == "failed")
+        failed = '.result[data-file="notes.png"][data-state="failed"]'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, failed))
+        failed = driver.find_element(By.CSS_SELECTOR, failed)
         assert "not a PNG, JPEG, TIFF or DICOM" in failed.text
         # The policy the page runs under stops even its own script from reaching elsewhere
         # (were it to try, the proxy below would see it).
         assert driver.execute_async_script(
             "fetch('http://example.com/x').then(() => arguments[0]('sent'),"
             " () => arguments[0]('refused'))") == "refused"
-        height = driver.execute_script("window.scrollTo(0, 0);"
-                                       "return document.documentElement.scrollHeight")
-        driver.set_window_size(1200, height + 120)
-        shot = tmp_path / "page.png"
-        assert driver.save_screenshot(str(shot))
-        shutil.copyfile(shot, "/tmp/page.png")
-        print(f"screenshot of the page: {shot} (copied to /tmp/page.png)")
+        _screenshot(driver, tmp_path / "page.png")
         assert banner.is_displayed()
+        token = "a-token-typed-into-the-page-0123"
+        dicom = write_dicom(tmp_path / "ct.dcm", np.arange(64 * 64).reshape(64, 64) % 4096,
+                            Modality="CT", BodyPartExamined="HEAD")
+        with running_server(tiny_bundle, "--token", token) as tiny:
+            _token_then_ood_warning(driver, tiny.url, token, dicom)
+            _screenshot(driver, tmp_path / "page-ood.png")
     finally:
         driver.quit()
         proxy.close()

@@ -194,8 +194,10 @@
     if (!ood.flag) return `; ${words}: in distribution`;
     card.classList.add("is-ood");
     const box = $(".ood-warning", card);
-    $(".ood-detail", box).textContent = `(${words}.)`;
-    for (const reason of ood.reasons || []) $(".ood-reasons", box).append(element("li", "", reason));
+    const reasons = Array.isArray(ood.reasons) ? ood.reasons : [];
+    for (const reason of reasons) $(".ood-reasons", box).append(element("li", "", reason));
+    // The server's reasons say why; without any, the score is the reason.
+    if (!reasons.length) $(".ood-detail", box).textContent = `(Its ${words}.)`;
     box.hidden = false;
     return `; ${words}`;
   }
