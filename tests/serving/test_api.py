@@ -408,3 +408,21 @@ def test_too_many_files_in_one_request_is_413(client):
     data = png_bytes(grey(128))
     answer = client.post("/v1/predict", files=[("files", (f"{i}.png", data)) for i in range(65)])
     assert answer.status_code == 413 and "at most 64" in answer.json()["detail"]
+
+
+def test_a_model_failure_is_a_json_500_and_the_server_goes_on(tiny_bundle, monkeypatch):
+    from medtl.serving import load_served
+
+    served = load_served(tiny_bundle)
+    works = served.model.predict_batch_ood
+
+    def broken(batch):
+        raise RuntimeError("/tmp/secret/path exploded")
+
+    with TestClient(create_app(served), raise_server_exceptions=False) as client:
+        monkeypatch.setattr(served.model, "predict_batch_ood", broken)
+        answer = client.post("/v1/predict", files={"files": ("a.png", png_bytes(grey(9)))})
+        assert answer.status_code == 500 and answer.json() == {"detail": "internal error"}
+        monkeypatch.setattr(served.model, "predict_batch_ood", works)
+        answer = client.post("/v1/predict", files={"files": ("a.png", png_bytes(grey(9)))})
+        assert answer.status_code == 200  # the batcher survived the failure

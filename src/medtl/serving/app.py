@@ -62,6 +62,7 @@ class _State:
         self.settings = settings
         self.batcher = Batcher(self._predict, settings.batch_size, settings.batch_wait_ms / 1000)
         self._uploads: Path | None = None
+        self.closed = False
 
     def files(self) -> RequestFiles:
         """A request's upload files, in the server's private temporary folder."""
@@ -70,6 +71,7 @@ class _State:
         return RequestFiles(self._uploads)
 
     def close(self) -> None:
+        self.closed = True
         if self._uploads is not None:
             shutil.rmtree(self._uploads, ignore_errors=True)
             self._uploads = None
@@ -88,10 +90,19 @@ class _State:
 
     def load(self, path: str | Path) -> None:
         try:
-            self.served = load_served(path)
+            served = load_served(path)
         except MedtlError as exc:
             self.error = str(exc)
             log.error("the model could not be loaded: %s", exc)
+            return
+        except Exception as exc:  # an unforeseen failure must not leave /ready "loading"
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the model could not be loaded")
+            return
+        if self.closed:  # the server stopped while a run was being exported
+            served.close()
+        else:
+            self.served = served
 
 
 def create_app(served: Served | str | Path, settings: Settings | None = None, **options: Any
@@ -152,6 +163,12 @@ def _errors(app: FastAPI) -> None:
         parts = ["; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: "
                            f"{e.get('msg', 'invalid')}" for e in exc.errors()[:5])]
         return JSONResponse({"detail": parts[0] or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s", request.method, request.url.path[:100],
+                  type(exc).__name__)  # its message may hold a path: not logged
+        return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
 def _public_routes(app: FastAPI, state: _State) -> None:

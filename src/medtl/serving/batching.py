@@ -48,6 +48,8 @@ class Batcher:
         """Probabilities (K,) and OOD score (or None) of one normalised (C, S, S) image."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
+        if self._task is None or self._task.done():
+            raise RuntimeError("the batching worker is not running")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((image, future))
         return await future
@@ -73,20 +75,34 @@ class Batcher:
         return batch
 
     async def _work(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            live = [(x, f) for x, f in batch if not f.done()]  # a client may have gone
-            if not live:
-                continue
-            try:
-                proba, ood = await asyncio.to_thread(self.predict, np.stack([x for x, _ in live]))
-            except Exception as exc:  # handed to each waiting request, the worker goes on
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            self.calls += 1
-            self.images += len(live)
-            for i, (_, f) in enumerate(live):
+        batch: list[tuple[np.ndarray, asyncio.Future]] = []
+        try:
+            while True:
+                batch = await self._next_batch()
+                await self._run(batch)
+                batch = []
+        finally:  # stopped or crashed: no request may wait for an answer that will not come
+            assert self._queue is not None
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            for _, f in batch:
                 if not f.done():
-                    f.set_result((proba[i], None if ood is None else float(ood[i])))
+                    f.set_exception(RuntimeError("the batching worker stopped"))
+
+    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        """One model call for ``batch``; its answer, or its error, to each waiting request."""
+        live = [(x, f) for x, f in batch if not f.done()]  # a client may have gone
+        if not live:
+            return
+        try:
+            proba, ood = await asyncio.to_thread(self.predict, np.stack([x for x, _ in live]))
+        except Exception as exc:  # handed to each waiting request, the worker goes on
+            for _, f in live:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        self.calls += 1
+        self.images += len(live)
+        for i, (_, f) in enumerate(live):
+            if not f.done():
+                f.set_result((proba[i], None if ood is None else float(ood[i])))
