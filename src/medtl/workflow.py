@@ -552,7 +552,8 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
 
     ``paths``: how rows name the images: relative to the folder given (a file given by its
     name), hashed, or absolute. ``run`` may be an exported bundle (``medtl export``): it is
-    checked against its manifest and predicts with onnxruntime, without importing torch."""
+    checked against its manifest and predicts with onnxruntime without importing torch (a
+    TorchScript bundle needs torch)."""
     from medtl.data import dataset_from_files
     from medtl.data.privacy import PathDisplay
     from medtl.data.sources import make_view

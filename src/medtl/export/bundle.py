@@ -252,6 +252,7 @@ class ExportedModel:
     # preprocessing.json's "ood" (threshold, training modalities...) when the graph scores it
     ood: dict[str, Any] | None = None
     card: dict[str, Any] | None = field(repr=False, default=None)  # model-card.json, if listed
+    model_file: str = MODEL_FILE  # or TORCHSCRIPT_FILE: what error messages name
 
     def dataset(self, inputs: Sequence[str | os.PathLike[str]]):
         """Image files (and folders of them) as a medtl Dataset, read with the bundle's view."""
@@ -271,17 +272,17 @@ class ExportedModel:
             out, *rest = self.session.run(names, {self.input_name: batch})
         except Exception as exc:  # onnxruntime's own types: a graph that fails on its input
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise MedtlError(f"{self.directory / MODEL_FILE}: the model failed on a batch "
+            raise MedtlError(f"{self.directory / self.model_file}: the model failed on a batch "
                              f"({reason})") from None
         out = np.asarray(out, dtype=np.float64)
         if out.shape != (len(batch), len(self.classes)):
-            raise MedtlError(f"{self.directory / MODEL_FILE}: output of shape {out.shape}, not "
-                             f"({len(batch)}, {len(self.classes)}); refused")
+            raise MedtlError(f"{self.directory / self.model_file}: output of shape {out.shape}, "
+                             f"not ({len(batch)}, {len(self.classes)}); refused")
         if not rest:
             return out, None
         score = np.asarray(rest[0], dtype=np.float64).reshape(-1)
         if score.shape != (len(batch),):
-            raise MedtlError(f"{self.directory / MODEL_FILE}: {OOD_OUTPUT} of shape "
+            raise MedtlError(f"{self.directory / self.model_file}: {OOD_OUTPUT} of shape "
                              f"{score.shape}, not ({len(batch)},); refused")
         return out, score
 
@@ -462,5 +463,5 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
         if not isinstance(card, dict):
             raise MedtlError(f"{root / CARD_JSON}: not a JSON object")
     return ExportedModel(directory=root, sha256=hashlib.sha256(files[model_file]).hexdigest(),
-                         info=info, session=session, card=card, **checked)
+                         info=info, session=session, card=card, model_file=model_file, **checked)
 
