@@ -12,6 +12,7 @@ One browser session for every check: each Chromium start costs seconds.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from medtl.data.samples import demo_data_path
 from tests.conftest import write_dicom
 from tests.reporting.chromium import _BROWSER_OWN, _QUIET_BROWSER, _RecordingProxy
+from tests.serving.conftest import png_bytes
 from tests.serving.server import running_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -168,6 +170,25 @@ def _token_then_ood_warning(driver, url: str, token: str, dicom: Path) -> None:
         "return arguments[0].complete && arguments[0].naturalWidth > 0", image))
 
 
+def _drop(driver, name: str, data: bytes) -> None:
+    """Drop a file on the drop zone (a DragEvent carrying it, as a desktop drag would) and wait
+    for its result card to show a prediction."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.execute_script(
+        "const [name, b64] = arguments;"
+        "const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+        "const dt = new DataTransfer();"
+        "dt.items.add(new File([bytes], name, {type: 'image/png'}));"
+        "document.getElementById('drop-zone').dispatchEvent("
+        "  new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        name, base64.b64encode(data).decode())
+    done = f'.result[data-file="{name}"][data-state="done"]'
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, done))
+    assert len(driver.find_elements(By.CSS_SELECTOR, f"{done} .bar")) == 2
+
+
 def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tiny_bundle, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -213,6 +234,7 @@ def test_page_shows_the_apis_answer_and_asks_nothing_outside(server, tiny_bundle
                             Modality="CT", BodyPartExamined="HEAD")
         with running_server(tiny_bundle, "--token", token) as tiny:
             _token_then_ood_warning(driver, tiny.url, token, dicom)
+            _drop(driver, "dropped.png", png_bytes(np.full((32, 32, 3), 128, np.uint8)))
             _screenshot(driver, tmp_path / "page-ood.png")
     finally:
         driver.quit()
