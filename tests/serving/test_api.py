@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,20 @@ def test_dicom_upload_prediction_preview_and_tag_flag(client, tmp_path):
     preview = client.post("/v1/preview", files={"file": ("x.dcm", files["CT"])})
     assert preview.status_code == 200 and preview.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(preview.content))), windowed)
+
+
+def test_dicom_whose_preamble_looks_like_tiff_is_read_as_dicom(client):
+    """pydicom's own CT_small.dcm starts with a TIFF header in its free 128-byte preamble: the
+    DICM marker decides, so it is predicted and previewed as the CT it is (and flagged)."""
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    assert data[:4] in (b"II*\0", b"MM\0*")  # the premise: a TIFF-looking preamble
+    answer = client.post("/v1/predict", files={"files": ("ct.dcm", data)})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"][0]["ood"]["flag"]
+    preview = client.post("/v1/preview", files={"file": ("ct.dcm", data)})
+    assert preview.status_code == 200, preview.text
 
 
 def test_explain_occlusion_points_at_the_deciding_patch(client):

@@ -40,12 +40,14 @@ def sniff(head: bytes) -> str | None:
     """The kind of a file from its first 132 bytes ("png", "jpeg", "tiff", "dicom"), or None.
 
     A DICOM file (Part 10) has "DICM" after its 128-byte preamble; a file without the
-    preamble is not accepted, as medtl's readers expect one."""
+    preamble is not accepted, as medtl's readers expect one. The marker is checked first: the
+    preamble is free bytes, and some DICOM files (pydicom's CT_small.dcm) start with a TIFF
+    header there."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return kind
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
     return None
 
 
