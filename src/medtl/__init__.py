@@ -25,6 +25,7 @@ _LAZY = {
     "TransferClassifier": "medtl.transfer.estimator",
     "create_backbone": "medtl.models",
     "demo": "medtl.workflow",
+    "ensemble": "medtl.ensembles",
     "evaluate": "medtl.workflow",
     "list_specs": "medtl.models",
     "load_dataset": "medtl.data",
@@ -37,7 +38,7 @@ _LAZY = {
 
 __all__ = [
     "DataReadError", "MedtlError", "Run", "Strategy", "TrainOptions", "TransferClassifier",
-    "WeightsError", "__version__", "create_backbone", "demo", "evaluate", "list_specs",
+    "WeightsError", "__version__", "create_backbone", "demo", "ensemble", "evaluate", "list_specs",
     "load_dataset", "load_run", "predict", "register_strategy", "save_run", "train",
 ]
 

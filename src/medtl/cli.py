@@ -503,6 +503,35 @@ def export(
     Example: [bold]medtl export runs/cxr --format onnx --out deploy/cxr[/bold]
     """
     from medtl.export.writer import export_run
+@app.command()
+def ensemble(
+    runs: Annotated[list[str], typer.Argument(help="Run directories written by `medtl train` "
+                                                   "on the same data.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the ensemble run into.")],
+    method: Annotated[str, typer.Option(
+        help="mean (of probabilities) | vote (majority; ties by mean probability) | weighted "
+             "(weights minimising validation log-loss) | stack (logistic regression).")]
+    = "mean",
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds on validation (weighted, "
+                                            "stack).")] = 5,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it holds a run.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Combine finished runs into an ensemble run (metrics with CIs, operating points chosen on
+    validation, predictions, report) from their saved predictions; `medtl predict` and
+    `medtl evaluate` take it like any run.
+
+    Example: [bold]medtl ensemble runs/cxr-a runs/cxr-b --method weighted --out runs/cxr-ens[/bold]
+    """
+    from medtl.ensembles import ensemble as run_ensemble
+
+    run = run_ensemble(runs, method=method, out=out, overwrite=overwrite, folds=folds,
+                       quiet=quiet)
+    out_console.print(_metrics_table(f"ensemble {run.path} ({method})",
+                                     {s: run.metrics[s] for s in ("val", "test")
+                                      if s in run.metrics}))
+
+
     from medtl.run import load_run
 
     path = export_run(load_run(run), out, format=format, overwrite=overwrite)

@@ -55,14 +55,16 @@ MARKER = ".medtl-run"           # "medtl wrote this directory as a run": --overw
 RUN_FILES = (CONFIG, METRICS, PREDICTIONS, HISTORY, LOG, REPORT)
 
 CONFIG_FORMAT = 2
-KINDS = ("single", "cv", "model")
+KINDS = ("single", "cv", "model", "ensemble")
 # What every config.json holds, and what each kind adds. Format 1 is medtl 0.1's three layouts
 # (no "format" key), upgraded on reading.
 _REQUIRED = ("backbone", "strategy", "head", "weights", "seed", "classes", "positive_class",
              "medtl_version")
 _REQUIRED_BY_KIND = {"single": ("preprocessing", "view", "data"),
                      "cv": ("folds", "options", "view", "data"),
-                     "model": ("preprocessing",)}
+                     "model": ("preprocessing",),
+                     "ensemble": ("members", "method", "view", "data")}
+MEMBERS = "members"             # an ensemble: members/<name>/, each a run (medtl.ensembles)
 
 
 def fold_path(run_dir: str | Path, k: int) -> Path:
@@ -156,6 +158,10 @@ def check_config(cfg: dict[str, Any], *, source: str | Path = CONFIG) -> dict[st
             raise MedtlError(f"target_sensitivity {shown(ts)} is not in (0, 1]")
         if cfg["kind"] == "cv":
             check_int(cfg.get("folds"), "folds", 2, 1000)
+        if cfg["kind"] == "ensemble":
+            from medtl.transfer.ensemble import check_members_record
+
+            check_members_record(cfg.get("members"))
     except MedtlError as exc:
         raise MedtlError(f"{source}: {exc}") from None
     return cfg
@@ -536,7 +542,8 @@ class Run:
 
     @property
     def kind(self) -> str:
-        """``single``, ``cv`` (cross-validation: one run per fold) or ``model``."""
+        """``single``, ``cv`` (cross-validation: one run per fold), ``model`` or
+        ``ensemble`` (members/, each a run; medtl.ensembles)."""
         return self.config["kind"]
 
     @property
@@ -571,6 +578,9 @@ class Run:
         """
         from medtl.transfer.estimator import TransferClassifier
 
+        if self.kind == "ensemble":  # every member loaded, checked by load_run first
+            return _load_ensemble(self, device=device, quiet=quiet, skip_bad=skip_bad,
+                                  threads=threads)
         clf = TransferClassifier.load(self.path / MODEL_DIR, device=device, quiet=quiet,
                                       skip_bad=skip_bad, threads=threads)
         extractor = getattr(clf.model_, "extractor", None)  # a frozen model's features
@@ -656,6 +666,8 @@ def load_run(path: str | Path) -> Run:
             raise MedtlError(f"{p}: not finished yet (its unfinished run is in "
                              f"{partial_dir(p)}; --resume continues it)")
         raise MedtlError(f"{p}: no such run directory")
+    if (p / CONFIG).is_file() and (p / MEMBERS).is_dir():
+        return _check_ensemble(p)
     if (p / FOLDS).is_dir() and not (p / MODEL_DIR).exists():
         raise MedtlError(f"{p}: a cross-validation run has one model per fold; use "
                          f"{fold_path(p, 1)} (or another fold)")
@@ -679,6 +691,41 @@ def load_run(path: str | Path) -> Run:
     if list(meta["classes"]) != list(cfg["classes"]):
         raise MedtlError(f"{p}: {where.name} and {CONFIG} name different classes")
     return run
+
+
+def _check_ensemble(p: Path) -> Run:
+    """An ensemble run: its config and combiner checked, and each member opened by load_run
+    and its files checked against the sha256 the ensemble recorded (medtl.transfer.ensemble)."""
+    from medtl.transfer.ensemble import COMBINER, check_combiner, check_member_files
+
+    run = Run(p)
+    cfg = run.config
+    if cfg["kind"] != "ensemble":
+        raise MedtlError(f"{p}: holds {MEMBERS}/ but is not an ensemble run")
+    _ = run.metrics
+    where = p / MODEL_DIR / COMBINER
+    check_combiner(read_json(where), len(cfg["members"]), len(cfg["classes"]), where)
+    for m in cfg["members"]:
+        member = p / MEMBERS / m["name"]
+        if member.is_symlink() or not member.is_dir():
+            raise MedtlError(f"{member}: missing or not a folder (an ensemble member)")
+        check_member_files(member, m["files"])
+        mcfg = load_run(member).config
+        if mcfg["kind"] == "ensemble" or list(mcfg["classes"]) != list(cfg["classes"]):
+            raise MedtlError(f"{member}: not a member of this ensemble's classes")
+    return run
+
+
+def _load_ensemble(run: Run, **runtime: Any):
+    """The EnsembleClassifier of an ensemble run (checked by load_run when opened)."""
+    from medtl.transfer.ensemble import COMBINER, EnsembleClassifier, check_combiner
+
+    cfg = _check_ensemble(run.path).config
+    where = run.path / MODEL_DIR / COMBINER
+    combiner = check_combiner(read_json(where), len(cfg["members"]), len(cfg["classes"]), where)
+    members = [Run(run.path / MEMBERS / m["name"]).load_model(**runtime) for m in cfg["members"]]
+    return EnsembleClassifier(members, combiner["method"], combiner["params"],
+                              seed=cfg.get("seed", 0))
 
 
 # ------------------------------------------------------------------------------ resume guard

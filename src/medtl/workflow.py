@@ -690,3 +690,6 @@ def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:
 
     return train(demo_data_path(), backbone="mobilenet_v2", strategy="hybrid", head="logreg",
                  patient_regex=DEMO_PATIENT_REGEX, out=out, overwrite=True, quiet=quiet)
+    if run.kind == "ensemble":
+        raise MedtlError(f"{run.path}: explain is not supported for ensemble runs yet; explain "
+                         "a member (members/NAME) instead")

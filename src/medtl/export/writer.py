@@ -70,6 +70,9 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
 
     if format not in FORMATS:
         raise MedtlError(f"export format {format!r} is not one of {', '.join(FORMATS)}")
+    if run.kind == "ensemble":  # serve exports a run first, so this refuses serving it too
+        raise MedtlError(f"{run.path}: export and serve are not supported for ensemble runs "
+                         "yet; export a member (members/NAME) instead")
     out = Path(out)
     _check_out(out, overwrite)
     clf = run.load_model(quiet=True)
