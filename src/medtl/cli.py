@@ -43,6 +43,9 @@ out_console = _TextConsole(markup=False, emoji=False,
                            width=None if sys.stdout.isatty() else 120)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+TtaOverride = Annotated[str | None, typer.Option(help="Test-time augmentation none | flip | "
+                                                      "standard in place of the run's own "
+                                                      "(default: what the run recorded).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (counted in "
                                                           "the log) instead of stopping.")]
@@ -342,6 +345,10 @@ def train(
     hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in "
                                         "augmentation; --no-hflip where laterality matters "
                                         "(chest X-rays).")] = True,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation of val/test and later "
+                                          "predictions: none | flip | standard (flips only "
+                                          "where --augment flipped; docs/augmentation.md).")]
+    = "none",
     patience: Annotated[int, typer.Option(help="Epochs without a better validation AUC "
                                                "before stopping.")] = 5,
     class_weight: Annotated[str, typer.Option(help="auto (balanced when minority/majority < "
@@ -434,6 +441,7 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="Write predictions to this CSV.")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    tta: TtaOverride = None,
     device: Device = "auto",
     skip_bad: SkipBad = False,
     paths: PathsOption = "relative",
@@ -447,7 +455,7 @@ def evaluate(
     from medtl.workflow import evaluate as run_evaluate
 
     result = run_evaluate(run, data, split=split, device=device, skip_bad=skip_bad,
-                          quiet=quiet, paths=paths)
+                          quiet=quiet, paths=paths, tta=tta)
     if output:
         write_csv(output, result["rows"])
     if as_json:
@@ -463,6 +471,7 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
     output: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV "
                                                      "(default: print them).")] = None,
+    tta: TtaOverride = None,
     device: Device = "auto",
     skip_bad: SkipBad = False,
     paths: PathsOption = "relative",
@@ -475,7 +484,7 @@ def predict(
     from medtl.workflow import predict as run_predict
 
     rows = run_predict(run, inputs, output=output, device=device, skip_bad=skip_bad,
-                       quiet=quiet, paths=paths)
+                       quiet=quiet, paths=paths, tta=tta)
     if output:
         out_console.print(f"{len(rows)} predictions written to {output}")
         return

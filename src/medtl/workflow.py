@@ -499,8 +499,11 @@ def _torch_version() -> str:
 
 def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: str = "test",
              device: str = "auto", skip_bad: bool = False, quiet: bool = False,
-             paths: str = "relative") -> dict[str, Any]:
+             paths: str = "relative", tta: str | None = None) -> dict[str, Any]:
     """Re-score a saved run on a split of DATA (by default the data it was trained on).
+
+    ``tta``: the test-time augmentation (none | flip | standard) in place of the one the run
+    recorded (None: the run's own); the result's ``tta`` says which was used.
 
     Returns ``{"metrics": ..., "rows": ..., "data": ...}``; rows are predictions.csv rows,
     ``data`` what was scored. Without DATA the folder or manifest recorded in the run's
@@ -530,6 +533,7 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
         source = data
     display = PathDisplay.for_source(paths, source)  # a bad --paths before the model loads
     clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
+    used = _use_tta(clf, tta)
     ds = load_dataset(source, patient_regex=d.get("patient_regex"),
                       val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),
                       skip_bad=skip_bad, **cfg.get("view", {}))
@@ -542,13 +546,34 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
                                       thresholds=run.metrics.get("thresholds"),
                                       seed=cfg.get("seed", 0))
     rows = [{**r, "path": display.show(r["path"])} for r in rows]
-    return {"metrics": metrics, "rows": rows, "data": str(source)}
+    return {"metrics": metrics, "rows": rows, "data": str(source), "tta": used}
+
+
+def _use_tta(clf, tta: str | None) -> str:
+    """Set the test-time augmentation a loaded run predicts with: ``tta``, or the run's own
+    when None; an override is logged (the run's operating points were chosen on validation
+    with its own). Refused where the run's augmentation forbids it (medtl.data.tta)."""
+    model = clf.model_
+    recorded = model.tta
+    if tta is not None and tta != recorded:
+        from medtl.data.tta import check_tta
+
+        check_tta(tta, augment=model.options.augment, hflip=model.options.hflip)
+        model.options = model.options.replace(tta=tta)
+        log.info("test-time augmentation: %s in place of the run's %s", tta, recorded)
+    elif model.tta != "none":
+        log.info("test-time augmentation: %s (recorded in the run)", model.tta)
+    return model.tta
 
 
 def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
             output: str | Path | None = None, device: str = "auto", skip_bad: bool = False,
-            quiet: bool = False, paths: str = "relative") -> list[dict[str, Any]]:
+            quiet: bool = False, paths: str = "relative",
+            tta: str | None = None) -> list[dict[str, Any]]:
     """Class probabilities for image files (or folders of them) with a saved run.
+
+    ``tta``: the test-time augmentation in place of the run's own (None: the run's); a bundle
+    applies the one it was exported with inside its graph, so ``tta`` is refused for one.
 
     ``paths``: how rows name the images: relative to the folder given (a file given by its
     name), hashed, or absolute. ``run`` may be an exported bundle (``medtl export``): it is
@@ -561,6 +586,9 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
 
     display = PathDisplay.for_inputs(paths, inputs)
     if not isinstance(run, Run) and is_bundle(run):
+        if tta is not None:
+            raise MedtlError(f"{run}: a bundle applies the test-time augmentation it was "
+                             "exported with (preprocessing.json 'tta'); --tta is for runs")
         exported = load_bundle(run)
         ds = exported.dataset(inputs)
         proba, scores = exported.predict_dataset_ood(ds, skip_bad=skip_bad)
@@ -568,6 +596,7 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
     else:
         run = run if isinstance(run, Run) else load_run(run)
         clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
+        _use_tta(clf, tta)
         ds = dataset_from_files(inputs, classes=clf.classes_,
                                 view=make_view(**run.config.get("view", {})))
         proba, scores = clf.model_.predict_proba_ood(ds)

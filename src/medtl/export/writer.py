@@ -141,6 +141,8 @@ def _torchscript_module(model) -> tuple[nn.Module, tuple[str, ...]]:
         head = getattr(getattr(model, "head", None), "head", type(model).__name__)
         raise MedtlError(f"the {head!r} head is a scikit-learn model and has no TorchScript "
                          "form; export it with --format onnx")
+    if (tta := _tta_module(model, logits)) is not None:
+        return tta, ((OUTPUT,) if model.ood is None else (OUTPUT, OOD_OUTPUT))
     if getattr(model, "ood", None) is None:
         return _Probabilities(logits, model.temperature), (OUTPUT,)
     # The OOD score from the same pooled features, as write_onnx builds it
@@ -178,7 +180,57 @@ def preprocessing_record(run: Run, model) -> dict[str, Any]:
         "run": {k: cfg.get(k) for k in ("backbone", "strategy", "head", "weights")},
         # The graph's OOD_OUTPUT is flagged above this threshold (None: no detector, no output)
         "ood": None if model.ood is None else model.ood.record(),
+        "tta": _tta_record(model),
     }
+
+
+def _tta_record(model) -> dict[str, Any]:
+    """preprocessing.json's "tta": what the graph does inside (it averages the views itself;
+    a client sends the one image, normalised as ``input`` says)."""
+    views = model.tta_views()
+    return {"mode": model.tta,
+            "views": ["identity"] if views is None else list(views.names),
+            "averaged": "softmax probabilities of the views, before the temperature",
+            "ood_from": "identity"}
+
+
+class _TtaOutputs(nn.Module):
+    """medtl.data.tta's TTAModel (views, pooled features, head, mean of the views' softmax),
+    then the temperature as FittedModel.calibrate applies it to that mean, and, with a
+    detector, the unaugmented view's Mahalanobis distance."""
+
+    def __init__(self, tta: nn.Module, temperature: float | None, detector) -> None:
+        super().__init__()
+        self.tta = tta
+        self.temperature = temperature
+        self.with_ood = detector is not None
+        if detector is not None:
+            self.register_buffer("location", torch.from_numpy(detector.location_.copy()))
+            self.register_buffer("whitener", torch.from_numpy(detector.whitener_.copy()))
+
+    def forward(self, x: torch.Tensor):
+        p, f = self.tta(x)
+        if self.temperature is not None:
+            p = torch.softmax(torch.log(p.clamp(_CLIP, 1.0)) / self.temperature, dim=1)
+        if not self.with_ood:
+            return p
+        z = (f - self.location) @ self.whitener
+        return p, torch.sqrt((z * z).sum(dim=1))
+
+
+def _tta_module(model, head_module: nn.Module | None) -> nn.Module | None:
+    """The whole TTA model as one torch module (None with TTA off, or no torch head)."""
+    from medtl.data.tta import TTAModel
+
+    views = model.tta_views()
+    if views is None or head_module is None:
+        return None
+    if isinstance(model, NetworkModel):
+        features, head = PooledFeatures(model.network), model.network.classifier
+    else:
+        features, head = PooledFeatures(model.backbone), head_module.head
+    return _TtaOutputs(TTAModel(views.cpu(), features, head.eval()), model.temperature,
+                       model.ood).eval()
 
 
 def write_onnx(model, path: Path) -> Path:
@@ -195,6 +247,10 @@ def write_onnx(model, path: Path) -> Path:
                 return _sklearn_to_onnx(model, path)
     else:
         raise MedtlError(f"cannot export a {type(model).__name__}")
+    if model.tta != "none":  # the views and their mean inside the graph (medtl.data.tta)
+        module = _tta_module(model, FeaturesThenHead(features.backbone, head.eval()))
+        return _torch_to_onnx(module, model, path,
+                              outputs=(OUTPUT,) if model.ood is None else (OUTPUT, OOD_OUTPUT))
     if model.ood is None:  # a run saved before the guard: probabilities alone
         module = FeaturesThenHead(features.backbone, head.eval())
         return _torch_to_onnx(_Probabilities(module, model.temperature), model, path)
@@ -241,7 +297,11 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     from onnx import compose, helper
 
     feats_path = path.with_name("features.onnx")
-    _torch_to_onnx(PooledFeatures(model.backbone), model, feats_path, outputs=("features",))
+    views = model.tta_views()
+    # With TTA the features are those of every view, stacked view-major (V * N rows)
+    feats_module = (PooledFeatures(model.backbone) if views is None
+                    else nn.Sequential(views.cpu(), PooledFeatures(model.backbone)))
+    _torch_to_onnx(feats_module, model, feats_path, outputs=("features",))
     features = onnx.load(str(feats_path))
     feats_path.unlink()
     head = _sklearn_graph(model.head, int(model.backbone.num_features))
@@ -250,6 +310,10 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     merged = compose.merge_models(features, head, io_map=[("features", "head_features")])
     graph = merged.graph
     proba = next(o.name for o in graph.output if o.name.endswith("probabilities"))
+    ood_features = "features"
+    if views is not None:
+        proba, ood_features = _tta_mean_nodes(graph, proba, views.n_views, len(model.classes),
+                                              int(model.backbone.num_features))
     nodes = [helper.make_node("Identity", [proba], [OUTPUT])]
     if model.temperature is not None:
         t = float(model.temperature)
@@ -266,7 +330,7 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     graph.node.extend(nodes)
     outputs = [helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, ["batch", None])]
     if model.ood is not None:
-        outputs.append(_ood_nodes(graph, model.ood))
+        outputs.append(_ood_nodes(graph, model.ood, ood_features))
     del graph.output[:]
     graph.output.extend(outputs)
     onnx.checker.check_model(merged)
@@ -274,7 +338,24 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     return path
 
 
-def _ood_nodes(graph, detector):
+def _tta_mean_nodes(graph, proba: str, n_views: int, k: int, dim: int) -> tuple[str, str]:
+    """Append to ``graph`` the mean over the views of the head's (V * N, K) probabilities
+    ``proba`` and the unaugmented view's rows of ``features``; return the two tensor names."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([n_views, -1, k], np.int64), "tta_shape_p"),
+        numpy_helper.from_array(np.array([n_views, -1, dim], np.int64), "tta_shape_f"),
+        numpy_helper.from_array(np.array(0, np.int64), "tta_first")])
+    graph.node.extend([
+        helper.make_node("Reshape", [proba, "tta_shape_p"], ["tta_p3"]),
+        helper.make_node("ReduceMean", ["tta_p3"], ["tta_probabilities"], axes=[0], keepdims=0),
+        helper.make_node("Reshape", ["features", "tta_shape_f"], ["tta_f3"]),
+        helper.make_node("Gather", ["tta_f3", "tta_first"], ["tta_features"], axis=0)])
+    return "tta_probabilities", "tta_features"
+
+
+def _ood_nodes(graph, detector, features: str = "features"):
     """Append to ``graph`` the Mahalanobis distance of its ``features`` tensor as OOD_OUTPUT
     (Sub location, MatMul whitener, ReduceSumSquare, Sqrt); return that output's info."""
     import onnx
@@ -283,7 +364,7 @@ def _ood_nodes(graph, detector):
     graph.initializer.extend([numpy_helper.from_array(detector.location_, "ood_location"),
                               numpy_helper.from_array(detector.whitener_, "ood_whitener")])
     graph.node.extend([
-        helper.make_node("Sub", ["features", "ood_location"], ["ood_centred"]),
+        helper.make_node("Sub", [features, "ood_location"], ["ood_centred"]),
         helper.make_node("MatMul", ["ood_centred", "ood_whitener"], ["ood_z"]),
         helper.make_node("ReduceSumSquare", ["ood_z"], ["ood_d2"], axes=[1], keepdims=0),
         helper.make_node("Sqrt", ["ood_d2"], [OOD_OUTPUT])])

@@ -24,7 +24,7 @@ ENGINES = ("auto", "onnx", "torch")  # how frozen features are computed (trainin
 # What every strategy reads; the others belong to some strategies (Strategy.own_options).
 GENERAL_OPTIONS = ("backbone", "strategy", "weights", "image_size", "in_chans", "batch_size",
                    "class_weight", "calibrate", "seed", "device", "engine", "cache", "skip_bad",
-                   "threads", "quiet")
+                   "threads", "quiet", "tta")
 
 
 @dataclass
@@ -46,6 +46,9 @@ class TrainOptions:
     lr_decay: float = 0.5
     augment: str = "basic"
     hflip: bool = True
+    # Test-time augmentation of the run's val/test figures and of its later predictions
+    # (none | flip | standard, medtl.data.tta); flips only where the augmentation flipped.
+    tta: str = "none"
     patience: int = 5
     class_weight: str = "auto"
     sampler: str = "none"
@@ -83,6 +86,9 @@ class TrainOptions:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("device", self.device, DEVICES)
         check_choice("engine", self.engine, ENGINES)
+        from medtl.data.tta import check_tta
+
+        check_tta(self.tta, augment=self.augment, hflip=self.hflip)
         if self.in_chans not in (1, 3):
             raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
         from medtl.data.transforms import MAX_SIZE, MIN_SIZE

@@ -80,6 +80,54 @@ class FittedModel(ABC):
         features, proba = self.features_and_proba(data, calibrated=calibrated, cache=cache)
         return proba, self.ood.score(features)
 
+    # ---------------------------------------------------------------------- test-time views
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation predictions use (medtl.transfer.tta; "none": off)."""
+        return getattr(self.options, "tta", "none")
+
+    def tta_views(self):
+        """The TTAViews of :attr:`tta` (a MedtlError where the run's augmentation forbids
+        them), or None with TTA off."""
+        from medtl.data.tta import make_views
+
+        if self.tta == "none":
+            return None
+        return make_views(self.tta, self.preprocessing, augment=self.options.augment,
+                          hflip=self.options.hflip)
+
+    def _tta_features_and_proba(self, data, *, calibrated: bool, cache: bool,
+                                ) -> tuple[np.ndarray, np.ndarray]:
+        """The unaugmented view's pooled features and the mean over :meth:`tta_views` of the
+        uncalibrated probabilities, then calibrated: what the exported graph computes."""
+        from medtl.console import progress_bar
+        from medtl.training.loop import ImageInputs, torch_threads
+
+        views, pre = self.tta_views(), self.preprocessing
+        device, batch = torch.device(self.device), min(self.options.batch_size, 32)
+        backbone = self.backbone.to(device).eval()
+        inputs = ImageInputs(pre.model_mean, pre.model_std)
+        v, dim, k = views.to(device).n_views, int(backbone.num_features), len(self.classes)
+        feats = np.full((len(data), dim), np.nan, dtype=np.float32)
+        out = np.full((len(data), k), np.nan)
+        with progress_bar("predicting (TTA)", len(data),
+                          quiet=self.options.quiet or not cache) as advance, \
+                torch_threads(self.options.threads), torch.no_grad():
+            for x, keep, _ in iter_decoded(data, pre, PREDICT_CHUNK,
+                                           skip_bad=self.options.skip_bad, advance=advance):
+                for start in range(0, len(keep), batch):
+                    xb = inputs.eval_batch(x[start:start + batch], device)
+                    f = backbone.forward_features(views(xb)).float()
+                    p = self._proba_of_features(f)
+                    rows = keep[start:start + batch]
+                    out[rows] = p.reshape(v, -1, k).mean(axis=0)
+                    feats[rows] = f.reshape(v, -1, dim)[0].cpu().numpy()
+        return feats, (self.calibrate(out) if calibrated else out)
+
+    def _proba_of_features(self, features: torch.Tensor) -> np.ndarray:
+        """Uncalibrated probabilities (n, K) float64 of pooled features (TTA's per-view step)."""
+        raise MedtlError(f"--tta is not supported for a {type(self).__name__}")
+
     @property
     @abstractmethod
     def backbone(self) -> nn.Module:
@@ -227,13 +275,20 @@ class FrozenModel(FittedModel):
         return self.calibrate(out) if calibrated else out
 
     def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
+        if self.tta != "none":
+            return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)[1]
         return self.predict_proba_features(self.features(data, cache=cache),
                                            calibrated=calibrated)
 
     def features_and_proba(self, data, *, calibrated: bool = True, cache: bool = True,
                            ) -> tuple[np.ndarray, np.ndarray]:
+        if self.tta != "none":
+            return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)
         x = self.features(data, cache=cache)
         return x, self.predict_proba_features(x, calibrated=calibrated)
+
+    def _proba_of_features(self, features: torch.Tensor) -> np.ndarray:
+        return self.predict_proba_features(features.cpu().numpy(), calibrated=False)
 
     def torch_module(self) -> nn.Module | None:
         head = self.head.as_linear() if isinstance(self.head, SklearnHead) else self.head
@@ -322,6 +377,8 @@ class NetworkModel(FittedModel):
         """Decoded and predicted :data:`PREDICT_CHUNK` images at a time, so peak memory does not
         grow with ``len(data)``; chunks are whole batches of the images read, so the batches,
         and the probabilities, are those of decoding everything at once."""
+        if self.tta != "none":
+            return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)[1]
         from medtl.console import progress_bar
         from medtl.training.loop import predict_proba
 
@@ -341,6 +398,8 @@ class NetworkModel(FittedModel):
         """Pooled features and probabilities in one forward pass per chunk (``forward`` is
         ``classifier(forward_features(x))`` for every network medtl trains), streamed as
         :meth:`predict_proba` streams."""
+        if self.tta != "none":
+            return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)
         from medtl.console import progress_bar
 
         config = self.loop_config()
@@ -354,6 +413,10 @@ class NetworkModel(FittedModel):
                 if len(keep):
                     feats[keep], out[keep] = _features_then_proba(self.network, x, config)
         return feats, (self.calibrate(out) if calibrated else out)
+
+    def _proba_of_features(self, features: torch.Tensor) -> np.ndarray:
+        logits = self.network.classifier(features)
+        return torch.softmax(logits.float().double(), dim=1).cpu().numpy()
 
     def loop_config(self, **changes: Any):
         """The training loop's settings for this model (batches, device, normalisation)."""
