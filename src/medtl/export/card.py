@@ -80,16 +80,35 @@ def _summary(cfg: dict[str, Any], metrics: dict[str, Any], scored: str | None) -
                     "not for clinical diagnosis"}
 
 
+def _shown_source(source: Any) -> Any:
+    """A local file or run folder by its name only: the card names no path on this machine."""
+    if isinstance(source, str):
+        prefix, sep, rest = source.partition(":")
+        if sep and prefix == "run" and os.path.isabs(rest):
+            return f"run:{PurePath(rest).name}"
+        if os.path.isabs(source):
+            return PurePath(source).name
+    return source
+
+
+def _weights_chain(w: dict[str, Any]) -> list[dict[str, Any]]:
+    """Multi-stage transfer (``--weights RUN_DIR``): every stage the starting weights went
+    through, oldest first (ImageNet, then each run), this run's starting point last."""
+    chain = w.get("chain") if w.get("kind") == "run" else None
+    stages = [s for s in chain if isinstance(s, dict)] if isinstance(chain, list) else []
+    return [{"kind": s.get("kind"), "source": _shown_source(s.get("source")),
+             "sha256": s.get("sha256"), "data_fingerprint": s.get("data_fingerprint")}
+            for s in [*stages, w]]
+
+
 def _details(cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     w = cfg.get("weights") if isinstance(cfg.get("weights"), dict) else {}
-    source = w.get("source")
-    if isinstance(source, str) and os.path.isabs(source):  # a local file: its name only
-        source = PurePath(source).name
     return {
         "backbone": cfg.get("backbone"), "strategy": cfg.get("strategy"),
         "head": cfg.get("head"), "head_params": cfg.get("head_params"),
-        "weights": {"requested": w.get("requested"), "kind": w.get("kind"),
-                    "source": source, "sha256": w.get("sha256")},
+        "weights": {"requested": _shown_source(w.get("requested")), "kind": w.get("kind"),
+                    "source": _shown_source(w.get("source")), "sha256": w.get("sha256"),
+                    "chain": _weights_chain(w)},
         "stages": cfg.get("stages"), "epochs": cfg.get("epochs"), "seed": cfg.get("seed"),
         "class_weight": cfg.get("class_weight"),
         "parameters": metrics.get("params"),
@@ -284,6 +303,7 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"- Backbone: {d['backbone']}; strategy: {d['strategy']}; head: {_fmt(d['head'])}",
              f"- Starting weights: {_fmt(w['kind'])} from {_fmt(w['source'])} "
              f"(sha256 {_fmt(w['sha256'])})",
+             *([f"- Transfer chain: {_chain_line(w['chain'])}"] if w.get("chain") else []),
              f"- Trained with medtl {d['medtl_version']} on {_fmt(d['trained'])}",
              f"- Input: {_input(d['input'])}", "", "## Intended use", "",
              f"**{use['research_use']}**", "", *[f"- {u}" for u in use["primary_uses"]], "",
@@ -333,6 +353,14 @@ def _closing_markdown(card: dict[str, Any]) -> list[str]:
             "## Caveats and recommendations", "",
             *[f"- {c}" for c in card["caveats_and_recommendations"]], "",
             "*Sections after Mitchell et al. 2019, \"Model Cards for Model Reporting\".*", ""]
+
+
+def _chain_line(chain: list[dict[str, Any]]) -> str:
+    """``random -> run:A (data 069557a3d795) -> run:B (data ...)``: each stage by its source,
+    a run with the fingerprint of the data it was trained on."""
+    return " -> ".join(
+        _fmt(s["source"]) + (f" (data {str(s['data_fingerprint'])[:12]})"
+                             if s.get("data_fingerprint") else "") for s in chain)
 
 
 def _input(pre: Any) -> str:

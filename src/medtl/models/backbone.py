@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -26,25 +26,40 @@ from medtl.errors import MedtlError
 from medtl.models._build import build_model, split_model
 from medtl.models.registry import BackboneSpec, get_spec
 
-WeightsKind = Literal["imagenet", "random", "file"]
+WeightsKind = Literal["imagenet", "random", "file", "run"]
 
 
 @dataclass(frozen=True)
 class WeightsInfo:
-    """Where a backbone's starting weights came from: what a run records (config.json)."""
+    """Where a backbone's starting weights came from: what a run records (config.json).
+
+    Kind ``run`` (multi-stage transfer, ``--weights RUN_DIR``): ``sha256`` is that of the run's
+    weight file that was loaded, ``data_fingerprint`` the data the run was trained on, and
+    ``chain`` the earlier stages, oldest first (ImageNet, then each run before this one).
+    """
 
     kind: WeightsKind
     source: str
     path: Path | None
     sha256: str | None
+    data_fingerprint: str | None = None
+    chain: tuple[WeightsInfo, ...] = ()
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "kind": self.kind,
             "source": self.source,
             "path": str(self.path) if self.path is not None else None,
             "sha256": self.sha256,
         }
+        if self.kind == "run":  # other kinds keep the record they always had
+            out["data_fingerprint"] = self.data_fingerprint
+            out["chain"] = [stage.to_dict() for stage in self.chain]
+        return out
+
+    def stages(self) -> tuple[WeightsInfo, ...]:
+        """The whole chain, oldest first, ending with these weights (each without its chain)."""
+        return (*self.chain, replace(self, chain=()))
 
 
 RANDOM = WeightsInfo("random", "random", None, None)

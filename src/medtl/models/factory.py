@@ -16,6 +16,7 @@ from medtl.errors import MedtlError, WeightsError
 from medtl.models._build import build_model, set_input_channels, set_input_channels_unadapted
 from medtl.models.backbone import Backbone, layout
 from medtl.models.registry import BackboneSpec, get_spec
+from medtl.models.run_weights import is_run_dir, resolve_run_weights
 from medtl.models.weights import ResolvedWeights, resolve_weights
 
 
@@ -55,7 +56,8 @@ def _build_loaded(spec: BackboneSpec, resolved: ResolvedWeights) -> tuple[nn.Mod
 def create_backbone(
     name: str, weights: str | os.PathLike[str] = "imagenet", in_chans: int = 3
 ) -> Backbone:
-    """Build backbone ``name`` with ``weights`` ("imagenet", "random" or a state_dict file).
+    """Build backbone ``name`` with ``weights`` ("imagenet", "random", a state_dict file, or
+    the directory of a finished medtl run of the same backbone, whose classifier is dropped).
 
     ``in_chans=1`` sums the first convolution's RGB filters, so a grey image gives exactly the
     features of that image replicated to three channels. Raises MedtlError for an unknown
@@ -64,7 +66,10 @@ def create_backbone(
     spec = get_spec(name)
     if in_chans < 1:
         raise MedtlError(f"in_chans must be at least 1, got {in_chans}")
-    resolved = resolve_weights(spec, weights)
+    if is_run_dir(weights):  # multi-stage transfer: a finished run's backbone
+        resolved = resolve_run_weights(spec, weights)
+    else:
+        resolved = resolve_weights(spec, weights)
     model, chans = _build_loaded(spec, resolved)
     if in_chans != chans:
         if chans != 3:

@@ -55,9 +55,13 @@ class ResolvedWeights:
     head: dict[str, Tensor] | None = None
     ignored_keys: tuple[str, ...] = ()
     missing_head: bool = False
+    # A run's weights (models.run_weights): the full record, with the earlier stages.
+    provenance: WeightsInfo | None = None
 
     @property
     def info(self) -> WeightsInfo:
+        if self.provenance is not None:
+            return self.provenance
         return WeightsInfo(self.kind, self.source, self.path, self.sha256)
 
 
@@ -468,8 +472,8 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> Reso
         if not path.is_file():
             problem = "is a directory" if path.is_dir() else "not found"
             raise WeightsError(
-                f"weights file {problem}: {path} (weights are 'imagenet', 'random' or a path "
-                "to a state_dict file)"
+                f"weights file {problem}: {path} (weights are 'imagenet', 'random', a path "
+                "to a state_dict file, or a finished run's directory through create_backbone)"
             )
         path = path.resolve()
         return _load_resolved(spec, "file", f"file:{path}", path, by_order)
@@ -506,27 +510,44 @@ def is_sha256(value: Any) -> bool:
 _MAX_PROVENANCE = 4096  # characters of a recorded source or path
 
 
-def weights_info_from_dict(d: Any, where: str = "weights_info") -> WeightsInfo:
+MAX_CHAIN = 32  # earlier stages a run may record: ImageNet -> domain -> task is three
+
+
+def weights_info_from_dict(d: Any, where: str = "weights_info", *,
+                           nested: bool = False) -> WeightsInfo:
     """The provenance a run recorded (model.json's ``weights_info``), checked: it comes from
     whoever shared the run.
 
     It is shown and written again, never trusted: the feature cache keys on the loaded tensors,
     and ``path`` is never opened or written (a loaded model's backbone is built from the run's
-    own safetensors file). Still, ``sha256`` must be 64 lowercase hex digits or null (a value
-    such as ``/../../xyz`` is refused), ``kind`` one of medtl's, and the strings short and free
-    of control characters.
+    own safetensors file). Still, ``sha256`` (and a run's ``data_fingerprint``) must be 64
+    lowercase hex digits or null (a value such as ``/../../xyz`` is refused), ``kind`` one of
+    medtl's, and the strings short and free of control characters. A ``run`` record's
+    ``chain`` (the earlier stages) is checked the same way, flat and at most MAX_CHAIN long.
     """
     if not isinstance(d, Mapping):
         raise WeightsError(f"{where}: not a medtl weights record")
     kind, source, sha, path = (d.get(k) for k in ("kind", "source", "sha256", "path"))
-    if kind not in ("imagenet", "random", "file"):
-        raise WeightsError(f"{where}: kind {kind!r} is not imagenet, random or file")
-    if sha is not None and not is_sha256(sha):
-        raise WeightsError(f"{where}: sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits")
+    if kind not in ("imagenet", "random", "file", "run"):
+        raise WeightsError(f"{where}: kind {kind!r} is not imagenet, random, file or run")
+    for name, digest in (("sha256", sha), ("data_fingerprint", d.get("data_fingerprint"))):
+        if digest is not None and not is_sha256(digest):
+            raise WeightsError(f"{where}: {name} {str(digest)[:80]!r} is not 64 lowercase hex "
+                               "digits")
     for name, value in (("source", source), ("path", path)):
         if value is None and name == "path":
             continue
         if (not isinstance(value, str) or not value or len(value) > _MAX_PROVENANCE
                 or any(ord(c) < 32 or ord(c) == 127 for c in value)):
             raise WeightsError(f"{where}: {name} {str(value)[:80]!r} is not a short line of text")
-    return WeightsInfo(kind, source, Path(path) if path else None, sha)
+    chain: tuple[WeightsInfo, ...] = ()
+    if kind == "run":
+        raw = d.get("chain", [])
+        if nested and raw:
+            raise WeightsError(f"{where}: an earlier stage holds a chain of its own")
+        if not isinstance(raw, list) or len(raw) > MAX_CHAIN:
+            raise WeightsError(f"{where}: chain is not a list of at most {MAX_CHAIN} stages")
+        chain = tuple(weights_info_from_dict(s, f"{where} chain[{i}]", nested=True)
+                      for i, s in enumerate(raw))
+    return WeightsInfo(kind, source, Path(path) if path else None, sha,
+                       d.get("data_fingerprint") if kind == "run" else None, chain)
