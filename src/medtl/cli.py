@@ -316,7 +316,10 @@ def train(
                                                "full | scratch | truncated (docs/usage.md).")]
     = "auto",
     head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn.")] = "logreg",
-    weights: Annotated[str, typer.Option(help="imagenet | random | PATH to a weights file.")]
+    weights: Annotated[str, typer.Option(
+        help="imagenet | random | PATH to a weights file | RUN_DIR: a finished run's "
+             "backbone (same --backbone; its classifier is not kept), for ImageNet -> "
+             "domain -> task transfer.")]
     = "imagenet",
     image_size: Annotated[int | None, typer.Option(help="Input side in pixels "
                                                         "(default: the backbone's).")] = None,

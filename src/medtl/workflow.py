@@ -91,6 +91,7 @@ def train(
     options = (options or TrainOptions()).replace(**option_values)
     clf = TransferClassifier.from_options(options)
     clf.make_strategy()  # option mistakes before any slow work
+    _check_weights_run(options)
     if not 0.0 < target_sensitivity <= 1.0:
         raise MedtlError(f"--target-sensitivity {target_sensitivity}: must lie in (0, 1]")
     if folds is not None and folds < 2:
@@ -119,6 +120,18 @@ def train(
         draft.commit()
         log.info("run written to %s", out)
     return Run(out)
+
+
+def _check_weights_run(options: TrainOptions) -> None:
+    """``--weights RUN_DIR``: the whole run checked (load_run: a shared run is untrusted
+    input), and its backbone read once (medtl.models.run_weights: same backbone, every tensor
+    fits), before any slow work or anything written."""
+    from medtl.models import get_spec
+    from medtl.models.run_weights import is_run_dir, resolve_run_weights
+
+    if is_run_dir(options.weights):
+        load_run(options.weights)
+        resolve_run_weights(get_spec(options.backbone), options.weights)
 
 
 def _path_display(paths: str, data: str | Path, out: Path):
@@ -351,8 +364,8 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
                         "fitted_on": "val"} if model.temperature is not None else None,
         "target_sensitivity": request["target_sensitivity"],
         "stages": clf.stages_,
-        "weights": {"requested": options.weights, "kind": w.kind, "source": w.source,
-                    "sha256": w.sha256},
+        "weights": {"requested": options.weights, **{k: v for k, v in w.to_dict().items()
+                                                     if k != "path"}},
         "preprocessing": model.preprocessing.to_dict(), "in_chans": options.in_chans,
         "view": ds.view.to_dict(),
         "classes": ds.classes, "positive_class": None if positive is None
