@@ -107,6 +107,9 @@ def test_flip_is_refused_where_the_augmentation_forbids_it(blobs, tmp_path):
         TrainOptions(tta="flip", augment="none").check()
     with pytest.raises(MedtlError, match="tta"):
         TrainOptions(tta="sideways").check()
+    with pytest.raises(MedtlError, match="unknown tta") as bad:  # as from a crafted model.json
+        TrainOptions(tta="x" * 100_000).check()
+    assert len(str(bad.value)) < 200
     TrainOptions(tta="flip").check()  # basic augmentation flips: allowed
     assert "hflip" in view_names("standard", flip=True)
     assert "hflip" not in view_names("standard", flip=False)

@@ -46,7 +46,10 @@ def flips_allowed(augment: str, hflip: bool) -> bool:
 
 def check_tta(tta: str, *, augment: str, hflip: bool) -> None:
     """Refuse a TTA the run's augmentation policy forbids (a MedtlError saying why)."""
-    check_choice("tta", tta, TTA_CHOICES)
+    if not isinstance(tta, str) or tta not in TTA_CHOICES:
+        # Bounded: the value may come from a crafted model.json
+        raise MedtlError(f"unknown tta {repr(tta)[:40]}; choose one of: "
+                         f"{', '.join(TTA_CHOICES)}")
     if tta == "flip" and not flips_allowed(augment, hflip):
         why = ("was trained with --no-hflip: left and right matter for its images (a chest "
                "X-ray's heart side)" if not hflip else
