@@ -28,7 +28,9 @@ def members(tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     data = write_blob_images(root / "blobs", n_per_class=20)
     a = medtl.train(data, strategy="hybrid", head="logreg", out=root / "a", **FAST)
-    b = medtl.train(data, strategy="feature-extractor", epochs=8, out=root / "b", **FAST)
+    # Another input size: other features, so the members' OOD scores differ too.
+    b = medtl.train(data, strategy="feature-extractor", epochs=8, out=root / "b",
+                    **{**FAST, "image_size": 80})
     return root, data, a, b
 
 
@@ -210,6 +212,7 @@ def test_predict_and_evaluate_combine_the_members(members, tmp_path):
                 for n in ("a", "b")]
         scaled = [np.array([r["ood_score"] for r in rows]) / m.model_.ood.threshold_
                   for rows, m in zip(each, runs, strict=True)]
+        assert not np.allclose(scaled[0], scaled[1])
         np.testing.assert_allclose([r["ood_score"] for r in got], np.max(scaled, axis=0))
     ev = medtl.evaluate(ens.path, quiet=True)
     assert ev["metrics"]["auc"] == pytest.approx(ens.metrics["test"]["auc"])
@@ -257,3 +260,27 @@ def test_mismatched_rows_are_refused(members, tmp_path):
         w.writerows(rows[1:])
     with pytest.raises(MedtlError, match="name other images"):
         medtl.ensemble([a.path, other], out=tmp_path / "e")
+
+
+def test_bench_ranks_the_ensemble_of_its_best_cells(tmp_path):
+    import csv as _csv
+
+    from medtl.bench import bench
+
+    from .conftest import write_blob_images
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
+                out=tmp_path / "bench", image_size=64, quiet=True, ensemble=2,
+                ensemble_method="weighted")
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = {r["cell"]: r for r in _csv.DictReader(f)}
+    ens = rows["top2-weighted"]
+    assert ens["backbone"] == "ensemble" and ens["head"] == "weighted" and ens["val_value"]
+    run = medtl.load_run(ens["run_dir"])
+    assert {m["name"] for m in run.config["members"]} == {
+        "mobilenet_v2-hybrid-logreg-seed0", "mobilenet_v2-hybrid-knn-seed0"}
+    assert "top2-weighted" in (out / "report.html").read_text()
+    with pytest.raises(MedtlError, match="--ensemble-method"):
+        bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg"], out=tmp_path / "b",
+              ensemble=2, ensemble_method="median")

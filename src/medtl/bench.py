@@ -81,7 +81,8 @@ def grid(backbones: Sequence[str], strategies: Sequence[str], seeds: int = 1) ->
 
 def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[str],
           out: str | Path, seeds: int = 1, jobs: int = 1, ray: str | None = None,
-          quiet: bool = False, rank_by: str = "auc", **train_options: Any) -> Path:
+          quiet: bool = False, rank_by: str = "auc", ensemble: int | None = None,
+          ensemble_method: str = "mean", **train_options: Any) -> Path:
     """Run every cell not finished yet, then write ``leaderboard.csv`` and ``report.html``.
 
     Both rank the cells on their validation ``rank_by`` (a cross-validated cell's mean over
@@ -92,10 +93,19 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
     patient_regex, folds, ...). ``jobs`` > 1 runs cells in that many processes; ``ray`` runs
     them as Ray tasks on the cluster at that address (``local`` starts one on this machine);
     every node must see ``data`` and ``out`` at the same paths (a shared file system).
+    ``ensemble``: also build the ensemble (``ensemble_method``) of the K cells best on
+    validation, ``out/ensembles/topK-METHOD``, ranked with the cells.
     """
     from medtl.reporting.compare import check_rank_by
 
     check_rank_by(rank_by)
+    if ensemble is not None:  # before any cell trains
+        from medtl.errors import check_choice
+        from medtl.transfer.ensemble import METHODS
+
+        check_choice("--ensemble-method", ensemble_method, METHODS)
+        if ensemble < 2:
+            raise MedtlError(f"--ensemble {ensemble}: an ensemble takes at least 2 cells")
     cells = grid(backbones, strategies, seeds)
     # A mistake common to every cell (a bad path, regex or window) is one error, up front.
     from medtl.data import load_dataset
@@ -124,11 +134,14 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
             failures += _run_cell(str(data), c, str(out), {**train_options, "quiet": quiet})
     log.info("bench: %d cells run in %.0f s", len(todo), time.perf_counter() - t0)
     rows = leaderboard(out, cells, rank_by=rank_by)
+    extra = [] if not ensemble else [_top_ensemble(out, rows, ensemble, ensemble_method, quiet)]
+    if extra:
+        rows = leaderboard(out, cells, rank_by=rank_by, extra=extra)
     write_csv(out / "leaderboard.csv", rows)
     from medtl.workflow import report
 
     finished = [out / "cells" / c.name for c in cells
-                if (out / "cells" / c.name / "config.json").is_file()]
+                if (out / "cells" / c.name / "config.json").is_file()] + extra
     if finished:
         report(finished, out / "report.html", title=f"medtl bench: {Path(str(data)).name}",
                by_group=True, split="out-of-fold" if train_options.get("folds") else "test",
@@ -189,7 +202,23 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
     return [msg for r in results for msg in r]
 
 
-def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc") -> list[dict[str, Any]]:
+def _top_ensemble(out: Path, rows: list[dict[str, Any]], k: int, method: str,
+                  quiet: bool) -> Path:
+    """The ensemble of the ``k`` cells ranked best on validation (cross-validated cells, and
+    cells without validation figures, cannot be members)."""
+    from medtl.ensembles import ensemble
+
+    top = [r["run_dir"] for r in rows if r["val_value"] is not None and r["shown"] != "cv mean"]
+    if len(top) < k:
+        raise MedtlError(f"--ensemble {k}: only {len(top)} finished cells have validation "
+                         "predictions to combine")
+    log.info("bench: ensemble (%s) of the %d cells best on validation", method, k)
+    return ensemble(top[:k], method=method, out=out / "ensembles" / f"top{k}-{method}",
+                    overwrite=True, quiet=quiet).path
+
+
+def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc",
+                extra: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """One row per finished cell, ranked on validation ``rank_by`` (a cross-validated cell's
     mean over folds), never on test; the first row is the chosen cell (``chosen``: yes) when it
     has a validation figure. The figures after ``shown`` are test's (validation's for a cell
@@ -202,6 +231,9 @@ def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc") -> list[
         path = Path(out) / "cells" / c.name
         if (path / "config.json").is_file():
             entries.append({"cell": c, "path": path, "metrics": Run(path).metrics})
+    for path in extra:  # ensembles of cells: ranked on their validation figures like a cell
+        entries.append({"cell": None, "path": path, "metrics": Run(path).metrics,
+                        "config": Run(path).config})
     rows = []
     for i, e in enumerate(rank_on_validation(entries, rank_by)):
         c, m = e["cell"], e["metrics"]
@@ -213,8 +245,9 @@ def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc") -> list[
             s = m.get(shown, {})
             ci = s.get("auc_ci95") or [None, None]
         timing, params = m.get("timing", {}), m.get("params", {})
-        rows.append({"cell": c.name, "backbone": c.backbone, "strategy": c.options()["strategy"],
-                     "head": c.options().get("head", ""), "seed": c.seed,
+        rows.append({**(_cell_columns(c) if c is not None else {
+                         "cell": e["path"].name, "backbone": "ensemble", "strategy": "ensemble",
+                         "head": e["config"]["method"], "seed": ""}),
                      "chosen": "yes" if i == 0 and e["choice"] is not None else "",
                      "rank_by": rank_by, "val_value": e["choice"],
                      "val_source": e["choice_source"], "shown": shown,
@@ -226,3 +259,8 @@ def leaderboard(out: Path, cells: Sequence[Cell], rank_by: str = "auc") -> list[
                      "images_per_s": timing.get("predict_images_per_s"),
                      "run_dir": str(e["path"])})
     return rows
+
+
+def _cell_columns(c: Cell) -> dict[str, Any]:
+    return {"cell": c.name, "backbone": c.backbone, "strategy": c.options()["strategy"],
+            "head": c.options().get("head", ""), "seed": c.seed}

@@ -670,6 +670,11 @@ def bench(
 ) -> None:
     """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
     report. Rerun the same command after an interruption: finished cells are kept. The best
+    ensemble: Annotated[int | None, typer.Option(
+        help="Also rank the ensemble of the K cells best on validation (medtl ensemble).")]
+    = None,
+    ensemble_method: Annotated[str, typer.Option(help="mean | vote | weighted | stack.")]
+    = "mean",
     cell is chosen on validation (--rank-by), and its test figures are shown.
 
     Example: [bold]medtl bench data/cxr --backbones mobilenet_v2,efficientnet_lite0
@@ -681,7 +686,8 @@ def bench(
                      strategies=[s for s in strategies.split(",") if s], seeds=seeds,
                      jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
                      patient_regex=patient_regex, folds=folds, threads=threads,
-                     rank_by=rank_by, quiet=quiet)
+                     rank_by=rank_by, ensemble=ensemble, ensemble_method=ensemble_method,
+                     quiet=quiet)
     _print_leaderboard(path, data, rank_by)
 
 
