@@ -337,6 +337,10 @@ def train(
     gradual: Annotated[bool, typer.Option("--gradual", help="fine-tune: frozen features "
                                           "first, then one more top block per stage while "
                                           "validation AUC improves.")] = False,
+    time_budget: Annotated[float | None, typer.Option(
+        metavar="MINUTES", help="auto: the most minutes the climb may take; stages the "
+                                "estimate says cannot finish are skipped and the best stage "
+                                "so far is kept.")] = None,
     keep: Annotated[int | None, typer.Option(help="truncated: how many lower blocks to keep "
                                                   "(default: half).")] = None,
     lr: Annotated[float, typer.Option(help="Learning rate of the head when the backbone "

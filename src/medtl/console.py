@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -43,18 +44,38 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record), keep="\n\t")
 
 
+class _Bar:
+    """``advance(n)``, and ``update(completed=, total=, description=)`` to move the bar to new
+    figures (auto's overall bar, whose total is an estimate revised as the climb goes)."""
+
+    def __init__(self, progress: Progress | None = None, task=None) -> None:
+        self.progress, self.task = progress, task
+
+    def __call__(self, n: float = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def update(self, **fields) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, **fields)
+
+
 @contextmanager
-def progress_bar(description: str, total: int, *, quiet: bool = False) -> Iterator:
-    """Yield ``advance(n)``; draws a bar unless quiet (and rich hides it when not a terminal)."""
+def progress_bar(description: str, total: int, *, quiet: bool = False,
+                 percent: bool = False) -> Iterator:
+    """Yield ``advance(n)`` (a ``_Bar``); draws a bar unless quiet (and rich hides it when not a
+    terminal). ``percent``: show the share done instead of ``done/total`` (a total that is
+    not a count, such as estimated seconds)."""
     if quiet or total <= 0:
-        yield lambda n=1: None
+        yield _Bar()
         return
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TaskProgressColumn() if percent else MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        yield _Bar(progress, task)
 
 
 class _RewritingFormatter(logging.Formatter):

@@ -358,7 +358,8 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
     w = model.backbone.weights_info
     return {
         "backbone": options.backbone, "strategy": options.strategy,
-        "head": strategy.head_name, "head_params": clf.head_params_,
+        "head": getattr(clf, "head_name_", None) or strategy.head_name,
+        "head_params": clf.head_params_,
         "class_weight": "balanced" if clf.balanced_ else None,
         "calibration": {"method": "temperature", "temperature": model.temperature,
                         "fitted_on": "val"} if model.temperature is not None else None,

@@ -159,13 +159,13 @@ def test_an_interrupted_climb_resumes_without_redoing_finished_stages(small_xray
 
     monkeypatch.setattr(FineTuneStrategy, "train_stage", original)
     first_stage_s = load_checkpoint(tmp_path / "b" / "climb.pt")["results"][0]["seconds"]
-    probe = _Climb._linear_probe
+    probe = _Climb._frozen_stage
 
     def counted(self, *args):
         calls["probe"] += 1
         return probe(self, *args)
 
-    monkeypatch.setattr(_Climb, "_linear_probe", counted)
+    monkeypatch.setattr(_Climb, "_frozen_stage", counted)
     resumed = TransferClassifier(**params).fit(train, val, checkpoint_dir=tmp_path / "b",
                                                resume=True)
     assert calls["probe"] == 0  # the feature-extractor stage was not trained again

@@ -41,6 +41,8 @@ class TrainOptions:
     batch_size: int = 64
     unfreeze: int | None = None
     gradual: bool = False
+    # auto: minutes the climb may take (None: no limit); stages that cannot finish are skipped.
+    time_budget: float | None = None
     keep: int | None = None
     lr: float = 1e-3
     lr_decay: float = 0.5
@@ -93,6 +95,8 @@ class TrainOptions:
             raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
         from medtl.data.transforms import MAX_SIZE, MIN_SIZE
 
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise MedtlError(f"--time-budget {self.time_budget}: a number of minutes above 0")
         if self.image_size is not None and not MIN_SIZE <= self.image_size <= MAX_SIZE:
             raise MedtlError(f"--image-size {self.image_size}: choose {MIN_SIZE} to {MAX_SIZE}")
         if self.threads is not None and self.threads < 1:

@@ -89,6 +89,8 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         self.balanced_ = outcome.balanced
         self.skipped_ = outcome.skipped
         self.head_params_ = outcome.head_params
+        # The head the model ended with (auto may end with a hybrid head): config.json's.
+        self.head_name_ = outcome.head_name
         self.timing_ = {"train_s": time.perf_counter() - t0 + outcome.resumed_s,
                         "resumed_s": outcome.resumed_s, "feature_s": outcome.feature_s}
         if self.calibrate:

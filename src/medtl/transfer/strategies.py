@@ -42,6 +42,7 @@ from medtl.transfer.freezing import (
     set_trainable,
     train_mode_hook,
 )
+from medtl.transfer.gradual import AUC_SATURATED, MIN_DELTA
 from medtl.transfer.heads import (
     HEADS,
     IMBALANCE_RATIO,
@@ -56,7 +57,7 @@ log = logging.getLogger("medtl")
 DEFAULT_STAGE_EPOCHS = 5
 # Options that may change when a run is resumed: where and how verbosely it computes, not what
 # (medtl.workflow's --resume guard and the climb's state share this list).
-RESUME_EXEMPT = ("quiet", "threads", "cache", "device", "engine")
+RESUME_EXEMPT = ("quiet", "threads", "cache", "device", "engine", "time_budget")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class FitOutcome:
     stages: list[dict[str, Any]] | None = None
     skipped: list[str] = field(default_factory=list)
     head_params: dict[str, Any] | None = None
+    # The head the model ended with, when it is not the strategy's own (auto may end with a
+    # hybrid head of its frozen stage); None: ``Strategy.head_name``.
+    head_name: str | None = None
 
 
 class Strategy:
@@ -313,7 +317,7 @@ class NetworkStrategy(Strategy):
 
     def train_stage(self, model: NetworkModel, data, label: str, balanced: bool,
                     checkpoint_dir, resume, *, seed: int | None = None,
-                    epochs: int | None = None):
+                    epochs: int | None = None, on_epoch_end=None):
         """One run of the training loop with the network's current trainable blocks."""
         from medtl.data.augment import make_augment
         from medtl.training.loop import fit as fit_loop
@@ -332,7 +336,7 @@ class NetworkStrategy(Strategy):
             sampler="balanced" if o.sampler == "balanced" else None)
         result = fit_loop(net, groups, *data, config, checkpoint_dir=checkpoint_dir,
                           resume=resume, augment=make_augment(o.augment, hflip=o.hflip),
-                          train_mode=train_mode_hook(net))
+                          train_mode=train_mode_hook(net), on_epoch_end=on_epoch_end)
         log.info("%s: best validation AUC %.4f at epoch %d of %d%s", label, result.best_val_auc,
                  result.best_epoch, len(result.history),
                  " (stopped early)" if result.stopped_early else "")
@@ -348,6 +352,9 @@ class FineTuneStrategy(NetworkStrategy):
     own_options = (*NetworkStrategy.own_options, "unfreeze", "gradual")
     full_stage_name: ClassVar[str | None] = None
 
+    # The frozen stage compares the hybrid heads with the linear one (auto only: fine-tune
+    # --gradual asked for a fine-tuned network).
+    compare_heads: ClassVar[bool] = False
     @property
     def climbs(self) -> bool:
         return self.options.gradual
@@ -371,9 +378,10 @@ class AutoStrategy(FineTuneStrategy):
     improves; every layer ("full") only if that helps too."""
 
     name = "auto"
-    own_options = (*NetworkStrategy.own_options, "unfreeze")
+    own_options = (*NetworkStrategy.own_options, "unfreeze", "time_budget")
     full_stage_name = "full"
 
+    compare_heads = True
     @property
     def climbs(self) -> bool:
         return True
@@ -427,11 +435,14 @@ class _Climb:
                            else None)
         self.best_state: dict | None = None
         self.results: list = []
+        self.heads: dict[str, SklearnHead] = {}  # the frozen stage's hybrid heads, fitted
         self.data_sha256: str | None = None
 
     def run(self, train, val) -> None:
         from medtl.training.loop import load_checkpoint
+        from medtl.console import progress_bar
         from medtl.transfer.gradual import StageResult, climb, plan_stages
+        from medtl.transfer.autoplan import ClimbPlan
 
         o, net = self.s.options, self.model.network
         stages = plan_stages(list(net.blocks), o.unfreeze, full_name=self.s.full_stage_name)
@@ -445,46 +456,113 @@ class _Climb:
             net.load_state_dict(self.best_state)
             self.outcome.resumed_s += sum(r.seconds for r in done)
             log.info("resuming the climb after stage '%s'", done[-1].stage)
-        log.info("%s: stages %s; each must raise validation AUC to be kept", self.s.name,
-                 " -> ".join(f"'{s.name}'" for s in stages))
+        self.plan = ClimbPlan(stages, len(net.blocks), o.epochs or DEFAULT_STAGE_EPOCHS,
+                              budget_s=None if o.time_budget is None else o.time_budget * 60,
+                              spent_s=sum(r.seconds for r in done))
+        log.info("%s", self.plan.announce(self.s.name))
+        log.info("%s: a stage is kept when it beats the best so far on validation: by AUC, or, "
+                 "where AUC cannot tell (both >= %s, or within %s), by accuracy, then log-loss",
+                 self.s.name, AUC_SATURATED, MIN_DELTA)
         self.results = list(done)
         self.stages = stages
-        final = climb(stages, lambda stage: self._train(stage, train, val),
-                      accept=self._accept, reject=self._reject, done=done)
+        with progress_bar(f"{self.s.name}: whole climb", 1, quiet=o.quiet,
+                          percent=True) as self.bar:
+            final = climb(stages, lambda stage: self._train(stage, train, val),
+                          accept=self._accept, reject=self._reject, done=done,
+                          before=self._before)
         chosen = [r for r in final if r.accepted][-1]
         set_trainable(net, unfreeze=chosen.unfreeze)
         net.eval()
         self.outcome.stages = [r.to_dict() for r in final]
-        log.info("%s chose '%s': validation AUC %.4f with %d trainable parameters",
-                 self.s.name, chosen.stage, chosen.val_auc, chosen.trainable_params)
+        if chosen.unfreeze == 0 and chosen.head not in ("linear", "logreg"):
+            self._end_with_hybrid(chosen, train, val)
+        log.info("%s chose '%s'%s: validation AUC %.4f, accuracy %s, log-loss %s with %d "
+                 "trainable parameters", self.s.name, chosen.stage,
+                 f" (head {chosen.head})" if chosen.unfreeze == 0 else "", chosen.val_auc,
+                 _fmt(chosen.val_accuracy), _fmt(chosen.val_log_loss), chosen.trainable_params)
 
     def _train(self, stage, train, val):
         from medtl.transfer.gradual import StageResult
+        from medtl.transfer.autoplan import BudgetReached, now
 
         t0 = time.perf_counter()
         net = self.model.network
         set_trainable(net, unfreeze=stage.unfreeze)
-        resumed_s = 0.0
+        resumed_s, figures, head, candidates, stopped = 0.0, None, "linear", [], ""
         if stage.unfreeze == 0:
-            history, best_epoch = self._linear_probe(train, val)
-            auc = self._val_score()
+            history, best_epoch, head, candidates, figures = self._frozen_stage(train, val)
             epochs = len(history)
         else:
+            self.plan.observe_frozen(time.perf_counter() - t0, self.outcome.feature_s)
             sub = (Path(self.checkpoint_dir) / f"stage-{stage.index}" if self.checkpoint_dir
                    else None)
-            r = self.s.train_stage(self.model, self.data, f"stage '{stage.name}'",
-                                   self.outcome.balanced, sub, self.resume,
-                                   seed=self.s.options.seed + stage.index,
-                                   epochs=self.s.options.epochs or DEFAULT_STAGE_EPOCHS)
-            history, best_epoch, auc, epochs = r.history, r.best_epoch, r.best_val_auc, len(
-                r.history)
-            resumed_s = r.resumed_s
-            self.outcome.resumed_s += resumed_s
+            epochs = self.s.options.epochs or DEFAULT_STAGE_EPOCHS
+            mark = [now()]
+
+            def on_epoch_end(epoch: int) -> None:
+                self.plan.observe_epoch(stage.unfreeze, now() - mark[0])
+                mark[0] = now()
+                self._show(stage, epoch)
+                if epoch < epochs and self.plan.over():
+                    raise BudgetReached(epoch)
+
+            try:
+                r = self.s.train_stage(self.model, self.data, f"stage '{stage.name}'",
+                                       self.outcome.balanced, sub, self.resume,
+                                       seed=self.s.options.seed + stage.index, epochs=epochs,
+                                       on_epoch_end=on_epoch_end)
+                history, best_epoch, epochs = r.history, r.best_epoch, len(r.history)
+                resumed_s = r.resumed_s
+                self.outcome.resumed_s += resumed_s
+            except BudgetReached as stop:
+                history, best_epoch, epochs = [], 0, int(stop.args[0])
+                stopped = (f"stopped: time budget reached during this stage, after {epochs} "
+                           f"of its epochs")
+        if figures is None:
+            figures = self._val_figures()
         self.outcome.history.extend({"stage": stage.name, **row} for row in history)
-        return StageResult(stage=stage.name, unfreeze=stage.unfreeze, val_auc=float(auc),
-                           epochs=epochs, best_epoch=best_epoch,
-                           seconds=time.perf_counter() - t0 + resumed_s,
-                           trainable_params=self.model.n_trainable)
+        result = StageResult(stage=stage.name, unfreeze=stage.unfreeze,
+                             val_auc=figures["val_auc"], epochs=epochs, best_epoch=best_epoch,
+                             seconds=time.perf_counter() - t0 + resumed_s,
+                             trainable_params=self.model.n_trainable, decision=stopped,
+                             val_accuracy=figures["val_accuracy"],
+                             val_log_loss=figures["val_log_loss"], n_val=figures["n_val"],
+                             head=head, candidates=candidates)
+        if stopped:
+            log.info("time budget reached during stage %d '%s'; kept stage %d '%s'",
+                     stage.index + 1, stage.name, *self._best_number())
+        return result
+
+    def _before(self, stage, best) -> str | None:
+        """Stop before ``stage`` when the time budget has ended or the stage cannot finish in
+        what is left of it (the estimate); the frozen stage always runs."""
+        self._show(stage, 0)
+        if best is None or self.plan.fits(stage):
+            return None
+        need = self.plan.stage_s(stage) or 0.0
+        number, kept = self._best_number(best.stage)
+        why = (f"time budget reached after stage {stage.index} "
+               f"'{self.stages[stage.index - 1].name}' ({self.plan.progress([])}; stage "
+               f"{stage.index + 1} '{stage.name}' would need about {need / 60:.1f} min); "
+               f"kept stage {number} '{kept}'")
+        log.info("%s", why)
+        return why
+
+    def _best_number(self, name: str | None = None) -> tuple[int, str]:
+        if name is None:
+            name = [r for r in self.results if r.accepted][-1].stage
+        return [s.index for s in self.stages if s.name == name][0] + 1, name
+
+    def _show(self, stage, epochs_done: int) -> None:
+        """The overall bar: elapsed against elapsed + the estimate of what is left."""
+        following = self.stages[stage.index + 1:]
+        now_s = self.plan.elapsed()
+        here = self.plan.stage_s(stage, epochs_done) if epochs_done or stage.unfreeze else None
+        left = self.plan.left_s(following)
+        total = now_s + (here or 0.0) + (left or 0.0)
+        self.bar.update(completed=now_s, total=max(total, now_s, 1e-9),
+                        description=f"{self.s.name}: stage {stage.index + 1}/{len(self.stages)}"
+                                    f" '{stage.name}'")
 
     def _report(self, stage, result) -> None:
         blocks = list(self.model.network.blocks)
@@ -493,6 +571,8 @@ class _Climb:
                  ", ".join(blocks[len(blocks) - stage.unfreeze:]) or "no block",
                  result.val_auc, result.epochs, result.seconds, result.decision)
 
+        if result.accepted and stage.index + 1 < len(self.stages):
+            log.info("%s: %s", self.s.name, self.plan.progress(self.stages[stage.index + 1:]))
     def _settings(self, stages) -> dict[str, Any]:
         """What the climb was asked (options, stage plan) and on what data, for --resume."""
         from medtl.training.loop import data_digest
@@ -540,30 +620,104 @@ class _Climb:
         self.results.append(result)
         self._persist()
 
-    def _linear_probe(self, train, val) -> tuple[list[dict], int]:
-        """Stage 'feature-extractor': a linear head on cached frozen features, folded into the
-        network's classifier, so the next stage starts from a trained head (linear probing then
-        fine-tuning, Kumar et al. 2022) and the features' speed-ups (ONNX, cache) apply."""
+    def _frozen_features(self, train, val):
+        """The frozen backbone's features of train and val (computed once, then cached)."""
         o, net = self.s.options, self.model.network
         extractor = make_extractor(net, self.model.preprocessing, o, self.model.device)
         x = extractor.transform(train, skip_bad=True)
         xv = extractor.transform(val, skip_bad=True)
         ok, ok_v = np.isfinite(x).all(axis=1), np.isfinite(xv).all(axis=1)
         trainer = LinearHeadTrainer(epochs=200, seed=o.seed, balanced=self.outcome.balanced,
-                                    quiet=o.quiet, threads=o.threads)
-        head = trainer.fit(x[ok], train.labels[ok], xv[ok_v], val.labels[ok_v],
-                           len(self.model.classes))
-        weight, bias = head.folded()
-        with torch.no_grad():
-            net.classifier.weight.copy_(weight)
-            net.classifier.bias.copy_(bias)
-        return trainer.history_, trainer.best_epoch_
+        return x[ok], train.labels[ok], xv[ok_v], val.labels[ok_v]
 
-    def _val_score(self) -> float:
+    def _frozen_stage(self, train, val):
+        """Stage 'feature-extractor': a linear head on cached frozen features, folded into the
+        network's classifier, so the next stage starts from a trained head (linear probing then
+        fine-tuning, Kumar et al. 2022) and the features' speed-ups (ONNX, cache) apply.
+
+        ``auto`` also fits each hybrid head (``HEADS``) on the same features; every candidate
+        is scored on validation and the best by ``gradual.decide`` is the stage's result. A
+        logistic regression that wins is folded into the classifier instead; an SVM, forest or
+        kNN cannot be, so the climb trains from the linear head and must beat the winner."""
+        from medtl.transfer.gradual import decide, val_figures
+
+        o = self.s.options
+        x, y, xv, yv = self._frozen_features(train, val)
+                                    quiet=o.quiet, threads=o.threads)
+        linear = trainer.fit(x, y, xv, yv, len(self.model.classes))
+        self._fold(*linear.folded())
+        candidates = [{"head": "linear", "params": None, **self._val_figures()}]
+        if self.s.compare_heads:
+            cw = "balanced" if self.outcome.balanced else None
+            for name in HEADS:
+                head = SklearnHead(name, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+                self.heads[name] = head
+                candidates.append({"head": name, "params": head.params_,
+                                   **val_figures(yv, head.predict_proba(xv))})
+        best = candidates[0]
+        for c in candidates:
+            if c is not best:
+                better, why = decide(_as_result(c), _as_result(best))
+                c["decision"] = f"{'beats' if better else 'does not beat'} {best['head']}: {why}"
+                best = c if better else best
+            log.info("frozen stage, head %s%s: validation AUC %.4f, accuracy %.4f, log-loss "
+                     "%.4f%s", c["head"], f" {c['params']}" if c["params"] else "",
+                     c["val_auc"], c["val_accuracy"], c["val_log_loss"],
+                     f" ({c['decision']})" if "decision" in c else "")
+        if best["head"] == "logreg":
+            layer = self.heads["logreg"].as_linear()
+            self._fold(layer.weight, layer.bias)
+        self.outcome.history.extend({"stage": "feature-extractor", "candidate": c["head"],
+                                     **{k: v for k, v in c.items() if k != "head"}}
+                                    for c in candidates)
+        if len(candidates) > 1:
+            log.info("frozen stage: head %s is the best on validation", best["head"])
+        figures = {k: best[k] for k in ("val_auc", "val_accuracy", "val_log_loss", "n_val")}
+        return trainer.history_, trainer.best_epoch_, best["head"], candidates, figures
+
+    def _fold(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model.network.classifier.weight.copy_(weight)
+            self.model.network.classifier.bias.copy_(bias)
+
+    def _val_figures(self) -> dict[str, Any]:
         from medtl.training.loop import predict_proba
-        from medtl.training.selection import selection_score
+        from medtl.transfer.gradual import val_figures
 
         _, _, xv, yv = self.data
-        return selection_score(yv.numpy(), predict_proba(self.model.network, xv,
-                                                         self.model.loop_config()))
+        return val_figures(yv.numpy(), predict_proba(self.model.network, xv,
+                                                     self.model.loop_config()))
+
+    def _end_with_hybrid(self, chosen, train, val) -> None:
+        """The run is the frozen stage's hybrid head: a FrozenModel on the (untouched)
+        backbone. After --resume the head is fitted again on the cached features (its grid is
+        deterministic for the seed, so it is the same head)."""
+        o = self.s.options
+        head = self.heads.get(chosen.head)
+        if head is None:
+            x, y, xv, yv = self._frozen_features(train, val)
+            cw = "balanced" if self.outcome.balanced else None
+            head = SklearnHead(chosen.head, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+        backbone = copy.deepcopy(self.model.network)
+        backbone.reset_classifier(0)
+        backbone.eval()
+        options = o.replace(head=chosen.head)
+        model = FrozenModel(backbone, head, self.model.classes, self.model.preprocessing,
+                            options)
+        self.outcome.model = model
+        self.outcome.head_name = chosen.head
+        self.outcome.head_params = head.params_
+
+
+def _as_result(candidate: dict[str, Any]):
+    """A frozen-stage candidate as the StageResult that ``gradual.decide`` compares."""
+    from medtl.transfer.gradual import StageResult
+
+    return StageResult(candidate["head"], 0, candidate["val_auc"], 0, 0, 0.0, 0,
+                       val_accuracy=candidate["val_accuracy"],
+                       val_log_loss=candidate["val_log_loss"], n_val=candidate["n_val"])
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
