@@ -167,8 +167,6 @@ def test_stack_run_validation_rows_are_cross_fitted_and_test_uses_the_full_fit(m
 
 
 def test_members_of_other_classes_or_data_are_refused(members, tmp_path):
-    from .conftest import write_blob_images
-
     root, _, a, b = members
     other = tmp_path / "fp"
     shutil.copytree(b.path, other)
@@ -177,17 +175,18 @@ def test_members_of_other_classes_or_data_are_refused(members, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MedtlError, match=r"fp: its data fingerprint \(000000000000\) differs"):
         medtl.ensemble([a.path, other], out=tmp_path / "e1")
-    data = write_blob_images(tmp_path / "renamed", n_per_class=8)
-    (data / "train" / "bar").rename(data / "train" / "rod")
-    (data / "test" / "bar").rename(data / "test" / "rod")
-    c = medtl.train(data, strategy="hybrid", head="logreg", out=tmp_path / "rods", **FAST)
+    # A run of other classes: the same model, its classes renamed in config.json and model.json.
+    c = tmp_path / "rods"
+    shutil.copytree(b.path, c)
+    for f in (c / "config.json", c / "model" / "model.json"):
+        f.write_text(f.read_text().replace('"bar"', '"rod"'))
     with pytest.raises(SystemExit) as exc:
-        main(["ensemble", str(a.path), str(b.path), str(c.path), "--out",
+        main(["ensemble", str(a.path), str(b.path), str(c), "--out",
               str(tmp_path / "e2"), "--quiet"])
     assert exc.value.code == 2
     assert not (tmp_path / "e2").exists()
     with pytest.raises(MedtlError, match=r"rods: its classes .* differs"):
-        medtl.ensemble([a.path, c.path], out=tmp_path / "e3")
+        medtl.ensemble([a.path, c], out=tmp_path / "e3")
 
 
 def test_predict_and_evaluate_combine_the_members(members, tmp_path):
@@ -262,24 +261,26 @@ def test_mismatched_rows_are_refused(members, tmp_path):
         medtl.ensemble([a.path, other], out=tmp_path / "e")
 
 
-def test_bench_ranks_the_ensemble_of_its_best_cells(tmp_path):
+def test_bench_ranks_the_ensemble_of_its_best_cells(members, tmp_path):
+    """The module's two runs stand as a bench's finished cells (so nothing trains again)."""
     import csv as _csv
 
     from medtl.bench import bench
 
-    from .conftest import write_blob_images
-
-    data = write_blob_images(tmp_path / "blobs", n_per_class=12)
-    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg", "hybrid:knn"],
-                out=tmp_path / "bench", image_size=64, quiet=True, ensemble=2,
-                ensemble_method="weighted")
+    _, data, a, b = members
+    cells = {"mobilenet_v2-hybrid-logreg-seed0": a, "mobilenet_v2-feature-extractor-seed0": b}
+    for name, run in cells.items():
+        shutil.copytree(run.path, tmp_path / "bench" / "cells" / name)
+    out = bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg",
+                                                              "feature-extractor"],
+                out=tmp_path / "bench", quiet=True, ensemble=2, ensemble_method="weighted")
     with open(out / "leaderboard.csv", newline="") as f:
         rows = {r["cell"]: r for r in _csv.DictReader(f)}
     ens = rows["top2-weighted"]
     assert ens["backbone"] == "ensemble" and ens["head"] == "weighted" and ens["val_value"]
     run = medtl.load_run(ens["run_dir"])
-    assert {m["name"] for m in run.config["members"]} == {
-        "mobilenet_v2-hybrid-logreg-seed0", "mobilenet_v2-hybrid-knn-seed0"}
+    assert {m["name"] for m in run.config["members"]} == set(cells)
+    assert float(ens["auc"]) == run.metrics["test"]["auc"]
     assert "top2-weighted" in (out / "report.html").read_text()
     with pytest.raises(MedtlError, match="--ensemble-method"):
         bench(data, backbones=["mobilenet_v2"], strategies=["hybrid:logreg"], out=tmp_path / "b",
