@@ -358,6 +358,13 @@ def train(
     = "none",
     patience: Annotated[int, typer.Option(help="Epochs without a better validation AUC "
                                                "before stopping.")] = 5,
+    label_smoothing: Annotated[float, typer.Option(
+        metavar="F", help="Trainable strategies: label smoothing of the training loss "
+                          "(0 = off; e.g. 0.1).")] = 0.0,
+    ema: Annotated[float | None, typer.Option(
+        metavar="DECAY", help="Trainable strategies: validate and save an exponential moving "
+                              "average of the weights (e.g. 0.999 per step; off by "
+                              "default).")] = None,
     class_weight: Annotated[str, typer.Option(help="auto (balanced when minority/majority < "
                                                    "0.5) | balanced | none.")] = "auto",
     sampler: Annotated[str, typer.Option(help="none | balanced (each class drawn equally "

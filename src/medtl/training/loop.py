@@ -70,6 +70,12 @@ class TrainConfig:
     std: tuple = (0.229, 0.224, 0.225)
     quiet: bool = True
     threads: int | None = None
+    # Recipes (issue 17), off by default: the training loss's label smoothing (validation loss
+    # stays plain cross-entropy, comparable across runs), and an exponential moving average of
+    # the weights (decay per optimizer step), which is what validation scores, early stopping
+    # keeps and the run saves.
+    label_smoothing: float = 0.0
+    ema: float | None = None
 
 
 @dataclass
@@ -153,6 +159,13 @@ class LoopState:
         "score": -math.inf, "epoch": 0, "state": None, "bad_epochs": 0})
     stop: bool = False
     resumed_s: float = 0.0
+    # torch.optim.swa_utils.AveragedModel of ``model`` when config.ema is set
+    ema: nn.Module | None = None
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights validation scores and early stopping keeps: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 class Callback:
@@ -184,7 +197,7 @@ class EarlyStopping(Callback):
                       and loss < best.get("val_loss", math.inf))
         if state.score > best["score"] + cfg.min_delta or tie_better:
             best.update(score=state.score, epoch=state.epoch, val_loss=loss,
-                        state=copy.deepcopy(state.model.state_dict()), bad_epochs=0)
+                        state=copy.deepcopy(state.scored.state_dict()), bad_epochs=0)
         else:
             best["bad_epochs"] += 1
             state.stop = best["bad_epochs"] >= cfg.patience and state.epoch < cfg.epochs
@@ -219,6 +232,8 @@ class Checkpoint(Callback):
                              f"({first[:200]})") from None
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
+        if state.ema is not None:  # the settings check above guarantees the file holds one
+            state.ema.load_state_dict(ckpt["ema"])
         state.best = {**ckpt["early_stopping"], "state": ckpt["best_state"]}
         state.history = ckpt["history"]
         state.stop = ckpt["stopped_early"]
@@ -234,6 +249,7 @@ class Checkpoint(Callback):
             "data": self.data, "lrs": _initial_lrs(state.optimizer),
             "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scheduler": state.scheduler.state_dict(),
+            "ema": state.ema.state_dict() if state.ema is not None else None,
             "early_stopping": {k: v for k, v in state.best.items() if k != "state"},
             "best_state": state.best["state"], "history": state.history,
             "stopped_early": state.stop, "rng": _get_rng_state(),
@@ -382,7 +398,8 @@ def _epochs(state: LoopState, cbs: Sequence[Callback], inputs: Inputs, data, cri
         t_epoch = time.perf_counter()
         train_mode(model)
         loss, lrs = _train_epoch(state, inputs, x_train, y_train, criterion, device)
-        proba, val_loss = _evaluate(model, inputs, x_val, y_val, config.batch_size, device)
+        proba, val_loss = _evaluate(state.scored, inputs, x_val, y_val, config.batch_size,
+                                    device)
         state.score = selection_score(y_val.numpy(), proba)
         state.row = {"epoch": state.epoch, "train_loss": loss, "val_loss": val_loss,
                      **val_summary(y_val.numpy(), proba), **lrs,
@@ -405,8 +422,14 @@ def _start(model: nn.Module, param_groups: list[dict], y_train: torch.Tensor,
     if config.class_weight == "balanced":
         weight = torch.as_tensor(balanced_class_weights(y_train.numpy(), n_classes),
                                  dtype=torch.float32, device=device)
-    return (LoopState(model, optimizer, scheduler, config),
-            nn.CrossEntropyLoss(weight=weight))
+    state = LoopState(model, optimizer, scheduler, config)
+    if config.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # Buffers too: BatchNorm's running statistics follow the averaged weights.
+        state.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema),
+                                  use_buffers=True)
+    return state, nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
 def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Tensor,
@@ -430,6 +453,8 @@ def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Ten
             lrs = {f"lr_{g['name']}": float(g["lr"]) for g in optimizer.param_groups}
             optimizer.step()
             state.scheduler.step()
+            if state.ema is not None:
+                state.ema.update_parameters(model)
             total_loss += float(loss.detach()) * len(idx)
             seen += len(idx)
             advance(1)
@@ -493,6 +518,10 @@ def _check_config(config: TrainConfig, param_groups: list[dict]) -> None:
     if config.sampler is not None:
         check_choice("sampler", config.sampler, ["balanced"])
     check_choice("schedule", config.schedule, ["warmup-cosine", "constant"])
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise MedtlError(f"--label-smoothing {config.label_smoothing}: choose 0 to below 1")
+    if config.ema is not None and not 0.0 < config.ema < 1.0:
+        raise MedtlError(f"--ema {config.ema}: a decay above 0 and below 1 (e.g. 0.999)")
     names = [g.get("name") for g in param_groups]
     if None in names or len(set(names)) != len(names):
         raise MedtlError(f"each parameter group needs a unique 'name'; got {names}")
@@ -527,7 +556,9 @@ def _initial_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def _check_resumable(ckpt: dict, state: LoopState, data: str | None, path: Path) -> None:
     """Refuse, in one line naming each difference, to continue a checkpoint made with other
     settings, learning rates or data: the saved optimizer and best state would silently win."""
-    saved = ckpt.get("config", {})
+    # A setting newer than the checkpoint was at its default there.
+    defaults = asdict(TrainConfig())
+    saved = {**{k: defaults[k] for k in ("label_smoothing", "ema")}, **ckpt.get("config", {})}
     now = asdict(state.config)
     diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
              if k not in RESUME_EXEMPT and _plain(saved.get(k)) != _plain(now[k])]

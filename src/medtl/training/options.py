@@ -52,6 +52,11 @@ class TrainOptions:
     # (none | flip | standard, medtl.data.tta); flips only where the augmentation flipped.
     tta: str = "none"
     patience: int = 5
+    # Recipes (issue 17), off by default until measured: label smoothing of the training loss,
+    # and an exponential moving average of the weights (decay per optimizer step), which is
+    # what validation scores and the run saves. Trainable strategies only.
+    label_smoothing: float = 0.0
+    ema: float | None = None
     class_weight: str = "auto"
     sampler: str = "none"
     calibrate: bool = False
@@ -99,6 +104,10 @@ class TrainOptions:
             raise MedtlError(f"--time-budget {self.time_budget}: a number of minutes above 0")
         if self.image_size is not None and not MIN_SIZE <= self.image_size <= MAX_SIZE:
             raise MedtlError(f"--image-size {self.image_size}: choose {MIN_SIZE} to {MAX_SIZE}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise MedtlError(f"--label-smoothing {self.label_smoothing}: choose 0 to below 1")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise MedtlError(f"--ema {self.ema}: a decay above 0 and below 1 (e.g. 0.999)")
         if self.threads is not None and self.threads < 1:
             raise MedtlError(f"--threads {self.threads}: at least 1")
         for name in ("epochs", "batch_size", "patience"):

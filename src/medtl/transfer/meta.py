@@ -119,6 +119,10 @@ def options_from_meta(params: Any, where: str, **runtime: Any) -> TrainOptions:
         for name, hi in (("lr", 10.0), ("lr_decay", 1.0)):
             if name in values:
                 check_float(values[name], name, 0.0, hi)
+        if "label_smoothing" in values:  # [0, 1): checked as a number here, bounds below
+            check_float(values["label_smoothing"], "label_smoothing", -1.0, 1.0)
+        if values.get("ema") is not None:
+            check_float(values["ema"], "ema", 0.0, 1.0)
         if values.get("time_budget") is not None:  # minutes; a year at most
             check_float(values["time_budget"], "time_budget", 0.0, 525_600.0)
         options = TrainOptions.from_mapping({**values, **runtime})

@@ -263,7 +263,8 @@ class NetworkStrategy(Strategy):
     """The network trains through the shared loop; subclasses say which blocks and from which
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
-    own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler")
+    own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler",
+                   "label_smoothing", "ema")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
 
