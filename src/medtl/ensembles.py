@@ -192,6 +192,10 @@ def _copy_member(member: Run, dest: Path, name: str) -> dict[str, Any]:
         if (member.path / f).is_file():
             shutil.copyfile(member.path / f, dest / f)
     shutil.copytree(member.path / bundle.MODEL_DIR, dest / bundle.MODEL_DIR, symlinks=True)
+    linked = [f for f in comb.member_files(dest) if (dest / f).is_symlink()]
+    if linked:
+        raise MedtlError(f"{member.path / linked[0]}: is a symbolic link; an ensemble copies "
+                         "its members' files, not links to them")
     cfg = member.config
     return {"name": name, "backbone": cfg.get("backbone"), "strategy": cfg.get("strategy"),
             "head": cfg.get("head"), "weights": cfg.get("weights"), "seed": cfg.get("seed"),

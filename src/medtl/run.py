@@ -666,7 +666,7 @@ def load_run(path: str | Path) -> Run:
             raise MedtlError(f"{p}: not finished yet (its unfinished run is in "
                              f"{partial_dir(p)}; --resume continues it)")
         raise MedtlError(f"{p}: no such run directory")
-    if (p / CONFIG).is_file() and (p / MEMBERS).is_dir():
+    if (p / CONFIG).is_file() and (p / MEMBERS).is_dir() and not (p / MEMBERS).is_symlink():
         return _check_ensemble(p)
     if (p / FOLDS).is_dir() and not (p / MODEL_DIR).exists():
         raise MedtlError(f"{p}: a cross-validation run has one model per fold; use "

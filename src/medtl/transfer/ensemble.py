@@ -180,6 +180,9 @@ def member_digests(member_dir: str | Path) -> dict[str, str]:
 def check_member_files(member_dir: Path, recorded: dict[str, str]) -> None:
     """Refuse a member whose files differ from those the ensemble recorded: a file changed,
     missing, added, or a link (MedtlError naming it)."""
+    if (member_dir / "model").is_symlink():
+        raise MedtlError(f"{member_dir / 'model'}: is a link; an ensemble member's model is a "
+                         "folder of its own")
     now = member_files(member_dir)
     extra = sorted(set(now) - set(recorded))
     if extra:
