@@ -352,10 +352,10 @@ class FineTuneStrategy(NetworkStrategy):
     name = "fine-tune"
     own_options = (*NetworkStrategy.own_options, "unfreeze", "gradual")
     full_stage_name: ClassVar[str | None] = None
-
     # The frozen stage compares the hybrid heads with the linear one (auto only: fine-tune
     # --gradual asked for a fine-tuned network).
     compare_heads: ClassVar[bool] = False
+
     @property
     def climbs(self) -> bool:
         return self.options.gradual
@@ -381,8 +381,8 @@ class AutoStrategy(FineTuneStrategy):
     name = "auto"
     own_options = (*NetworkStrategy.own_options, "unfreeze", "time_budget")
     full_stage_name = "full"
-
     compare_heads = True
+
     @property
     def climbs(self) -> bool:
         return True
@@ -435,15 +435,15 @@ class _Climb:
         self.state_path = (Path(checkpoint_dir) / "climb.pt" if checkpoint_dir is not None
                            else None)
         self.best_state: dict | None = None
-        self.results: list = []
         self.heads: dict[str, SklearnHead] = {}  # the frozen stage's hybrid heads, fitted
+        self.results: list = []
         self.data_sha256: str | None = None
 
     def run(self, train, val) -> None:
-        from medtl.training.loop import load_checkpoint
         from medtl.console import progress_bar
-        from medtl.transfer.gradual import StageResult, climb, plan_stages
+        from medtl.training.loop import load_checkpoint
         from medtl.transfer.autoplan import ClimbPlan
+        from medtl.transfer.gradual import StageResult, climb, plan_stages
 
         o, net = self.s.options, self.model.network
         stages = plan_stages(list(net.blocks), o.unfreeze, full_name=self.s.full_stage_name)
@@ -471,6 +471,7 @@ class _Climb:
             final = climb(stages, lambda stage: self._train(stage, train, val),
                           accept=self._accept, reject=self._reject, done=done,
                           before=self._before)
+            self.bar.update(completed=1, total=1)  # done, whatever the estimate said
         chosen = [r for r in final if r.accepted][-1]
         set_trainable(net, unfreeze=chosen.unfreeze)
         net.eval()
@@ -483,8 +484,8 @@ class _Climb:
                  _fmt(chosen.val_accuracy), _fmt(chosen.val_log_loss), chosen.trainable_params)
 
     def _train(self, stage, train, val):
-        from medtl.transfer.gradual import StageResult
         from medtl.transfer.autoplan import BudgetReached, now
+        from medtl.transfer.gradual import StageResult
 
         t0 = time.perf_counter()
         net = self.model.network
@@ -493,8 +494,8 @@ class _Climb:
         if stage.unfreeze == 0:
             history, best_epoch, head, candidates, figures = self._frozen_stage(train, val)
             epochs = len(history)
-        else:
             self.plan.observe_frozen(time.perf_counter() - t0, self.outcome.feature_s)
+        else:
             sub = (Path(self.checkpoint_dir) / f"stage-{stage.index}" if self.checkpoint_dir
                    else None)
             epochs = self.s.options.epochs or DEFAULT_STAGE_EPOCHS
@@ -525,7 +526,10 @@ class _Climb:
         result = StageResult(stage=stage.name, unfreeze=stage.unfreeze,
                              val_auc=figures["val_auc"], epochs=epochs, best_epoch=best_epoch,
                              seconds=time.perf_counter() - t0 + resumed_s,
-                             trainable_params=self.model.n_trainable, decision=stopped,
+                             trainable_params=(self.heads[head].n_parameters
+                                               if head in self.heads and head != "logreg"
+                                               else self.model.n_trainable),
+                             decision=stopped,
                              val_accuracy=figures["val_accuracy"],
                              val_log_loss=figures["val_log_loss"], n_val=figures["n_val"],
                              head=head, candidates=candidates)
@@ -571,9 +575,9 @@ class _Climb:
                  "%.1f s -> %s", stage.index + 1, len(self.stages), stage.name,
                  ", ".join(blocks[len(blocks) - stage.unfreeze:]) or "no block",
                  result.val_auc, result.epochs, result.seconds, result.decision)
-
         if result.accepted and stage.index + 1 < len(self.stages):
             log.info("%s: %s", self.s.name, self.plan.progress(self.stages[stage.index + 1:]))
+
     def _settings(self, stages) -> dict[str, Any]:
         """What the climb was asked (options, stage plan) and on what data, for --resume."""
         from medtl.training.loop import data_digest
@@ -628,7 +632,6 @@ class _Climb:
         x = extractor.transform(train, skip_bad=True)
         xv = extractor.transform(val, skip_bad=True)
         ok, ok_v = np.isfinite(x).all(axis=1), np.isfinite(xv).all(axis=1)
-        trainer = LinearHeadTrainer(epochs=200, seed=o.seed, balanced=self.outcome.balanced,
         return x[ok], train.labels[ok], xv[ok_v], val.labels[ok_v]
 
     def _frozen_stage(self, train, val):
@@ -644,6 +647,7 @@ class _Climb:
 
         o = self.s.options
         x, y, xv, yv = self._frozen_features(train, val)
+        trainer = LinearHeadTrainer(epochs=200, seed=o.seed, balanced=self.outcome.balanced,
                                     quiet=o.quiet, threads=o.threads)
         linear = trainer.fit(x, y, xv, yv, len(self.model.classes))
         self._fold(*linear.folded())
@@ -651,7 +655,12 @@ class _Climb:
         if self.s.compare_heads:
             cw = "balanced" if self.outcome.balanced else None
             for name in HEADS:
-                head = SklearnHead(name, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+                try:
+                    head = SklearnHead(name, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+                except (ValueError, TypeError) as exc:  # e.g. too few images of a class for
+                    # the SVM's Platt scaling, or for any kNN grid point: a candidate less
+                    log.warning("frozen stage: head %s left out: %s", name, exc)
+                    continue
                 self.heads[name] = head
                 candidates.append({"head": name, "params": head.params_,
                                    **val_figures(yv, head.predict_proba(xv))})
