@@ -109,13 +109,21 @@ def test_a_third_stage_extends_the_chain_through_model_json(runs):
         weights_info_from_dict(nested)
 
 
-def test_another_backbone_is_refused_before_training(runs, tmp_path):
+def test_another_backbone_is_refused_before_training(runs, tmp_path, capsys):
     with pytest.raises(WeightsError, match=r"trained 'mobilenet_v2', not 'resnet18'"):
         create_backbone("resnet18", weights=runs["A"])
     with pytest.raises(MedtlError, match="trained 'mobilenet_v2'"):
         medtl.train(runs["data"], backbone="resnet18", strategy="hybrid", weights=str(runs["A"]),
                     out=tmp_path / "x", **COMMON)
     assert not (tmp_path / "x").exists()
+    # The CLI: exit 2, one line naming both backbones.
+    from tests.test_cli import one_line_error, run_cli
+
+    code, _, err = run_cli(["train", runs["data"], "--backbone", "resnet18", "--strategy",
+                            "hybrid", "--weights", runs["A"], "--quiet", "--out",
+                            tmp_path / "y"], capsys)
+    assert code == 2 and "--backbone mobilenet_v2" in one_line_error(err)
+    assert not (tmp_path / "y").exists()
 
 
 def test_a_one_channel_run_for_three_channel_input_is_refused_clearly(runs, tmp_path):
