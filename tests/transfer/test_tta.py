@@ -158,3 +158,23 @@ def test_tta_none_is_byte_identical_to_no_option(runs, tmp_path):
     lines = (runs["plain"] / "predictions.csv").read_text().splitlines(keepends=True)
     plain_test = "".join(lines[:1] + [x for x in lines[1:] if ",test," in x])
     assert (tmp_path / "none.csv").read_text() == plain_test
+
+
+def test_the_ood_fit_reads_plain_features_without_building_views(runs, blobs, monkeypatch):
+    """The detector uses the plain image's features, so fitting it on a TTA run must not pay
+    for the views' forward passes (up to 5,000 training images at the run's size)."""
+    from medtl.transfer.estimator import fit_ood
+    from medtl.transfer.fitted import FittedModel
+
+    model = load_run(runs["std"]).load_model(quiet=True).model_
+    assert model.tta == "standard"
+    ds = load_dataset(blobs)
+
+    def no_views(self):
+        raise AssertionError("TTA views built while fitting the OOD detector")
+
+    monkeypatch.setattr(FittedModel, "tta_views", no_views)
+    detector = fit_ood(model, ds.split("train"), ds.split("val"))
+    assert detector is not None and model.tta == "standard"  # the run's own setting restored
+    plain = load_run(runs["plain"]).load_model(quiet=True).model_.ood
+    np.testing.assert_allclose(detector.location_, plain.location_, rtol=1e-5, atol=1e-6)

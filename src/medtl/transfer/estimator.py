@@ -160,13 +160,17 @@ def fit_ood(model: FittedModel, train, val=None, *, seed: int = 0,
     if len(train) > limit:
         rng = np.random.default_rng(seed)
         train = train.subset(np.sort(rng.choice(len(train), limit, replace=False)))
-    quiet, model.options.quiet = model.options.quiet, True
+    # The detector reads the plain image's features (so does scoring, TTA or not): with TTA
+    # off here, the views' forward passes over 5,000 training images are not paid for nothing.
+    opts = model.options
+    quiet, tta = opts.quiet, getattr(opts, "tta", "none")
+    opts.quiet, opts.tta = True, "none"
     try:
         f_train = model.features_and_proba(train, calibrated=False)[0]
         f_val = (model.features_and_proba(val, calibrated=False)[0]
                  if val is not None and len(val) else None)
     finally:
-        model.options.quiet = quiet
+        opts.quiet, opts.tta = quiet, tta
     modalities, body_parts = training_dicom_tags(train.paths)
     try:
         detector = MahalanobisDetector().fit(f_train, f_val, modalities=modalities,
