@@ -511,22 +511,6 @@ def predict(
 
 
 @app.command()
-def export(
-    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
-    out: Annotated[Path, typer.Option(help="New folder to write the bundle into.")],
-    format: Annotated[str, typer.Option(help="Model format: onnx (every run; predicts without "
-                                             "PyTorch) or torchscript (model.pt; torch "
-                                             "models only, needs PyTorch).")] = "onnx",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-) -> None:
-    """Write a deployable bundle of a run: model.onnx or model.pt (normalised pixels to
-    calibrated probabilities), preprocessing.json, the model card (model-card.md and .json) and
-    manifest.json; `medtl predict BUNDLE` runs it.
-
-    Example: [bold]medtl export runs/cxr --format onnx --out deploy/cxr[/bold]
-    """
-    from medtl.export.writer import export_run
-@app.command()
 def ensemble(
     runs: Annotated[list[str], typer.Argument(help="Run directories written by `medtl train` "
                                                    "on the same data.")],
@@ -555,6 +539,22 @@ def ensemble(
                                       if s in run.metrics}))
 
 
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    out: Annotated[Path, typer.Option(help="New folder to write the bundle into.")],
+    format: Annotated[str, typer.Option(help="Model format: onnx (every run; predicts without "
+                                             "PyTorch) or torchscript (model.pt; torch "
+                                             "models only, needs PyTorch).")] = "onnx",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a deployable bundle of a run: model.onnx or model.pt (normalised pixels to
+    calibrated probabilities), preprocessing.json, the model card (model-card.md and .json) and
+    manifest.json; `medtl predict BUNDLE` runs it.
+
+    Example: [bold]medtl export runs/cxr --format onnx --out deploy/cxr[/bold]
+    """
+    from medtl.export.writer import export_run
     from medtl.run import load_run
 
     path = export_run(load_run(run), out, format=format, overwrite=overwrite)
@@ -677,15 +677,15 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="CPU threads per cell (default: the cores "
                                                      "divided among --jobs).")] = None,
     rank_by: RankBy = "auc",
-    quiet: Quiet = False,
-) -> None:
-    """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
-    report. Rerun the same command after an interruption: finished cells are kept. The best
     ensemble: Annotated[int | None, typer.Option(
         help="Also rank the ensemble of the K cells best on validation (medtl ensemble).")]
     = None,
     ensemble_method: Annotated[str, typer.Option(help="mean | vote | weighted | stack.")]
     = "mean",
+    quiet: Quiet = False,
+) -> None:
+    """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
+    report. Rerun the same command after an interruption: finished cells are kept. The best
     cell is chosen on validation (--rank-by), and its test figures are shown.
 
     Example: [bold]medtl bench data/cxr --backbones mobilenet_v2,efficientnet_lite0

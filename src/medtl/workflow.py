@@ -720,6 +720,9 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], *, out: str | P
     check_choice("method", method, METHODS)  # before the model loads
     check_choice("--paths", paths, PATH_MODES)
     run = run if isinstance(run, Run) else load_run(run)
+    if run.kind == "ensemble":
+        raise MedtlError(f"{run.path}: explain is not supported for ensemble runs yet; explain "
+                         "a member (members/NAME) instead")
     clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
     return explain_images(clf, inputs, out=out, view=run.config.get("view"), method=method,
                           target=target, sanity_check=sanity_check, skip_bad=skip_bad,
@@ -733,6 +736,3 @@ def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:
 
     return train(demo_data_path(), backbone="mobilenet_v2", strategy="hybrid", head="logreg",
                  patient_regex=DEMO_PATIENT_REGEX, out=out, overwrite=True, quiet=quiet)
-    if run.kind == "ensemble":
-        raise MedtlError(f"{run.path}: explain is not supported for ensemble runs yet; explain "
-                         "a member (members/NAME) instead")

@@ -100,10 +100,10 @@ class TrainOptions:
             raise MedtlError(f"--in-chans must be 1 or 3, not {self.in_chans}")
         from medtl.data.transforms import MAX_SIZE, MIN_SIZE
 
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise MedtlError(f"--time-budget {self.time_budget}: a number of minutes above 0")
         if self.image_size is not None and not MIN_SIZE <= self.image_size <= MAX_SIZE:
             raise MedtlError(f"--image-size {self.image_size}: choose {MIN_SIZE} to {MAX_SIZE}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise MedtlError(f"--time-budget {self.time_budget}: a number of minutes above 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MedtlError(f"--label-smoothing {self.label_smoothing}: choose 0 to below 1")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
