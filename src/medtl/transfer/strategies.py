@@ -103,6 +103,8 @@ class Strategy:
             raise MedtlError(f"--gradual applies to --strategy fine-tune, not '{self.name}' "
                              "(auto always climbs gradually)")
         defaults = TrainOptions()
+        if o.head != defaults.head:  # a name no head has is a mistake even where it is unused
+            check_choice("head", o.head, HEADS)
         for name in TrainOptions.names():
             if not self.takes(name) and getattr(o, name) != getattr(defaults, name):
                 log.warning("--%s %s has no effect with --strategy %s", name.replace("_", "-"),
