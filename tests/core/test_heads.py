@@ -98,15 +98,19 @@ def test_validation_labels_choose_the_hybrid_head_but_never_fit_it(blobs, blob_s
                                est_b.predict_proba(frozen_features(b, test)), atol=1e-9)
 
 
-def test_linear_probe_is_folded_exactly_into_the_networks_classifier(blob_splits):
-    """``auto`` starts with a linear probe on frozen features; folded into the network's
-    classifier (standardisation included) it must predict what ``feature-extractor`` does."""
+def test_linear_probe_is_folded_exactly_into_the_networks_classifier(blob_splits, monkeypatch):
+    """The climb (``fine-tune --gradual``; ``auto`` when the linear head wins) starts with a
+    linear probe on frozen features; folded into the network's classifier (standardisation
+    included) it must predict what ``feature-extractor`` does. ``auto`` also tries the hybrid
+    heads, and on these separable blobs a kNN's hard probabilities win on log-loss, so the
+    climb that keeps the linear head is the one tested here."""
     train, val, test = blob_splits
     probe = medtl.TransferClassifier(strategy="feature-extractor", **FAST).fit(train, val)
-    climbed = medtl.TransferClassifier(strategy="auto", unfreeze=1, epochs=1,
-                                       **FAST).fit(train, val)
-    # The blobs are separable: the probe scores validation AUC 1, so no later stage can beat
-    # it and the network ends as the folded probe.
+    # Every later stage is rejected (on separable blobs a fine-tuned stage can win on
+    # log-loss), so the network ends as the folded probe.
+    monkeypatch.setattr("medtl.transfer.gradual.decide", lambda *a, **k: (False, "held"))
+    climbed = medtl.TransferClassifier(strategy="fine-tune", gradual=True, unfreeze=1,
+                                       epochs=1, **FAST).fit(train, val)
     stages = climb_stages(climbed)
     assert stages[0]["accepted"] and stages[0]["val_auc"] == 1.0
     assert not any(s["accepted"] for s in stages[1:]), stages

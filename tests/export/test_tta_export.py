@@ -38,6 +38,7 @@ def runs(blobs, tmp_path_factory):
             for name, opts in RUNS.items()}
 
 
+@pytest.mark.slow  # about 90 s of training; make test-all runs it
 @pytest.mark.parametrize("name", list(RUNS))
 def test_bundle_applies_the_runs_tta(name, runs, blobs, tmp_path):
     test = load_dataset(blobs).split("test")

@@ -98,6 +98,7 @@ LINE = re.compile(r"stage (\d+)/(\d+) '([^']+)' \(.*\): validation AUC ([0-9.]+)
                   r"[0-9.]+ s -> (accepted|rejected)")
 
 
+@pytest.mark.slow  # about 90 s since auto compares every hybrid head; test_auto.py covers the rule
 def test_auto_on_real_xrays_logs_each_stage_in_order_and_stops(tmp_path):
     run = medtl.train(demo_data_path(), strategy="auto", image_size=64, epochs=1,
                       augment="none", patient_regex=DEMO_PATIENT_REGEX, out=tmp_path / "auto",
