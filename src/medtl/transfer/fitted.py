@@ -379,19 +379,26 @@ class NetworkModel(FittedModel):
         and the probabilities, are those of decoding everything at once."""
         if self.tta != "none":
             return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)[1]
-        from medtl.console import progress_bar
         from medtl.training.loop import predict_proba
 
         config = self.loop_config()
-        chunk = -(-max(1, PREDICT_CHUNK) // config.batch_size) * config.batch_size
         out = np.full((len(data), len(self.classes)), np.nan)
+        for x, keep in self._decoded_chunks(data, config, cache):
+            out[keep] = predict_proba(self.network, x, config)
+        return self.calibrate(out) if calibrated else out
+
+    def _decoded_chunks(self, data, config, cache: bool):
+        """(pixels, indices) of whole batches of :data:`PREDICT_CHUNK` images at a time, under
+        one progress bar: the streaming both prediction paths share."""
+        from medtl.console import progress_bar
+
+        chunk = -(-max(1, PREDICT_CHUNK) // config.batch_size) * config.batch_size
         with progress_bar("predicting", len(data),
                           quiet=self.options.quiet or not cache) as advance:
             for x, keep, _ in iter_decoded(data, self.preprocessing, chunk,
                                            skip_bad=self.options.skip_bad, advance=advance):
                 if len(keep):
-                    out[keep] = predict_proba(self.network, x, config)
-        return self.calibrate(out) if calibrated else out
+                    yield x, keep
 
     def features_and_proba(self, data, *, calibrated: bool = True, cache: bool = True,
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -400,18 +407,11 @@ class NetworkModel(FittedModel):
         :meth:`predict_proba` streams."""
         if self.tta != "none":
             return self._tta_features_and_proba(data, calibrated=calibrated, cache=cache)
-        from medtl.console import progress_bar
-
         config = self.loop_config()
-        chunk = -(-max(1, PREDICT_CHUNK) // config.batch_size) * config.batch_size
         feats = np.full((len(data), int(self.network.num_features)), np.nan, dtype=np.float32)
         out = np.full((len(data), len(self.classes)), np.nan)
-        with progress_bar("predicting", len(data),
-                          quiet=self.options.quiet or not cache) as advance:
-            for x, keep, _ in iter_decoded(data, self.preprocessing, chunk,
-                                           skip_bad=self.options.skip_bad, advance=advance):
-                if len(keep):
-                    feats[keep], out[keep] = _features_then_proba(self.network, x, config)
+        for x, keep in self._decoded_chunks(data, config, cache):
+            feats[keep], out[keep] = _features_then_proba(self.network, x, config)
         return feats, (self.calibrate(out) if calibrated else out)
 
     def _proba_of_features(self, features: torch.Tensor) -> np.ndarray:
