@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, SHARED_DATA, require, save
+from _common import RESULTS, ROOT, SHARED_DATA, require, run_figures, save
 
 import medtl
 from medtl.data import KERMANY_PATIENT_REGEX
@@ -94,42 +93,6 @@ ROWS = {
     },
 }
 ENSEMBLE_METHODS = ("mean", "stack")
-EPS = 1e-7
-
-
-def _log_loss(run: medtl.Run, split: str, classes: list[str]) -> float | None:
-    """Mean negative log-probability of the true class over ``split``'s rows."""
-    total, n = 0.0, 0
-    for row in run.predictions():
-        if row.get("split") != split:
-            continue
-        p = float(row[f"prob_{row['label']}"]) if row["label"] in classes else math.nan
-        total -= math.log(min(max(p, EPS), 1.0))
-        n += 1
-    return total / n if n else None
-
-
-def _figures(run: medtl.Run) -> dict:
-    """The candidate's validation figures (for the choice) and test figures (recorded only)."""
-    classes = list(run.config["classes"])
-    out: dict = {}
-    for split in ("val", "test"):
-        m = run.metrics.get(split) or {}
-        out[f"{split}_auc"] = m.get("auc")
-        out[f"{split}_auc_ci95"] = m.get("auc_ci95_delong") or m.get("auc_ci95")
-        out[f"{split}_accuracy"] = m.get("accuracy")
-        out[f"{split}_n"] = m.get("n")
-        out[f"{split}_log_loss"] = _log_loss(run, split, classes)
-        for name, op in (m.get("operating_points") or {}).items():
-            counts = [op.get(k) for k in ("tp", "fp", "tn", "fn")]
-            if None not in counts and sum(counts):
-                out[f"{split}_accuracy_{name}"] = (op["tp"] + op["tn"]) / sum(counts)
-                out[f"{split}_sensitivity_{name}"] = op.get("sensitivity")
-                out[f"{split}_specificity_{name}"] = op.get("specificity")
-                out[f"threshold_{name}"] = op.get("threshold")
-    return out
-
-
 def _as_stage(row: dict) -> StageResult:
     return StageResult(stage=row["candidate"], unfreeze=0, val_auc=row["val_auc"], epochs=0,
                        best_epoch=0, seconds=0.0, trainable_params=0,
@@ -182,13 +145,13 @@ def run_seed(row_name: str, spec: dict, seed: int, out: Path,
         minutes += mins
         paths.append(path)
         rows.append({"candidate": name, "kind": "member", "options": options,
-                     "minutes": round(mins, 2), **_figures(run)})
+                     "minutes": round(mins, 2), **run_figures(run)})
         print(json.dumps(rows[-1]), flush=True)
     for method in ENSEMBLE_METHODS:
         run, mins = _ensemble(paths, method, out / f"seed{seed}" / f"ensemble-{method}")
         minutes += mins
         rows.append({"candidate": f"ensemble-{method}", "kind": "ensemble",
-                     "members": list(members), "minutes": round(mins, 2), **_figures(run)})
+                     "members": list(members), "minutes": round(mins, 2), **run_figures(run)})
         print(json.dumps(rows[-1]), flush=True)
     chosen, why = choose(rows)
     return [{**r, "seed": seed, "chosen": r is chosen} for r in rows], why, minutes

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from _common import RESULTS, SHARED_DATA, require, save
+from _common import RESULTS, SHARED_DATA, require, run_figures, save
 
 import medtl
 from medtl.data import KERMANY_PATIENT_REGEX
@@ -60,7 +60,8 @@ def run_one(options: dict, rule: str, out: Path) -> dict:
     return {"stage": chosen["stage"], "head": run.config["head"],
             "stages_run": len(run.config["stages"]), "val_auc": chosen["val_auc"],
             "val_accuracy": chosen.get("val_accuracy"), "test_auc": test.get("auc"),
-            "test_accuracy": test.get("accuracy"), "minutes": round(minutes, 2)}
+            "test_accuracy": test.get("accuracy"), "minutes": round(minutes, 2),
+            **{k: v for k, v in run_figures(run).items() if k.startswith("test_accuracy_")}}
 
 
 def main() -> None:
