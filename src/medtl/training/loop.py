@@ -10,11 +10,11 @@ history. What a batch is (uint8 images to augment and normalise, or feature vect
 AdamW over caller-built parameter groups (discriminative learning rates are the caller's), with
 a per-step linear warm-up then cosine schedule, or a constant rate (``schedule="constant"``).
 
-Reproducibility: shuffling, balanced sampling and augmentation draw from generators derived from
-(seed, epoch) only; dropout draws from torch's global generator, which the loop forks (the
-caller's state is restored when it returns, nothing is reseeded behind its back) and whose state
-travels in the checkpoint, so on CPU a run killed and resumed is bitwise the same as one never
-interrupted.
+Reproducibility: shuffling, balanced sampling, augmentation and mixup/CutMix draw from
+generators derived from (seed, epoch) only; dropout draws from torch's global generator, which
+the loop forks (the caller's state is restored when it returns, nothing is reseeded behind its
+back) and whose state travels in the checkpoint, so on CPU a run killed and resumed is bitwise
+the same as one never interrupted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import nn
 
 from medtl.console import progress_bar
 from medtl.errors import MedtlError, check_choice
+from medtl.training.mixing import MIX_CHOICES, mix_batch, mix_generator
 from medtl.training.selection import selection_score, val_summary
 
 log = logging.getLogger("medtl")
@@ -76,6 +77,9 @@ class TrainConfig:
     # keeps and the run saves.
     label_smoothing: float = 0.0
     ema: float | None = None
+    # Mixup/CutMix of each training batch (none | mixup | cutmix | both; medtl.training.mixing);
+    # the loss is the lambda-weighted mix of the two targets' losses through the criterion.
+    mix: str = "none"
 
 
 @dataclass
@@ -439,15 +443,18 @@ def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Ten
     steps = math.ceil(len(y) / cfg.batch_size)
     order = epoch_indices(y, seed=cfg.seed, epoch=state.epoch, balanced=cfg.sampler == "balanced")
     aug_gen = epoch_generator(cfg.seed, state.epoch, stream=1, device=device.type)
+    mix_rng = mix_generator(cfg.seed, state.epoch) if cfg.mix != "none" else None
     total_loss, seen, lrs = 0.0, 0, {}
     with progress_bar(f"epoch {state.epoch}/{cfg.epochs}", steps, quiet=cfg.quiet) as advance:
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xb = inputs.train_batch(x[idx], device, aug_gen)
             yb = y[idx].to(device)
+            mixed = mix_batch(xb, yb, cfg.mix, mix_rng) if mix_rng is not None else None
             with _autocast(device):
-                logits = model(xb)
-            loss = criterion(logits.float(), yb)
+                logits = model(mixed.x if mixed is not None else xb)
+            loss = (mixed.loss(criterion, logits.float()) if mixed is not None
+                    else criterion(logits.float(), yb))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lrs = {f"lr_{g['name']}": float(g["lr"]) for g in optimizer.param_groups}
@@ -522,6 +529,7 @@ def _check_config(config: TrainConfig, param_groups: list[dict]) -> None:
         raise MedtlError(f"--label-smoothing {config.label_smoothing}: choose 0 to below 1")
     if config.ema is not None and not 0.0 < config.ema < 1.0:
         raise MedtlError(f"--ema {config.ema}: a decay above 0 and below 1 (e.g. 0.999)")
+    check_choice("--mix", config.mix, MIX_CHOICES)
     names = [g.get("name") for g in param_groups]
     if None in names or len(set(names)) != len(names):
         raise MedtlError(f"each parameter group needs a unique 'name'; got {names}")
@@ -558,7 +566,8 @@ def _check_resumable(ckpt: dict, state: LoopState, data: str | None, path: Path)
     settings, learning rates or data: the saved optimizer and best state would silently win."""
     # A setting newer than the checkpoint was at its default there.
     defaults = asdict(TrainConfig())
-    saved = {**{k: defaults[k] for k in ("label_smoothing", "ema")}, **ckpt.get("config", {})}
+    saved = {**{k: defaults[k] for k in ("label_smoothing", "ema", "mix")},
+             **ckpt.get("config", {})}
     now = asdict(state.config)
     diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
              if k not in RESUME_EXEMPT and _plain(saved.get(k)) != _plain(now[k])]

@@ -57,6 +57,11 @@ class TrainOptions:
     # what validation scores and the run saves. Trainable strategies only.
     label_smoothing: float = 0.0
     ema: float | None = None
+    # Mixup/CutMix of training batches (none | mixup | cutmix | both). None: the --augment
+    # preset's (both for strong, else none), so that the preset can turn it on while a value
+    # given explicitly still wins; ``resolved_mix`` is what a run trains with and records.
+    # Trainable strategies only: frozen ones refuse a value other than none.
+    mix: str | None = None
     class_weight: str = "auto"
     sampler: str = "none"
     calibrate: bool = False
@@ -108,12 +113,24 @@ class TrainOptions:
             raise MedtlError(f"--label-smoothing {self.label_smoothing}: choose 0 to below 1")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise MedtlError(f"--ema {self.ema}: a decay above 0 and below 1 (e.g. 0.999)")
+        if self.mix is not None:
+            from medtl.training.mixing import MIX_CHOICES
+
+            check_choice("--mix", self.mix, MIX_CHOICES)
         if self.threads is not None and self.threads < 1:
             raise MedtlError(f"--threads {self.threads}: at least 1")
         for name in ("epochs", "batch_size", "patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MedtlError(f"--{name.replace('_', '-')} {value}: at least 1")
+
+    @property
+    def resolved_mix(self) -> str:
+        """``--mix`` as a trainable strategy applies it: the value given, else the
+        ``--augment`` preset's (medtl.training.mixing.PRESET_MIX)."""
+        from medtl.training.mixing import mix_for
+
+        return mix_for(self.mix, self.augment)
 
     @property
     def n_threads(self) -> int:

@@ -170,6 +170,12 @@ class FrozenStrategy(Strategy):
         if self.options.sampler != "none":
             raise MedtlError(f"--sampler {self.options.sampler}: frozen strategies see each "
                              "feature vector once per fit; use --class-weight balanced")
+        # Only a value given: the strong preset's implied mixing (None) is simply not applied.
+        if self.options.mix not in (None, "none"):
+            raise MedtlError(f"--mix {self.options.mix}: --strategy {self.name} extracts the "
+                             "frozen features once, so there are no training images to mix; "
+                             "use a trainable strategy (fine-tune, full, scratch, truncated, "
+                             "auto) or --mix none")
 
     def fit_head(self, x, y, xv, yv, classes: list[str], balanced: bool,
                  ) -> tuple[LinearHead | SklearnHead, list[dict[str, Any]]]:
@@ -266,7 +272,7 @@ class NetworkStrategy(Strategy):
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
     own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler",
-                   "label_smoothing", "ema")
+                   "label_smoothing", "ema", "mix")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
 
@@ -275,6 +281,11 @@ class NetworkStrategy(Strategy):
         from medtl.data.augment import AUGMENT_PRESETS
 
         check_choice("augment", self.options.augment, AUGMENT_PRESETS)
+
+    def own_values(self) -> dict[str, Any]:
+        """As recorded, with --mix resolved: the mixing the run trained with, also where the
+        --augment preset chose it (the options record what was asked)."""
+        return {**super().own_values(), "mix": self.options.resolved_mix}
 
     def build(self, num_classes: int) -> nn.Module:
         """The network to train, its new layers drawn from the run's seed."""
