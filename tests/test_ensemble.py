@@ -215,12 +215,7 @@ def test_predict_and_evaluate_combine_the_members(members, tmp_path):
         np.testing.assert_allclose([r["ood_score"] for r in got], np.max(scaled, axis=0))
     ev = medtl.evaluate(ens.path, quiet=True)
     assert ev["metrics"]["auc"] == pytest.approx(ens.metrics["test"]["auc"])
-    with pytest.raises(MedtlError, match="explain is not supported for ensemble runs"):
-        medtl.workflow.explain(ens.path, files[:1], out=tmp_path / "x")
-    from medtl.export.writer import export_run
-
-    with pytest.raises(MedtlError, match="not supported for ensemble runs"):
-        export_run(medtl.load_run(ens.path), tmp_path / "bundle")
+    # explain, export and serve of ensembles: tests/test_ensemble_deploy.py
 
 
 def test_a_tampered_member_is_refused(members, tmp_path):

@@ -720,13 +720,15 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], *, out: str | P
     check_choice("method", method, METHODS)  # before the model loads
     check_choice("--paths", paths, PATH_MODES)
     run = run if isinstance(run, Run) else load_run(run)
-    if run.kind == "ensemble":
-        raise MedtlError(f"{run.path}: explain is not supported for ensemble runs yet; explain "
-                         "a member (members/NAME) instead")
+    if run.kind == "ensemble" and sanity_check:  # before every member loads
+        raise MedtlError(f"{run.path}: --sanity-check is not supported for an ensemble run; "
+                         "run it on a member (members/NAME)")
     clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
+    # An ensemble's map: the mean of its members' maps (medtl.explain.runs._EnsembleMaps)
+    names = [m["name"] for m in run.config["members"]] if run.kind == "ensemble" else None
     return explain_images(clf, inputs, out=out, view=run.config.get("view"), method=method,
                           target=target, sanity_check=sanity_check, skip_bad=skip_bad,
-                          quiet=quiet, paths=paths)
+                          quiet=quiet, paths=paths, member_names=names)
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

@@ -15,6 +15,7 @@ import torch
 
 from medtl.errors import DataReadError, MedtlError, check_choice
 from medtl.explain.cam import CAM_METHODS, METHODS, Explainer, overlay, positive_part, spearman
+from medtl.transfer.ensemble import EnsembleModel
 
 if TYPE_CHECKING:
     from medtl.data.dataset import Record
@@ -104,9 +105,14 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
                    view: dict[str, str] | None = None, method: str = "gradcam",
                    target: str = "predicted", sanity_check: bool = False,
                    skip_bad: bool = False, quiet: bool = False,
-                   paths: str = "relative") -> dict[str, Any]:
+                   paths: str = "relative",
+                   member_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Write an overlay PNG and the raw map (.npy) per input image to ``out``, for a fitted or
     loaded classifier (``view``: how its run reads DICOM and volumes).
+
+    For an ensemble (``clf.model_`` an EnsembleModel; ``member_names`` name its members) the
+    map is the mean of its members' maps (:class:`_EnsembleMaps`), the probability the
+    ensemble's, and the result's ``ensemble`` (also ``out/ensemble_maps.json``) says how.
 
     ``paths``: how explanations.csv, the file names and the log name the inputs: relative to
     the folder given (a file by its name), hashed, or absolute (medtl.data.privacy).
@@ -125,25 +131,105 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
     fixed = _target_index(target, classes)
     view = make_view(**(view or {}))
     ds = dataset_from_files(inputs, classes=classes, view=view)
-    explainer = Explainer.for_classifier(clf)
+    ensemble = isinstance(clf.model_, EnsembleModel)
+    if ensemble and sanity_check:
+        raise MedtlError("--sanity-check is not supported for an ensemble: run it on a "
+                         "member (members/NAME)")
     with run_logging(Path(out), quiet, append=True, rewrite=display.scrub):
-        return _explain(clf, ds, explainer, Path(out), method=method, fixed=fixed,
+        mapper = (_EnsembleMaps(clf.model_, method, member_names) if ensemble
+                  else _RunMaps(clf, Explainer.for_classifier(clf), method))
+        return _explain(clf, ds, mapper, Path(out), method=method, fixed=fixed,
                         mode=view.mode, sanity_check=sanity_check, skip_bad=skip_bad,
                         quiet=quiet, show=display.show)
 
 
-def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: int | None,
-             mode: str, sanity_check: bool, skip_bad: bool, quiet: bool,
+class _RunMaps:
+    """One run's model: the probabilities of a batch of decoded images (and the pixels they
+    were computed from), then their maps for chosen classes, with the method ``used``."""
+
+    def __init__(self, clf, explainer: Explainer, method: str) -> None:
+        self.clf, self.explainer = clf, explainer
+        self.used = explainer.method_for(method)
+        if self.used != method:
+            log.warning("--method %s: %s, so occlusion explains it instead", method,
+                        explainer.why_not_differentiable)
+
+    def proba(self, images: list[np.ndarray]) -> tuple[np.ndarray, torch.Tensor]:
+        pixels = model_input(self.clf.model_.preprocessing, images, _device(self.explainer))
+        return self.clf.model_.calibrate(self.explainer.scores(pixels).double().cpu().numpy()), \
+            pixels
+
+    def maps(self, pixels: torch.Tensor, targets: Sequence[int]) -> np.ndarray:
+        return self.explainer.maps(pixels, targets, self.used)
+
+
+class _EnsembleMaps:
+    """An ensemble run's model (medtl.transfer.ensemble.EnsembleModel): its combined
+    probabilities, and as its map the mean of its members' maps for the same target class,
+    each member's own (its method, or occlusion where its head has no gradient, at its own
+    input size), resized bilinearly to the largest member's input size before averaging.
+
+    When the members' methods differ (a Grad-CAM map in [0, 1] and a signed occlusion map are
+    not on one scale), each map is first put on its display scale in [0, 1] (CAM clipped,
+    other methods' positive part), and ``used`` is ``mixed``."""
+
+    def __init__(self, model, method: str, names: Sequence[str] | None = None) -> None:
+        from medtl.transfer.ensemble import combine
+
+        self.model, self.combine = model, combine
+        self.members = [_RunMaps(m, Explainer.for_classifier(m), method)
+                        for m in model.members]
+        self.names = list(names) if names else [f"member{i}" for i in
+                                                range(1, len(self.members) + 1)]
+        self.size = max(m.clf.model_.preprocessing.size for m in self.members)
+        methods = {m.used for m in self.members}
+        self.scaled = len(methods) > 1
+        self.used = "mixed" if self.scaled else methods.pop()
+
+    def record(self) -> dict[str, Any]:
+        """How the maps were made (the result's and ensemble_maps.json's ``ensemble``)."""
+        return {"maps": f"mean of the members' maps, each resized (bilinear) to {self.size} x "
+                        f"{self.size} px (the largest member input) before averaging"
+                        + ("; each scaled to [0, 1] first, since their methods differ"
+                           if self.scaled else ""),
+                "size": self.size, "scaled": self.scaled, "combiner": self.model.method,
+                "members": [{"name": n, "method": m.used,
+                             "size": m.clf.model_.preprocessing.size}
+                            for n, m in zip(self.names, self.members, strict=True)]}
+
+    def proba(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[torch.Tensor]]:
+        outs = [m.proba(images) for m in self.members]
+        return (self.combine([p for p, _ in outs], self.model.method, self.model.params),
+                [pixels for _, pixels in outs])
+
+    def maps(self, pixels: list[torch.Tensor], targets: Sequence[int]) -> np.ndarray:
+        out = []
+        for member, px in zip(self.members, pixels, strict=True):
+            maps = resize_maps(member.maps(px, targets), self.size)
+            if self.scaled:
+                maps = np.stack([display_map(m, member.used) for m in maps])
+            out.append(maps)
+        return np.mean(out, axis=0).astype(np.float32)
+
+
+def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """(N, s, s) maps to (N, size, size), bilinear (as an overlay stretches a map)."""
+    from PIL import Image
+
+    if maps.shape[1:] == (size, size):
+        return maps.astype(np.float32)
+    return np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize(
+        (size, size), Image.BILINEAR)) for m in maps])
+
+
+def _explain(clf, ds, mapper: _RunMaps | _EnsembleMaps, out: Path, *, method: str,
+             fixed: int | None, mode: str, sanity_check: bool, skip_bad: bool, quiet: bool,
              show: Callable[[str], str] = str) -> dict[str, Any]:
     from medtl.console import progress_bar
     from medtl.files import atomic_open, atomic_write, write_csv, write_json
 
-    used = explainer.method_for(method)
-    if used != method:
-        log.warning("--method %s: %s, so occlusion explains it instead", method,
-                    explainer.why_not_differentiable)
+    used = mapper.used
     classes = list(clf.classes_)
-    dev = _device(explainer)
     rows: list[dict[str, Any]] = []
     kept_pixels, kept_targets, kept_maps = [], [], []
     taken: set[str] = set()
@@ -154,11 +240,10 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
             if not images:
                 advance(len(batch))
                 continue
-            pixels = model_input(clf.model_.preprocessing, images, dev)
-            proba = clf.model_.calibrate(explainer.scores(pixels).double().cpu().numpy())
+            proba, pixels = mapper.proba(images)
             predicted = proba.argmax(1)
             targets = predicted if fixed is None else np.full(len(images), fixed)
-            maps = explainer.maps(pixels, targets, used)
+            maps = mapper.maps(pixels, targets)
             for j, i in enumerate(indices):
                 record = ds.records[i]
                 stem = _file_stem(record, taken, show(record.path))
@@ -179,13 +264,18 @@ def _explain(clf, ds, explainer: Explainer, out: Path, *, method: str, fixed: in
             advance(len(batch))
     write_csv(out / "explanations.csv", rows)
     sanity = None
-    if sanity_check and kept_pixels:
+    if sanity_check and kept_pixels and isinstance(mapper, _RunMaps):
         pixels = torch.cat(kept_pixels)[:SANITY_IMAGES]
-        sanity = randomisation_check(explainer, pixels, kept_targets[:SANITY_IMAGES], used,
+        sanity = randomisation_check(mapper.explainer, pixels, kept_targets[:SANITY_IMAGES], used,
                                      maps=np.concatenate(kept_maps)[:SANITY_IMAGES])
         write_json(out / "sanity_check.json", sanity)
     log.info("%d explanations (%s) written to %s", sum("overlay" in r for r in rows), used, out)
-    return {"method": used, "rows": rows, "sanity": sanity}
+    result = {"method": used, "rows": rows, "sanity": sanity}
+    if isinstance(mapper, _EnsembleMaps):
+        result["ensemble"] = mapper.record()
+        write_json(out / "ensemble_maps.json", result["ensemble"])
+        log.info("ensemble: %s", result["ensemble"]["maps"])
+    return result
 
 
 def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str, Any]],

@@ -40,6 +40,10 @@ PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
 CARD_JSON = "model-card.json"
 CARD_MD = "model-card.md"
+# An ensemble's bundle (`medtl export ENSEMBLE_RUN`): this combiner record and members/<name>/,
+# each a bundle of its own; its manifest.json lists every file below it by relative path.
+ENSEMBLE_FILE = "ensemble.json"
+MEMBERS_DIR = "members"
 # The graph's second output when the run has an out-of-distribution detector (medtl.transfer.ood)
 OOD_OUTPUT = "ood_score"
 # protobuf cannot hold a single-file ONNX model over 2 GiB; other files (model card) are small.
@@ -109,25 +113,31 @@ def write_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is an exported bundle (a folder with a manifest and a model, ONNX or
-    TorchScript) rather than a run directory."""
+    TorchScript, or an ensemble's ``ensemble.json``) rather than a run directory."""
     p = Path(path)
     return p.is_dir() and (p / MANIFEST_FILE).is_file() \
-        and any((p / name).is_file() for name in MODEL_FILES)
+        and any((p / name).is_file() for name in (*MODEL_FILES, ENSEMBLE_FILE))
+
+
+def _manifest_listing(where: Path, raw: bytes, max_files: int = MAX_FILES) -> dict[str, Any]:
+    """manifest.json's ``files`` (name -> sha256 as listed) from its bytes ``raw``."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MedtlError(f"{where}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise MedtlError(f"{where}: not a medtl bundle manifest of format {BUNDLE_FORMAT}")
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not 0 < len(listed) <= max_files:
+        raise MedtlError(f"{where}: 'files' must map 1 to {max_files} file names to sha256")
+    return listed
 
 
 def _verified_files(root: Path) -> dict[str, bytes]:
     """Every file the manifest lists, read once and checked against its sha256; a file the
     manifest does not list, or anything but a regular file, is refused."""
     where = root / MANIFEST_FILE
-    try:
-        manifest = json.loads(_read_file(where, MAX_JSON_BYTES).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MedtlError(f"{where}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise MedtlError(f"{where}: not a medtl bundle manifest of format {BUNDLE_FORMAT}")
-    listed = manifest.get("files")
-    if not isinstance(listed, dict) or not 0 < len(listed) <= MAX_FILES:
-        raise MedtlError(f"{where}: 'files' must map 1 to {MAX_FILES} file names to sha256")
+    listed = _manifest_listing(where, _read_file(where, MAX_JSON_BYTES))
     if PREPROCESSING_FILE not in listed:
         raise MedtlError(f"{where}: does not list {PREPROCESSING_FILE}; refused")
     if sum(name in listed for name in MODEL_FILES) != 1:
@@ -159,12 +169,32 @@ def _check_number(value: Any, what: str, low: float, high: float) -> float:
 
 def _check_preprocessing(d: Any) -> dict[str, Any]:
     """preprocessing.json's values, each checked as a run's model.json is (one MedtlError)."""
-    from medtl.data.sources import make_view
-    from medtl.transfer.meta import check_class_names, check_text
+    from medtl.transfer.meta import check_text
 
     if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT:
         raise MedtlError(f"not a medtl preprocessing of format {BUNDLE_FORMAT}")
     pre = Preprocessing.from_dict(d)
+    labels = _check_labels(d)
+    temperature = d.get("temperature")
+    if temperature is not None:
+        _check_number(temperature, "temperature", 1e-3, 1e3)
+    io = d.get("input", {}), d.get("output", {})
+    if not all(isinstance(x, dict) for x in io) \
+            or io[0].get("layout", "NCHW") != "NCHW" or io[0].get("dtype", "float32") != "float32" \
+            or io[0].get("scale", INPUT_SCALE) != INPUT_SCALE:
+        raise MedtlError(f"input must be NCHW float32 scaled as {INPUT_SCALE!r}")
+    names = [check_text(x.get(k, v), f"{k} name") for x, k, v in
+             ((io[0], "name", "image"), (io[1], "name", "probabilities"))]
+    return {"preprocessing": pre, **labels, "temperature": temperature, "input_name": names[0],
+            "output_name": names[1], "ood": _check_ood(d.get("ood"))}
+
+
+def _check_labels(d: dict[str, Any]) -> dict[str, Any]:
+    """The view, classes, positive class and operating points of preprocessing.json (or of an
+    ensemble bundle's ensemble.json), each checked."""
+    from medtl.data.sources import make_view
+    from medtl.transfer.meta import check_class_names, check_text
+
     view = d.get("view", {})
     if not isinstance(view, dict) or set(view) - {"window", "slices", "mode"} \
             or not all(isinstance(v, str) for v in view.values()):
@@ -180,19 +210,8 @@ def _check_preprocessing(d: Any) -> dict[str, Any]:
                          "thresholds")
     points = {check_text(k, "operating point"): _check_number(v, f"operating point {k}", 0, 1)
               for k, v in points.items()}
-    temperature = d.get("temperature")
-    if temperature is not None:
-        _check_number(temperature, "temperature", 1e-3, 1e3)
-    io = d.get("input", {}), d.get("output", {})
-    if not all(isinstance(x, dict) for x in io) \
-            or io[0].get("layout", "NCHW") != "NCHW" or io[0].get("dtype", "float32") != "float32" \
-            or io[0].get("scale", INPUT_SCALE) != INPUT_SCALE:
-        raise MedtlError(f"input must be NCHW float32 scaled as {INPUT_SCALE!r}")
-    names = [check_text(x.get(k, v), f"{k} name") for x, k, v in
-             ((io[0], "name", "image"), (io[1], "name", "probabilities"))]
-    return {"preprocessing": pre, "view": view, "classes": classes, "positive_class": positive,
-            "operating_points": points, "temperature": temperature, "input_name": names[0],
-            "output_name": names[1], "ood": _check_ood(d.get("ood"))}
+    return {"view": view, "classes": classes, "positive_class": positive,
+            "operating_points": points}
 
 
 def _check_ood(d: Any) -> dict[str, Any] | None:
@@ -230,8 +249,71 @@ def _check_ood(d: Any) -> dict[str, Any] | None:
     return out
 
 
+class _Predicting:
+    """What a loaded bundle (one model or an ensemble of them) predicts with, given its
+    ``classes``, ``view``, ``ood``, ``prepare`` (one decoded image to the model's input row)
+    and ``predict_batch_ood`` (a stack of those rows to probabilities and OOD scores)."""
+
+    classes: list[str]
+    view: dict[str, str]
+    ood: dict[str, Any] | None
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_batch_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def dataset(self, inputs: Sequence[str | os.PathLike[str]]):
+        """Image files (and folders of them) as a medtl Dataset, read with the bundle's view."""
+        from medtl.data.sources import dataset_from_files, make_view
+
+        return dataset_from_files(inputs, classes=self.classes, view=make_view(**self.view))
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) for a batch of :meth:`prepare`'s rows (for one model: a
+        normalised float32 NCHW batch)."""
+        return self.predict_batch_ood(batch)[0]
+
+    def predict_dataset(self, ds, *, skip_bad: bool = False) -> np.ndarray:
+        """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``; an
+        unreadable image raises DataReadError, or with ``skip_bad`` gets a NaN row (as a run's
+        prediction does: its CSV row says UNREADABLE)."""
+        return self.predict_dataset_ood(ds, skip_bad=skip_bad)[0]
+
+    def predict_dataset_ood(self, ds, *, skip_bad: bool = False,
+                            ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`predict_dataset`'s probabilities and the OOD score (N,) of each image (NaN
+        for one skipped; None when the bundle has no detector), from one graph run a batch."""
+        from medtl.errors import DataReadError
+
+        out = np.full((len(ds), len(self.classes)), np.nan)
+        scores = None if self.ood is None else np.full(len(ds), np.nan)
+        for start in range(0, len(ds), BATCH_SIZE):
+            read, images = [], []
+            for i in range(start, min(start + BATCH_SIZE, len(ds))):
+                try:
+                    images.append(self.prepare(ds.read(i)))
+                except DataReadError:
+                    if not skip_bad:
+                        raise
+                    continue
+                read.append(i)
+            if images:
+                proba, score = self.predict_batch_ood(np.stack(images))
+                out[read] = proba
+                if scores is not None and score is not None:
+                    scores[read] = score
+        return out, scores
+
+    def predict_proba(self, paths: Sequence[str | os.PathLike[str]], *,
+                      skip_bad: bool = False) -> np.ndarray:
+        """Probabilities (N, K), one row per image found in ``paths`` (files or folders)."""
+        return self.predict_dataset(self.dataset(paths), skip_bad=skip_bad)
+
+
 @dataclass
-class ExportedModel:
+class ExportedModel(_Predicting):
     """A loaded bundle: its classes and operating points, and probabilities for image files.
 
     The ONNX graph maps the normalised batch to probabilities, calibration temperature
@@ -254,15 +336,10 @@ class ExportedModel:
     card: dict[str, Any] | None = field(repr=False, default=None)  # model-card.json, if listed
     model_file: str = MODEL_FILE  # or TORCHSCRIPT_FILE: what error messages name
 
-    def dataset(self, inputs: Sequence[str | os.PathLike[str]]):
-        """Image files (and folders of them) as a medtl Dataset, read with the bundle's view."""
-        from medtl.data.sources import dataset_from_files, make_view
-
-        return dataset_from_files(inputs, classes=self.classes, view=make_view(**self.view))
-
-    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities (N, K) for a normalised float32 NCHW batch."""
-        return self.predict_batch_ood(batch)[0]
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The graph's input row (C, S, S) for one decoded (H, W, 3) uint8 image."""
+        pre = self.preprocessing
+        return pre.normalise(pre.resize_uint8(image)[None])[0]
 
     def predict_batch_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities (N, K) and, when the bundle has an out-of-distribution detector, the
@@ -285,43 +362,6 @@ class ExportedModel:
             raise MedtlError(f"{self.directory / self.model_file}: {OOD_OUTPUT} of shape "
                              f"{score.shape}, not ({len(batch)},); refused")
         return out, score
-
-    def predict_dataset(self, ds, *, skip_bad: bool = False) -> np.ndarray:
-        """Probabilities (N, K) for every image of ``ds``, in batches of ``BATCH_SIZE``; an
-        unreadable image raises DataReadError, or with ``skip_bad`` gets a NaN row (as a run's
-        prediction does: its CSV row says UNREADABLE)."""
-        return self.predict_dataset_ood(ds, skip_bad=skip_bad)[0]
-
-    def predict_dataset_ood(self, ds, *, skip_bad: bool = False,
-                            ) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`predict_dataset`'s probabilities and the OOD score (N,) of each image (NaN
-        for one skipped; None when the bundle has no detector), from one graph run a batch."""
-        from medtl.errors import DataReadError
-
-        out = np.full((len(ds), len(self.classes)), np.nan)
-        scores = None if self.ood is None else np.full(len(ds), np.nan)
-        for start in range(0, len(ds), BATCH_SIZE):
-            read, images = [], []
-            for i in range(start, min(start + BATCH_SIZE, len(ds))):
-                try:
-                    images.append(self.preprocessing.resize_uint8(ds.read(i)))
-                except DataReadError:
-                    if not skip_bad:
-                        raise
-                    continue
-                read.append(i)
-            if images:
-                proba, score = self.predict_batch_ood(
-                    self.preprocessing.normalise(np.stack(images)))
-                out[read] = proba
-                if scores is not None and score is not None:
-                    scores[read] = score
-        return out, scores
-
-    def predict_proba(self, paths: Sequence[str | os.PathLike[str]], *,
-                      skip_bad: bool = False) -> np.ndarray:
-        """Probabilities (N, K), one row per image found in ``paths`` (files or folders)."""
-        return self.predict_dataset(self.dataset(paths), skip_bad=skip_bad)
 
 
 @dataclass(frozen=True)
@@ -435,10 +475,16 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
     An ONNX bundle (``model.onnx``) runs on onnxruntime and never imports torch; a TorchScript
     bundle (``model.pt``) needs PyTorch, and is loaded from the checked bytes."""
     root = Path(path)
+    if is_ensemble_bundle(root):
+        return load_ensemble_bundle(root)
     if not is_bundle(root):
         raise MedtlError(f"{root}: not an exported bundle (no {MANIFEST_FILE} and "
                          f"{' or '.join(MODEL_FILES)})")
-    files = _verified_files(root)
+    return _model_from_files(root, _verified_files(root))
+
+
+def _model_from_files(root: Path, files: dict[str, bytes]) -> ExportedModel:
+    """The ExportedModel of a bundle's files, already checked against its manifest."""
     model_file = next(name for name in MODEL_FILES if name in files)
     where = root / PREPROCESSING_FILE
     try:
@@ -465,3 +511,253 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
     return ExportedModel(directory=root, sha256=hashlib.sha256(files[model_file]).hexdigest(),
                          info=info, session=session, card=card, model_file=model_file, **checked)
 
+
+
+# ------------------------------------------------------------------------------ ensembles
+# An ensemble bundle: ensemble.json (combiner, classes, operating points), the ensemble's model
+# card, and members/<name>/, each a whole single-model bundle with its own manifest; the
+# top-level manifest.json lists every file below the bundle by relative path.
+MAX_DEPTH = 3  # members/<name>/<file>
+
+
+def is_ensemble_bundle(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an ensemble's exported bundle (manifest.json and ensemble.json)."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST_FILE).is_file() and (p / ENSEMBLE_FILE).is_file()
+
+
+def _max_tree_files() -> int:
+    from medtl.transfer.ensemble import MAX_MEMBERS
+
+    return MAX_FILES * (MAX_MEMBERS + 1)
+
+
+def _check_rel(rel: Any, where: Path) -> str:
+    """A path the ensemble manifest may list: 1 to MAX_DEPTH plain names joined by '/', not the
+    top-level manifest itself."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not 0 < len(parts) <= MAX_DEPTH or rel == MANIFEST_FILE or any(
+            not p or p in (".", "..") or len(p) > 255 or any(c in p for c in "\\\0")
+            for p in parts):
+        raise MedtlError(f"{where}: path {str(rel)[:80]!r} is not a relative path inside the "
+                         "bundle; refused")
+    return rel
+
+
+def _tree(root: Path) -> list[str]:
+    """Every regular file below ``root`` by relative path (the top-level manifest aside); a
+    link, a special file or a folder deeper than MAX_DEPTH is refused."""
+    found: list[str] = []
+
+    def walk(folder: Path, prefix: str, depth: int) -> None:
+        for entry in sorted(folder.iterdir()):
+            rel = prefix + entry.name
+            if entry.is_symlink():
+                raise MedtlError(f"{entry}: a symbolic link in a bundle; refused")
+            if entry.is_dir() and depth < MAX_DEPTH:
+                walk(entry, rel + "/", depth + 1)
+            elif entry.is_file() and rel != MANIFEST_FILE:
+                found.append(rel)
+            elif rel != MANIFEST_FILE:
+                raise MedtlError(f"{entry}: not a regular file of the bundle; refused")
+            if len(found) > _max_tree_files():
+                raise MedtlError(f"{root}: more than {_max_tree_files()} files; refused")
+
+    walk(root, "", 1)
+    return found
+
+
+def _limit(rel: str) -> int:
+    return MAX_MODEL_BYTES if rel.rsplit("/", 1)[-1] in MODEL_FILES else MAX_OTHER_BYTES
+
+
+def write_tree_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write an ensemble bundle's ``manifest.json``: the sha256 of every file below
+    ``directory`` by relative path (the members' own manifests included)."""
+    root = Path(directory)
+    files = {_check_rel(rel, root): hashlib.sha256(_read_file(root / rel, _limit(rel)))
+             .hexdigest() for rel in _tree(root)}
+    manifest = {"format": BUNDLE_FORMAT, "kind": "ensemble", "files": files}
+    write_json(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _verified_tree(root: Path) -> dict[str, bytes]:
+    """Every file the ensemble manifest lists, read once and checked against its sha256; a file
+    below the bundle it does not list, a link or a special file is refused."""
+    where = root / MANIFEST_FILE
+    listed = _manifest_listing(where, _read_file(where, MAX_JSON_BYTES), _max_tree_files())
+    if ENSEMBLE_FILE not in listed:
+        raise MedtlError(f"{where}: does not list {ENSEMBLE_FILE}; refused")
+    if extra := sorted(set(_tree(root)) - set(listed)):
+        raise MedtlError(f"{root / extra[0]}: not listed in the manifest; refused")
+    out = {}
+    for rel, digest in listed.items():
+        _check_rel(rel, where)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise MedtlError(f"{where}: {rel}: not a sha256 digest")
+        data = _read_file(root / rel, _limit(rel))
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise MedtlError(f"{root / rel}: sha256 differs from the manifest (changed since "
+                             "export); refused")
+        out[rel] = data
+    return out
+
+
+def _member_files(files: dict[str, bytes], name: str, where: Path) -> dict[str, bytes]:
+    """One member's files (by their names in its own folder), which its own manifest.json must
+    list exactly, with the same sha256: each member folder stays a bundle of its own."""
+    prefix = f"{MEMBERS_DIR}/{name}/"
+    own = {rel[len(prefix):]: data for rel, data in files.items() if rel.startswith(prefix)}
+    if MANIFEST_FILE not in own:
+        raise MedtlError(f"{where / MANIFEST_FILE}: missing (each member is a bundle); refused")
+    listed = _manifest_listing(where / MANIFEST_FILE, own.pop(MANIFEST_FILE))
+    if set(listed) != set(own):
+        odd = sorted(set(listed) ^ set(own))[0]
+        raise MedtlError(f"{where / odd}: the member's manifest and its folder disagree; "
+                         "refused")
+    for name_, data in own.items():
+        _check_name(name_, where)
+        if listed[name_] != hashlib.sha256(data).hexdigest():
+            raise MedtlError(f"{where / name_}: sha256 differs from the member's manifest; "
+                             "refused")
+    return own
+
+
+class _EnsembleInput:
+    """The image grid an ensemble is shown on (occlusion maps of ``medtl serve``): the
+    largest member's input size; ``normalise`` turns grid images into :meth:`prepare`'s
+    rows, each member resizing the grid image to its own input."""
+
+    def __init__(self, ensemble: ExportedEnsemble) -> None:
+        self.ensemble = ensemble
+        self.grid = max((m.preprocessing for m in ensemble.members), key=lambda p: p.size)
+        self.size, self.channels = self.grid.size, 3
+
+    def resize_uint8(self, image: np.ndarray) -> np.ndarray:
+        return self.grid.resize_uint8(image)
+
+    def normalise(self, batch_uint8: np.ndarray) -> np.ndarray:
+        return np.stack([self.ensemble.prepare(image) for image in batch_uint8])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": [m.preprocessing.to_dict() for m in self.ensemble.members]}
+
+
+@dataclass
+class ExportedEnsemble(_Predicting):
+    """A loaded ensemble bundle: each member an ExportedModel reading the image at its own
+    size and normalisation, their probabilities combined as the ensemble run combines them
+    (medtl.transfer.ensemble.combine), and the OOD score as an ensemble run's: the highest
+    member score over that member's threshold (flagged above 1), present when every member
+    has a detector.
+
+    A :meth:`prepare` row is the members' normalised inputs flattened one after the other."""
+
+    directory: Path
+    members: list[ExportedModel]
+    member_names: list[str]
+    method: str
+    params: dict[str, Any]
+    classes: list[str]
+    positive_class: str | None
+    operating_points: dict[str, float]
+    view: dict[str, str]
+    sha256: str  # of manifest.json: it fixes every file of the bundle
+    info: dict[str, Any] = field(repr=False)  # ensemble.json as read
+    ood: dict[str, Any] | None = None
+    card: dict[str, Any] | None = field(repr=False, default=None)
+    temperature: float | None = None  # members' probabilities are calibrated in their graphs
+    model_file: str = ENSEMBLE_FILE
+
+    @property
+    def preprocessing(self) -> _EnsembleInput:
+        return _EnsembleInput(self)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        return np.concatenate([m.prepare(image).ravel() for m in self.members])
+
+    def predict_batch_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        from medtl.transfer.ensemble import combine
+
+        batch = np.asarray(batch, dtype=np.float32).reshape(len(batch), -1)
+        shapes = [(m.preprocessing.channels, m.preprocessing.size, m.preprocessing.size)
+                  for m in self.members]
+        ends = np.cumsum([int(np.prod(s)) for s in shapes])
+        if batch.shape[1] != ends[-1]:
+            raise MedtlError(f"{self.directory}: an input row of {batch.shape[1]} values, not "
+                             f"the members' {ends[-1]}")
+        outs = [m.predict_batch_ood(np.ascontiguousarray(
+            batch[:, end - int(np.prod(shape)):end].reshape(len(batch), *shape)))
+            for m, shape, end in zip(self.members, shapes, ends, strict=True)]
+        proba = combine([p for p, _ in outs], self.method, self.params)
+        if self.ood is None:
+            return proba, None
+        scores = np.stack([s / float(m.ood["threshold"])
+                           for (_, s), m in zip(outs, self.members, strict=True)])
+        return proba, np.max(scores, axis=0)
+
+
+def _check_ensemble_info(d: Any, where: Path) -> dict[str, Any]:
+    """ensemble.json's values checked: format, members (2 to MAX_MEMBERS plain, unique
+    names), labels as preprocessing.json's, and the combiner as an ensemble run's."""
+    from medtl.transfer.ensemble import MAX_MEMBERS, check_combiner, safe_name
+
+    if not isinstance(d, dict) or d.get("format") != BUNDLE_FORMAT or d.get("kind") != "ensemble":
+        raise MedtlError(f"{where}: not a medtl ensemble record of format {BUNDLE_FORMAT}")
+    members = d.get("members")
+    names = [m.get("name") if isinstance(m, dict) else None for m in members] \
+        if isinstance(members, list) else []
+    if not 2 <= len(names) <= MAX_MEMBERS or not all(safe_name(n) for n in names) \
+            or len(set(names)) != len(names):
+        raise MedtlError(f"{where}: members must be 2 to {MAX_MEMBERS} plain, unique folder "
+                         "names")
+    try:
+        labels = _check_labels(d)
+    except MedtlError as exc:
+        raise MedtlError(f"{where}: {exc}") from None
+    combiner = check_combiner({"method": d.get("method"), "params": d.get("params")},
+                              len(names), len(labels["classes"]), where)
+    return {**labels, "member_names": names, **combiner}
+
+
+def load_ensemble_bundle(path: str | os.PathLike[str]) -> ExportedEnsemble:
+    """Load an ensemble bundle: every file below it checked against the top-level manifest
+    (a changed, missing or unlisted file is refused), each member loaded as a bundle of its
+    own, and the members' classes, positive class and view checked against ensemble.json."""
+    from medtl.transfer.ensemble import _EnsembleOOD
+
+    root = Path(path)
+    files = _verified_tree(root)
+    where = root / ENSEMBLE_FILE
+    try:
+        info = json.loads(files[ENSEMBLE_FILE].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MedtlError(f"{where}: not valid JSON ({type(exc).__name__})") from None
+    checked = _check_ensemble_info(info, where)
+    members = []
+    for name in checked["member_names"]:
+        folder = root / MEMBERS_DIR / name
+        member = _model_from_files(folder, _member_files(files, name, folder))
+        if (member.classes, member.positive_class, member.view) != (
+                checked["classes"], checked["positive_class"], checked["view"]):
+            raise MedtlError(f"{folder}: its classes, positive class or view differ from "
+                             f"{where}'s; refused")
+        members.append(member)
+    oods = [m.ood for m in members]
+    # As an ensemble run (medtl.transfer.ensemble.EnsembleModel): a guard only when every
+    # member has one.
+    ood = None if any(o is None for o in oods) else _EnsembleOOD(oods).record()
+    card = None
+    if CARD_JSON in files:
+        try:
+            card = json.loads(files[CARD_JSON].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise MedtlError(f"{root / CARD_JSON}: not valid JSON ({type(exc).__name__})") \
+                from None
+    return ExportedEnsemble(
+        directory=root, members=members, member_names=checked["member_names"],
+        method=checked["method"], params=checked["params"], classes=checked["classes"],
+        positive_class=checked["positive_class"], operating_points=checked["operating_points"],
+        view=checked["view"], info=info, ood=ood, card=card if isinstance(card, dict) else None,
+        sha256=hashlib.sha256(_read_file(root / MANIFEST_FILE, MAX_JSON_BYTES)).hexdigest())

@@ -50,7 +50,26 @@ def model_card(run: Run, *, ood: dict[str, Any] | None = None) -> dict[str, Any]
         "out_of_distribution": _ood(ood),
         "ethical_considerations": _ethics(),
         "caveats_and_recommendations": _caveats(cfg, metrics, data, scored),
+        **({"ensemble": _ensemble(cfg)} if cfg.get("kind") == "ensemble" else {}),
     }
+
+
+def _ensemble(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble run's combiner and members, each with its provenance as the ensemble
+    recorded it (config.json ``members``): backbone, strategy, head, starting weights, seed."""
+    members = [m for m in cfg.get("members") or [] if isinstance(m, dict)]
+    out = []
+    for m in members:
+        w = m.get("weights") if isinstance(m.get("weights"), dict) else {}
+        out.append({"name": m.get("name"), "backbone": m.get("backbone"),
+                    "strategy": m.get("strategy"), "head": m.get("head"), "seed": m.get("seed"),
+                    "weights": {"kind": w.get("kind"), "source": _shown_source(w.get("source")),
+                                "sha256": w.get("sha256"), "chain": _weights_chain(w)}})
+    fit = cfg.get("fit") if isinstance(cfg.get("fit"), dict) else {}
+    return {"method": cfg.get("method"), "combiner": cfg.get("combiner"), "fit": fit,
+            "members": out,
+            "note": f"The {cfg.get('method')} of {len(out)} members' calibrated probabilities; "
+                    "each member reads the image at its own input size and normalisation."}
 
 
 def _task(cfg: dict[str, Any]) -> str:
@@ -238,6 +257,12 @@ def _ood(record: dict[str, Any] | None) -> dict[str, Any]:
     if record is None:
         return {"guard": False, "note": "No out-of-distribution detector: every image, of any "
                                         "kind, gets one of the classes without a warning."}
+    if isinstance(record.get("members"), list):  # an ensemble's (medtl.transfer.ensemble)
+        return {"guard": True, **record,
+                "note": "Each member scores an image by its own feature distance to its "
+                        "training images over its own threshold; the ensemble's score is the "
+                        "highest of them, so an image is flagged (score > 1) when any member "
+                        "flags it."}
     tags = [f"{k.replace('_', ' ')} {', '.join(record[k])}" for k in ("modalities", "body_parts")
             if record.get(k)]
     note = (f"Each image's pooled features are scored by their {record.get('method')} distance "
@@ -284,7 +309,7 @@ def _caveats(cfg: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any],
     if data and not data.get("patient_regex"):
         out.append("Patients were not identified: images of one patient may lie in more than "
                    "one split.")
-    if cfg.get("calibration") is None:
+    if cfg.get("calibration") is None and cfg.get("kind") != "ensemble":  # members calibrate
         out.append("No temperature calibration: probabilities may be over- or under-confident "
                    "(see the calibration error).")
     if metrics.get("thresholds"):
@@ -305,7 +330,8 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"(sha256 {_fmt(w['sha256'])})",
              *([f"- Transfer chain: {_chain_line(w['chain'])}"] if w.get("chain") else []),
              f"- Trained with medtl {d['medtl_version']} on {_fmt(d['trained'])}",
-             f"- Input: {_input(d['input'])}", "", "## Intended use", "",
+             f"- Input: {_input(d['input'])}", *_ensemble_markdown(card.get("ensemble")),
+             "", "## Intended use", "",
              f"**{use['research_use']}**", "", *[f"- {u}" for u in use["primary_uses"]], "",
              "Out of scope:", "", *[f"- {u}" for u in use["out_of_scope"]], "", "## Factors", "",
              f"- Evaluated by: {', '.join(card['factors']['evaluated'])}",
@@ -319,6 +345,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append(f"| {split} | {c['images']} | {per} | {_fmt(c['patients'])} |")
     lines += ["", *_metrics_markdown(card)]
     return "\n".join(lines + _closing_markdown(card))
+
+
+def _ensemble_markdown(ens: dict[str, Any] | None) -> list[str]:
+    if not ens:
+        return []
+    lines = ["", "## Ensemble members", "", ens["note"], "",
+             "| member | backbone | strategy | head | starting weights | seed |",
+             "|---|---|---|---|---|---|"]
+    for m in ens["members"]:
+        w = m["weights"]
+        lines.append(f"| {m['name']} | {_fmt(m['backbone'])} | {_fmt(m['strategy'])} | "
+                     f"{_fmt(m['head'])} | {_fmt(w['kind'])} from {_fmt(w['source'])} "
+                     f"(sha256 {str(w['sha256'])[:12]}) | {_fmt(m['seed'])} |")
+    return lines
 
 
 def _metrics_markdown(card: dict[str, Any]) -> list[str]:

@@ -60,38 +60,30 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
     """Write the deployable bundle of ``run`` into the new folder ``out``; return it.
 
     ``format``: ``onnx`` (``model.onnx``, every kind of run) or ``torchscript`` (``model.pt``,
-    runs whose model is a torch module end to end; loading it needs PyTorch). Beside the model:
+    runs whose model is a torch module end to end; loading it needs PyTorch). An ensemble run
+    (ONNX only) becomes one bundle per member in ``members/<name>/`` and ``ensemble.json``,
+    their combiner, loaded by medtl.export.bundle.load_bundle. Beside the model:
     ``preprocessing.json``, the model card (``model-card.json``, ``model-card.md``) and
     ``manifest.json``. An existing non-empty ``out`` is refused unless ``overwrite``; the bundle
     is written in a temporary sibling and renamed, so ``out`` is never left half written.
     """
-    from medtl.export.bundle import CARD_JSON, CARD_MD, TORCHSCRIPT_FILE, write_manifest
-    from medtl.export.card import card_markdown, model_card
-
     if format not in FORMATS:
         raise MedtlError(f"export format {format!r} is not one of {', '.join(FORMATS)}")
-    if run.kind == "ensemble":  # serve exports a run first, so this refuses serving it too
-        raise MedtlError(f"{run.path}: export and serve are not supported for ensemble runs "
-                         "yet; export a member (members/NAME) instead")
+    if run.kind == "ensemble" and format != "onnx":
+        raise MedtlError(f"{run.path}: an ensemble is exported with --format onnx only (each "
+                         "member becomes a model.onnx of its own, combined without PyTorch)")
     out = Path(out)
     _check_out(out, overwrite)
+    # An ensemble's load checks every member's files against the sha256 the ensemble recorded
     clf = run.load_model(quiet=True)
-    model = clf.model_
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")
     tmp.mkdir()
     try:
-        record = preprocessing_record(run, model)
-        if format == "onnx":
-            write_onnx(model, tmp / "model.onnx")
-        elif OOD_OUTPUT not in write_torchscript(model, tmp / TORCHSCRIPT_FILE):
-            record.pop("ood", None)  # no score in this model: load_bundle would refuse it
-        (tmp / "preprocessing.json").write_text(json.dumps(record, indent=2) + "\n",
-                                                encoding="utf-8")
-        card = model_card(run, ood=record.get("ood"))
-        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
-        write_manifest(tmp)
+        if run.kind == "ensemble":
+            _write_ensemble(run, clf.model_, tmp)
+        else:
+            _write_single(run, clf.model_, tmp, format)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -100,6 +92,72 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
         raise
     fsync_dir(out.parent)
     return out
+
+
+def _write_single(run: Run, model, folder: Path, format: str) -> None:
+    """A run's bundle in the existing folder ``folder``: model, preprocessing.json, model
+    card and manifest."""
+    from medtl.export.bundle import CARD_JSON, CARD_MD, TORCHSCRIPT_FILE, write_manifest
+    from medtl.export.card import card_markdown, model_card
+
+    record = preprocessing_record(run, model)
+    if format == "onnx":
+        write_onnx(model, folder / "model.onnx")
+    elif OOD_OUTPUT not in write_torchscript(model, folder / TORCHSCRIPT_FILE):
+        record.pop("ood", None)  # no score in this model: load_bundle would refuse it
+    (folder / "preprocessing.json").write_text(json.dumps(record, indent=2) + "\n",
+                                               encoding="utf-8")
+    card = model_card(run, ood=record.get("ood"))
+    (folder / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (folder / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
+    write_manifest(folder)
+
+
+def _write_ensemble(run: Run, model, folder: Path) -> None:
+    """An ensemble run's bundle in ``folder``: each member's own bundle (ONNX) in
+    members/<name>/, ensemble.json (the combiner, classes, operating points chosen on the
+    ensemble's validation), the ensemble's model card, and a manifest of every file."""
+    import medtl
+    from medtl.export.bundle import (
+        BUNDLE_FORMAT,
+        CARD_JSON,
+        CARD_MD,
+        ENSEMBLE_FILE,
+        MEMBERS_DIR,
+        write_tree_manifest,
+    )
+    from medtl.export.card import card_markdown, model_card
+    from medtl.run import MEMBERS
+
+    cfg = run.config
+    records = cfg["members"]
+    for record, member in zip(records, model.members, strict=True):
+        dest = folder / MEMBERS_DIR / record["name"]
+        dest.mkdir(parents=True)
+        _write_single(Run(run.path / MEMBERS / record["name"]), member.model_, dest, "onnx")
+    thresholds = run.metrics.get("thresholds") or {}
+    ood = None if model.ood is None else model.ood.record()
+    info = {
+        "format": BUNDLE_FORMAT, "kind": "ensemble", "method": model.method,
+        "params": model.params,
+        "combined": "the members' calibrated probabilities, combined as the ensemble run "
+                    "combines them (medtl.transfer.ensemble.combine)",
+        "members": [{"name": r["name"], "backbone": r.get("backbone"),
+                     "strategy": r.get("strategy"), "head": r.get("head"),
+                     "input": m.model_.preprocessing.to_dict()}
+                    for r, m in zip(records, model.members, strict=True)],
+        "classes": list(model.classes), "positive_class": cfg.get("positive_class"),
+        "operating_points": {k: v for k, v in thresholds.items()
+                             if k not in ("chosen_on", "target_sensitivity")},
+        "operating_points_chosen_on": thresholds.get("chosen_on"),
+        "view": cfg.get("view") or {}, "ood": ood,
+        "medtl_version": medtl.__version__,
+        "run": {k: cfg.get(k) for k in ("backbone", "strategy", "head", "method")}}
+    (folder / ENSEMBLE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    card = model_card(run, ood=ood)
+    (folder / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (folder / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
+    write_tree_manifest(folder)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

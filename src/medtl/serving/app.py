@@ -290,8 +290,8 @@ def _prepare(state: _State, served: Served, data: bytes, filename: str | None, i
              folder: RequestFiles):
     """Store, check and decode one upload, and build the model's input (in a worker thread)."""
     upload, image = _read(state, served, data, filename, index, folder)
-    pre = served.model.preprocessing
-    x = pre.normalise(pre.resize_uint8(image)[None])[0]
+    # The model's input row: for an ensemble bundle, each member's own resize and normalisation
+    x = served.model.prepare(image)
     kind = None
     if upload.kind == "dicom" and served.model.ood is not None:
         from medtl.transfer.ood import dicom_kind

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from medtl.errors import MedtlError
-from medtl.export.bundle import ExportedModel, is_bundle, load_bundle
+from medtl.export.bundle import ExportedEnsemble, ExportedModel, is_bundle, load_bundle
 
 
 @dataclass
 class Served:
     """A loaded bundle, its id, and the run's explainer when a run is served."""
 
-    model: ExportedModel
+    model: ExportedModel | ExportedEnsemble
     id: str
     explainer: Any = None  # medtl.explain.Explainer of the run (Grad-CAM), or None
     clf: Any = None  # the run's loaded classifier, with ``explainer``
@@ -65,9 +65,12 @@ def load_served(path: str | Path) -> Served:
         bundle = export_run(run, folder / "bundle")
         model = load_bundle(bundle)
         clf = run.load_model(device="cpu", quiet=True)
-        explainer = Explainer.for_classifier(clf)
+        # An ensemble's /v1/explain: occlusion on its bundle, the members combined (one
+        # Grad-CAM module cannot stand for members of several input sizes)
+        explainer = None if run.kind == "ensemble" else Explainer.for_classifier(clf)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return Served(model=model, id=run.path.resolve().name, temporary=folder, clf=clf,
-                  explainer=explainer if explainer.differentiable else None)
+                  explainer=explainer if explainer is not None and explainer.differentiable
+                  else None)
