@@ -548,7 +548,9 @@ def ensemble(
 
 @app.command()
 def export(
-    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train` or "
+                                             "`medtl ensemble` (ONNX only: a bundle per "
+                                             "member and their combiner).")],
     out: Annotated[Path, typer.Option(help="New folder to write the bundle into.")],
     format: Annotated[str, typer.Option(help="Model format: onnx (every run; predicts without "
                                              "PyTorch) or torchscript (model.pt; torch "
@@ -602,7 +604,9 @@ def serve(
 
 @app.command()
 def explain(
-    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`, or by "
+                                             "`medtl ensemble` (the mean of its members' "
+                                             "maps).")],
     inputs: Annotated[list[str], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option(help="Folder for the overlays (PNG), raw maps (.npy) "
                                            "and explanations.csv.")] = Path("explanations"),

@@ -738,7 +738,11 @@ def load_ensemble_bundle(path: str | os.PathLike[str]) -> ExportedEnsemble:
     members = []
     for name in checked["member_names"]:
         folder = root / MEMBERS_DIR / name
-        member = _model_from_files(folder, _member_files(files, name, folder))
+        own = _member_files(files, name, folder)
+        if TORCHSCRIPT_FILE in own:  # medtl exports ensembles as ONNX only: no code to run
+            raise MedtlError(f"{folder / TORCHSCRIPT_FILE}: an ensemble's members are ONNX "
+                             "models; refused")
+        member = _model_from_files(folder, own)
         if (member.classes, member.positive_class, member.view) != (
                 checked["classes"], checked["positive_class"], checked["view"]):
             raise MedtlError(f"{folder}: its classes, positive class or view differ from "
