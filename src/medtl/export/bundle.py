@@ -583,15 +583,17 @@ def write_tree_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _verified_tree(root: Path) -> dict[str, bytes]:
-    """Every file the ensemble manifest lists, read once and checked against its sha256; a file
-    below the bundle it does not list, a link or a special file is refused."""
+    """Every file the ensemble manifest lists, read once and checked against its sha256 (and
+    the manifest's own bytes); a file below the bundle it does not list, a link or a special
+    file is refused."""
     where = root / MANIFEST_FILE
-    listed = _manifest_listing(where, _read_file(where, MAX_JSON_BYTES), _max_tree_files())
+    raw = _read_file(where, MAX_JSON_BYTES)
+    listed = _manifest_listing(where, raw, _max_tree_files())
     if ENSEMBLE_FILE not in listed:
         raise MedtlError(f"{where}: does not list {ENSEMBLE_FILE}; refused")
     if extra := sorted(set(_tree(root)) - set(listed)):
         raise MedtlError(f"{root / extra[0]}: not listed in the manifest; refused")
-    out = {}
+    out = {MANIFEST_FILE: raw}  # the bytes checked: their sha256 names the bundle
     for rel, digest in listed.items():
         _check_rel(rel, where)
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
@@ -764,4 +766,4 @@ def load_ensemble_bundle(path: str | os.PathLike[str]) -> ExportedEnsemble:
         method=checked["method"], params=checked["params"], classes=checked["classes"],
         positive_class=checked["positive_class"], operating_points=checked["operating_points"],
         view=checked["view"], info=info, ood=ood, card=card if isinstance(card, dict) else None,
-        sha256=hashlib.sha256(_read_file(root / MANIFEST_FILE, MAX_JSON_BYTES)).hexdigest())
+        sha256=hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
