@@ -574,7 +574,8 @@ def export(
 def serve(
     source: Annotated[str, typer.Argument(help="Bundle written by `medtl export`, or a run "
                                                 "directory (exported to a temporary folder; "
-                                                "Grad-CAM for /v1/explain).")],
+                                                "Grad-CAM for /v1/explain; occlusion for an "
+                                                "ensemble run or a bundle).")],
     host: Annotated[str, typer.Option(help="Address to bind; any but loopback needs a "
                                            "token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,

@@ -483,6 +483,19 @@ def load_bundle(path: str | os.PathLike[str]) -> ExportedModel:
     return _model_from_files(root, _verified_files(root))
 
 
+def _card(files: dict[str, bytes], root: Path) -> dict[str, Any] | None:
+    """The bundle's model-card.json as a dict (None when the bundle has none)."""
+    if CARD_JSON not in files:
+        return None
+    try:
+        card = json.loads(files[CARD_JSON].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MedtlError(f"{root / CARD_JSON}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(card, dict):
+        raise MedtlError(f"{root / CARD_JSON}: not a JSON object")
+    return card
+
+
 def _model_from_files(root: Path, files: dict[str, bytes]) -> ExportedModel:
     """The ExportedModel of a bundle's files, already checked against its manifest."""
     model_file = next(name for name in MODEL_FILES if name in files)
@@ -499,15 +512,7 @@ def _model_from_files(root: Path, files: dict[str, bytes]) -> ExportedModel:
     session = _session(files[model_file], root / model_file, checked["input_name"], outputs)
     _check_input_shape(session, root / model_file, checked["input_name"],
                        checked["preprocessing"])
-    card = None
-    if CARD_JSON in files:
-        try:
-            card = json.loads(files[CARD_JSON].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise MedtlError(f"{root / CARD_JSON}: not valid JSON ({type(exc).__name__})") \
-                from None
-        if not isinstance(card, dict):
-            raise MedtlError(f"{root / CARD_JSON}: not a JSON object")
+    card = _card(files, root)
     return ExportedModel(directory=root, sha256=hashlib.sha256(files[model_file]).hexdigest(),
                          info=info, session=session, card=card, model_file=model_file, **checked)
 
@@ -754,16 +759,10 @@ def load_ensemble_bundle(path: str | os.PathLike[str]) -> ExportedEnsemble:
     # As an ensemble run (medtl.transfer.ensemble.EnsembleModel): a guard only when every
     # member has one.
     ood = None if any(o is None for o in oods) else _EnsembleOOD(oods).record()
-    card = None
-    if CARD_JSON in files:
-        try:
-            card = json.loads(files[CARD_JSON].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise MedtlError(f"{root / CARD_JSON}: not valid JSON ({type(exc).__name__})") \
-                from None
+    card = _card(files, root)
     return ExportedEnsemble(
         directory=root, members=members, member_names=checked["member_names"],
         method=checked["method"], params=checked["params"], classes=checked["classes"],
         positive_class=checked["positive_class"], operating_points=checked["operating_points"],
-        view=checked["view"], info=info, ood=ood, card=card if isinstance(card, dict) else None,
+        view=checked["view"], info=info, ood=ood, card=card,
         sha256=hashlib.sha256(files[MANIFEST_FILE]).hexdigest())
