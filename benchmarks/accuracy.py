@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -157,12 +158,50 @@ def run_seed(row_name: str, spec: dict, seed: int, out: Path,
     return [{**r, "seed": seed, "chosen": r is chosen} for r in rows], why, minutes
 
 
+def _cell(values: list, pct: bool = False, digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    scale, unit = (100, " %") if pct else (1, "")
+    mean = statistics.fmean(values) * scale
+    d = 1 if pct else digits
+    if len(values) == 1:
+        return f"{mean:.{d}f}{unit}"
+    return f"{mean:.{d}f} ± {statistics.stdev(values) * scale:.{d}f}{unit}"
+
+
+def table(done: dict) -> str:
+    """The row's candidates as a Markdown table: mean ± sd over the seeds run."""
+    seeds = done["seeds"]
+    names = list(dict.fromkeys(r["candidate"] for s in seeds.values() for r in s["rows"]))
+    lines = ["| candidate | val AUC | val acc. | test AUC | test acc. (arg-max) | test acc. "
+             "(sens. target) | test acc. (Youden) | chosen on val | minutes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in names:
+        rows = [r for s in seeds.values() for r in s["rows"] if r["candidate"] == name]
+        def col(key: str, rows: list[dict] = rows) -> list:
+            return [r.get(key) for r in rows]
+
+        lines.append(" | ".join([
+            f"| {name}", _cell(col("val_auc")), _cell(col("val_accuracy"), pct=True),
+            _cell(col("test_auc")), _cell(col("test_accuracy"), pct=True),
+            _cell(col("test_accuracy_sensitivity_target"), pct=True),
+            _cell(col("test_accuracy_youden"), pct=True),
+            f"{sum(r['chosen'] for r in rows)}/{len(rows)}", _cell(col("minutes"), digits=1)])
+            + " |")
+    ends = [s["minutes_end_to_end"] for s in seeds.values()]
+    lines.append(f"\nSeeds {', '.join(seeds)}; end to end {', '.join(map(str, ends))} min.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", required=True, choices=sorted(ROWS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", type=Path, default=ROOT.parent / "bench-runs" / "accuracy")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--table", action="store_true",
+                    help="print the row's recorded results as a Markdown table; train nothing")
     args = ap.parse_args()
     spec = dict(ROWS[args.row])
     name = f"accuracy_{args.row}" + ("_smoke" if args.smoke else "")
@@ -174,6 +213,9 @@ def main() -> None:
         spec["common"] = {"tta": "none"}
     path = RESULTS / f"{name}.json"
     done = json.loads(path.read_text()) if path.is_file() else {"seeds": {}}
+    if args.table:
+        print(table(done))
+        return
     out = args.out / args.row / ("smoke" if args.smoke else "")
     for seed in (int(s) for s in args.seeds.split(",")):
         if str(seed) in done["seeds"]:
