@@ -39,11 +39,12 @@ _QUIET_BROWSER = (
 # Requests Chromium makes for itself whatever the page, even with the flags above: sign-in and
 # search at start-up (150), the component updater (156 ignores --disable-component-update), and
 # the device check-in of Chromium's push messaging (150, android.clients.google.com: seen once in
-# five full runs of the suite, 2026-12-02). No report can name these hosts: the page's own
-# references are data: URIs (checked by test_html).
+# five full runs of the suite, 2026-12-02), and Debian's Chromium 156 preconnecting to its
+# default search engine (start.duckduckgo.com, seen with about:blank as the only page). No
+# report can name these hosts: the page's own references are data: URIs (checked by test_html).
 _BROWSER_OWN = ("CONNECT accounts.google.com:443 ", "CONNECT www.google.com:443 ",
                 "CONNECT update.googleapis.com:443 ", "POST http://update.googleapis.com/",
-                "CONNECT android.clients.google.com:443 ")
+                "CONNECT android.clients.google.com:443 ", "CONNECT start.duckduckgo.com:443 ")
 
 
 class _RecordingProxy:
