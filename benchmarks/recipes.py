@@ -11,8 +11,9 @@ than a run lasts), ``strong`` (``--augment strong --mix none``), ``strong-mix`` 
 strong``, which adds mixup/CutMix). Frozen-feature resolution: EfficientNet-Lite0 features with
 the logistic-regression head at 128, 224 (native) and 320 px.
 
-TTA is measured separately, on the runs of benchmarks/accuracy.py (``--tta-of RUNS_DIR``): each
-run re-scored on validation and test with ``tta="none"`` next to what it recorded.
+TTA is measured separately (``--tta-of RUNS_DIR``, a benchmarks/accuracy.py row folder or this
+script's ``--out``): each trained model re-scored on validation and test with every TTA setting
+it allows (``none``, ``flip`` where flips are allowed, ``standard``).
 
 Every run's validation and test figures are recorded (test read by nothing); the summary gives
 mean ± sd over seeds. Rows go to benchmarks/results/recipes_<set>.json after every run; a rerun
@@ -64,20 +65,32 @@ def _epochs_run(run: medtl.Run) -> int | None:
 
 
 def _tta_rows(runs_dir: Path) -> list[dict]:
-    """Each accuracy-benchmark member re-scored without TTA, next to its recorded figures."""
+    """Every single run under ``runs_dir`` scored with each TTA setting it allows.
+
+    The setting the run recorded is read from its metrics; the others come from ``evaluate``
+    with ``tta=`` overridden, so one trained model is compared with itself. Both splits are
+    scored, so a default can be chosen on validation and its test effect read alongside.
+    """
+    from medtl.data.tta import TTA_CHOICES, flips_allowed
+
     rows = []
-    for cfg in sorted(runs_dir.glob("seed*/*/config.json")):
+    configs = sorted({*runs_dir.glob("*/config.json"), *runs_dir.glob("seed*/*/config.json")})
+    for cfg in configs:
         run = medtl.load_run(cfg.parent)
-        if run.config.get("kind") != "single" or (run.config.get("tta") or "none") == "none":
+        if run.config.get("kind") != "single":
             continue
-        row = {"run": f"{cfg.parent.parent.name}/{cfg.parent.name}",
-               "tta": run.config["tta"]}
-        for split in ("val", "test"):
-            plain = medtl.evaluate(run, split=split, tta="none", quiet=True)["metrics"]
-            row.update({f"{split}_auc_tta": run.metrics[split]["auc"],
-                        f"{split}_auc_plain": plain["auc"],
-                        f"{split}_accuracy_tta": run.metrics[split]["accuracy"],
-                        f"{split}_accuracy_plain": plain["accuracy"]})
+        options = run.config["options"]
+        recorded = options.get("tta") or "none"
+        flips = flips_allowed(options["augment"], options["hflip"])
+        row = {"run": str(cfg.parent.relative_to(runs_dir)), "tta_recorded": recorded}
+        for tta in TTA_CHOICES:
+            if tta == "flip" and not flips:
+                continue
+            for split in ("val", "test"):
+                metrics = (run.metrics[split] if tta == recorded else
+                           medtl.evaluate(run, split=split, tta=tta, quiet=True)["metrics"])
+                row[f"{split}_auc_{tta}"] = metrics["auc"]
+                row[f"{split}_accuracy_{tta}"] = metrics["accuracy"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -103,7 +116,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--tta-of", type=Path, default=None,
-                    help="a benchmarks/accuracy.py --out folder of one row: measure TTA there")
+                    help="a folder of runs (an accuracy.py row, recipes.py --out): measure TTA")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
