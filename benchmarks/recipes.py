@@ -8,7 +8,7 @@ Trained recipes (MobileNetV2, every layer trained, 128 px, up to 30 epochs, pati
 ``baseline`` (``--augment basic``), ``label-smoothing`` (0.1), ``ema`` (0.99 per step: the
 546-image training split gives ~17 steps an epoch, so 0.999 would average over 60 epochs, more
 than a run lasts), ``strong`` (``--augment strong --mix none``), ``strong-mix`` (``--augment
-strong``, which adds mixup/CutMix). Frozen-feature resolution: EfficientNet-Lite0 features with
+strong --mix both``: mixup/CutMix). Frozen-feature resolution: EfficientNet-Lite0 features with
 the logistic-regression head at 128, 224 (native) and 320 px.
 
 TTA is measured separately (``--tta-of RUNS_DIR``, a benchmarks/accuracy.py row folder or this
@@ -42,7 +42,7 @@ RECIPES = {
     "label-smoothing": {**_TRAINED, "augment": "basic", "label_smoothing": 0.1},
     "ema": {**_TRAINED, "augment": "basic", "ema": 0.99},
     "strong": {**_TRAINED, "augment": "strong", "mix": "none"},
-    "strong-mix": {**_TRAINED, "augment": "strong"},
+    "strong-mix": {**_TRAINED, "augment": "strong", "mix": "both"},
     "frozen-128": {**_FROZEN, "image_size": 128},
     "frozen-224": {**_FROZEN, "image_size": 224},
     "frozen-320": {**_FROZEN, "image_size": 320},

@@ -365,13 +365,12 @@ def train(
         metavar="DECAY", help="Trainable strategies: validate and save an exponential moving "
                               "average of the weights (e.g. 0.999 per step; off by "
                               "default).")] = None,
-    mix: Annotated[str | None, typer.Option(
+    mix: Annotated[str, typer.Option(
         metavar="KIND",
         help="none | mixup | cutmix | both. Trainable strategies: mixup (Zhang et al. 2018) or "
              "CutMix (Yun et al. 2019) of each training batch; both = one of the two per "
-             "batch. Default: both with "
-             "--augment strong, else none. Frozen strategies refuse any but none "
-             "(docs/augmentation.md).")] = None,
+             "batch. Off by default (it lowered validation AUC on BreastMNIST). Frozen "
+             "strategies refuse any but none (docs/augmentation.md).")] = "none",
     class_weight: Annotated[str, typer.Option(help="auto (balanced when minority/majority < "
                                                    "0.5) | balanced | none.")] = "auto",
     sampler: Annotated[str, typer.Option(help="none | balanced (each class drawn equally "

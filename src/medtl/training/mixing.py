@@ -34,16 +34,6 @@ CUTMIX_ALPHA = 1.0
 CUTMIX_PROB = 0.5
 # The loop's generator streams per (seed, epoch): 0 shuffling, 1 augmentation, 2 mixing.
 MIX_STREAM = 2
-# What --mix is when not given: the strong preset mixes (issue 17), the others do not.
-PRESET_MIX = {"none": "none", "basic": "none", "strong": "both"}
-
-
-def mix_for(mix: str | None, augment: str) -> str:
-    """``--mix`` as a run trains with it: the value given, or (None) the ``--augment``
-    preset's."""
-    return mix if mix is not None else PRESET_MIX.get(augment, "none")
-
-
 def mix_generator(seed: int, epoch: int) -> np.random.Generator:
     """The mixing draws of one epoch: they depend on (seed, epoch) only, never on what ran
     before, so an epoch resumed from a checkpoint mixes as it did uninterrupted."""

@@ -123,7 +123,7 @@ def options_from_meta(params: Any, where: str, **runtime: Any) -> TrainOptions:
             check_float(values["label_smoothing"], "label_smoothing", -1.0, 1.0)
         if values.get("ema") is not None:
             check_float(values["ema"], "ema", 0.0, 1.0)
-        if values.get("mix") is not None:  # None: the augment preset's; the choice below
+        if values.get("mix") is not None:  # None: an older run's "the preset's"; choice below
             check_text(values["mix"], "mix")
         if values.get("time_budget") is not None:  # minutes; a year at most
             check_float(values["time_budget"], "time_budget", 0.0, 525_600.0)

@@ -170,7 +170,7 @@ class FrozenStrategy(Strategy):
         if self.options.sampler != "none":
             raise MedtlError(f"--sampler {self.options.sampler}: frozen strategies see each "
                              "feature vector once per fit; use --class-weight balanced")
-        # Only a value given: the strong preset's implied mixing (None) is simply not applied.
+        # None: an older run's record of the strong preset's mixing, not applied here.
         if self.options.mix not in (None, "none"):
             raise MedtlError(f"--mix {self.options.mix}: --strategy {self.name} extracts the "
                              "frozen features once, so there are no training images to mix; "
