@@ -179,6 +179,9 @@ def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[
     return []
 
 
+RAY_RETRIES = 3  # attempts after the first for a cell whose Ray worker or node died
+
+
 def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
                 options: dict[str, Any]) -> list[str]:
     """Each cell as a Ray task (one CPU each); Ray schedules them over the cluster's nodes."""
@@ -191,15 +194,25 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
     if started_here:
         ray.init(address=None if address == "local" else address, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
+    failures: list[str] = []
     try:
-        task = ray.remote(num_cpus=1)(_run_cell)
+        # A cell whose worker or node dies is run again (RAY_RETRIES times): _run_cell resumes
+        # or replaces what the dead attempt left. Said here, not left to Ray's default.
+        task = ray.remote(num_cpus=1, max_retries=RAY_RETRIES)(_run_cell)
         # One CPU per task, so one thread each unless the caller said otherwise.
         per_task = worker_options(options, os.cpu_count() or 1)  # one CPU each
-        results = ray.get([task.remote(data, c, out, per_task) for c in todo])
+        refs = {task.remote(data, c, out, per_task): c for c in todo}
+        for ref, cell in refs.items():
+            try:
+                failures += ray.get(ref)
+            except ray.exceptions.RayError as exc:  # retries spent: this cell fails, not all
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                failures.append(f"{cell.name}: lost on the Ray cluster after "
+                                f"{RAY_RETRIES} retries ({first})")
     finally:
         if started_here:
             ray.shutdown()
-    return [msg for r in results for msg in r]
+    return failures
 
 
 def _top_ensemble(out: Path, rows: list[dict[str, Any]], k: int, method: str,
