@@ -159,3 +159,18 @@ def test_a_cell_lost_after_its_retries_fails_alone_with_its_name(monkeypatch):
     failures = bench_module._run_on_ray("127.0.0.1:1", "data", cells, "out", {})
     assert asked == {"num_cpus": 1, "max_retries": bench_module.RAY_RETRIES}
     assert len(failures) == 1 and failures[0].startswith("mobilenet_v2-hybrid-knn-seed0: lost")
+
+
+def test_an_address_nothing_answers_is_one_error_line_at_once(tmp_path, capsys):
+    """Ray alone retries a dead address for minutes, logging as it goes; medtl refuses it
+    before any cell, exit 2, one line naming the address."""
+    from tests.test_cli import one_line_error, run_cli
+
+    data = write_blob_images(tmp_path / "blobs", n_per_class=2, size=32, splits=("train",))
+    address = f"127.0.0.1:{_free_port()}"  # bound and released: nothing listens there
+    code, _, err = run_cli(["bench", data, "--backbones", "mobilenet_v2", "--strategies",
+                            "hybrid:logreg", "--image-size", "32", "--ray", address,
+                            "--out", tmp_path / "bench"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and address in line and "nothing answers" in line, line
+    assert not any((tmp_path / "bench" / "cells").glob("*"))  # no cell was started

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -182,6 +183,21 @@ def _run_cell(data: str, cell: Cell, out: str, options: dict[str, Any]) -> list[
 RAY_RETRIES = 3  # attempts after the first for a cell whose Ray worker or node died
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nothing answers is refused at once: Ray itself retries for minutes,
+    printing its own log lines, before it gives up. Other forms (local, auto, ray://) are
+    Ray's to resolve."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise MedtlError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); "
+                         "start the head first (ray start --head) or check the address"
+                         ) from None
+
+
 def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
                 options: dict[str, Any]) -> list[str]:
     """Each cell as a Ray task (one CPU each); Ray schedules them over the cluster's nodes."""
@@ -192,8 +208,12 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
                          ) from exc
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=None if address == "local" else address, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True)
+        except ConnectionError as exc:
+            raise MedtlError(f"--ray {address}: could not join the cluster ({exc})") from None
     failures: list[str] = []
     try:
         # A cell whose worker or node dies is run again (RAY_RETRIES times): _run_cell resumes
@@ -206,7 +226,7 @@ def _run_on_ray(address: str, data: str, todo: Sequence[Cell], out: str,
             try:
                 failures += ray.get(ref)
             except ray.exceptions.RayError as exc:  # retries spent: this cell fails, not all
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 failures.append(f"{cell.name}: lost on the Ray cluster after "
                                 f"{RAY_RETRIES} retries ({first})")
     finally:

@@ -34,6 +34,8 @@ CUTMIX_ALPHA = 1.0
 CUTMIX_PROB = 0.5
 # The loop's generator streams per (seed, epoch): 0 shuffling, 1 augmentation, 2 mixing.
 MIX_STREAM = 2
+
+
 def mix_generator(seed: int, epoch: int) -> np.random.Generator:
     """The mixing draws of one epoch: they depend on (seed, epoch) only, never on what ran
     before, so an epoch resumed from a checkpoint mixes as it did uninterrupted."""
