@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -415,6 +416,12 @@ def train(
                                         "frozen-feature cache.")] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch and ONNX "
                                                      "Runtime (default: every core).")] = None,
+    devices: Annotated[int, typer.Option(help="Train with N processes on this machine "
+                                              "(DDP through torchrun: one per GPU, or CPU "
+                                              "processes sharing the cores); across machines "
+                                              "use torchrun (docs/scale.md).")] = 1,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help="DDP on GPUs: BatchNorm "
+                                          "statistics over the whole global batch.")] = False,
     paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
@@ -434,10 +441,14 @@ def train(
     # The flags named as TrainOptions fields are the training options; the rest say what data
     # and where (so a new option is a field there and a flag here, nothing else).
     options = TrainOptions.from_mapping(locals())
+    if devices != 1:
+        raise typer.Exit(_launch(devices, options, folds, data))
     run = run_train(data, options, target_sensitivity=target_sensitivity, out=out,
                     overwrite=overwrite, resume=resume, patient_regex=patient_regex,
                     val_fraction=val_fraction, window=window, slices=slices, mode=mode,
                     folds=folds, positive_class=positive_class, paths=paths)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one DDP process prints the results: rank 0
     if folds is not None:
         out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",
                                     run.metrics["cv"]))
@@ -450,6 +461,36 @@ def train(
                           "specificity and operating points refer to it)", markup=False,
                           highlight=False)
     out_console.print(f"run: {run.path}  (report: {run.path / 'report.html'})")
+
+
+def _launch(devices: int, options, folds: int | None, data: str) -> int:
+    """``train --devices N``: the request checked here, then ``medtl`` run again as N
+    processes by torchrun, without ``--devices``; the exit status of the first that fails."""
+    from medtl.training import distributed
+    from medtl.transfer.estimator import TransferClassifier
+    from medtl.workflow import check_distributable
+
+    if devices < 1:
+        raise MedtlError(f"--devices {devices}: at least 1")
+    if distributed.requested():
+        raise MedtlError("--devices inside a torchrun process: give torchrun --nproc-per-node "
+                         "instead")
+    check_distributable(TransferClassifier.from_options(options).make_strategy(), folds)
+    if not Path(data).exists():  # the commonest mistake, said once rather than by N processes
+        raise MedtlError(f"{data}: no such file or folder")
+    return distributed.launch(devices, _without_devices(_ARGV))
+
+
+def _without_devices(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            out.append(arg)
+    return out
 
 
 @app.command()
@@ -818,12 +859,18 @@ def _print_error(message: str) -> None:
     would be eaten or crash rich), without control characters that could steer the terminal
     (a newline would split the line, a tab become spaces), and with the bytes of a file name that
     are not UTF-8 written \\xNN."""
-    console.print(Text.assemble(("error:", "bold red"), " ", printable(message)),
+    rank = os.environ.get("RANK", "0")  # a DDP process other than rank 0 says which it is
+    prefix = "" if rank == "0" else f"(process {printable(rank)}) "
+    console.print(Text.assemble(("error:", "bold red"), " ", prefix + printable(message)),
                   highlight=False, soft_wrap=True)
+
+
+_ARGV: list[str] = []  # the command line main() runs, for train --devices to pass on
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a MedtlError becomes one line on stderr and exit code 2."""
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, standalone_mode=True)
     except MedtlError as exc:

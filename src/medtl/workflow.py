@@ -22,6 +22,7 @@ from medtl.errors import MedtlError
 from medtl.evaluation.stats import brier_score, expected_calibration_error
 from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY, choose_thresholds, split_summary
 from medtl.run import Run, load_run, prediction_rows, write_csv, write_json
+from medtl.training import distributed
 from medtl.training.options import TrainOptions
 
 log = logging.getLogger("medtl")
@@ -90,7 +91,9 @@ def train(
 
     options = (options or TrainOptions()).replace(**option_values)
     clf = TransferClassifier.from_options(options)
-    clf.make_strategy()  # option mistakes before any slow work
+    strategy = clf.make_strategy()  # option mistakes before any slow work
+    if distributed.requested():
+        check_distributable(strategy, folds)
     _check_weights_run(options)
     if not 0.0 < target_sensitivity <= 1.0:
         raise MedtlError(f"--target-sensitivity {target_sensitivity}: must lie in (0, 1]")
@@ -104,12 +107,23 @@ def train(
                "folds": folds, "view": {"window": window, "slices": slices, "mode": mode},
                "paths": paths, "display": _path_display(paths, data, out)}
     t_start = time.perf_counter()
+    if distributed.requested():
+        return _train_distributed(clf, request, options, out, overwrite=overwrite,
+                                  resume=resume, t_start=t_start)
+    return _train_here(clf, request, options, out, overwrite=overwrite, resume=resume,
+                       t_start=t_start)
+
+
+def _train_here(clf, request: dict[str, Any], options: TrainOptions, out: Path, *,
+                overwrite: bool, resume: bool, t_start: float) -> Run:
+    """train() in the process that writes the run (the only one, or DDP's rank 0)."""
+    folds = request["folds"]
     # The run is written beside ``out`` and takes its place only when complete (medtl.run).
     with bundle.writing_run(out, overwrite=overwrite, resume=resume) as draft, \
             run_logging(draft.path, options.quiet, append=resume,
                         rewrite=request["display"].scrub):
         ds = _load(request, options)
-        request["positive"] = _positive_index(ds.classes, positive_class)
+        request["positive"] = _positive_index(ds.classes, request["positive_class"])
         _guard_resume(draft, options, request, ds, resume=resume)  # before any training
         request["split_overlap"] = _split_overlap(ds)
         if folds is not None:
@@ -120,6 +134,43 @@ def train(
         draft.commit()
         log.info("run written to %s", out)
     return Run(out)
+
+
+def check_distributable(strategy, folds: int | None) -> None:
+    """What DDP cannot train, refused under torchrun and before ``--devices N`` starts it."""
+    from medtl.transfer.strategies import NetworkStrategy
+
+    if not isinstance(strategy, NetworkStrategy):
+        raise MedtlError(f"--strategy {strategy.name} trains no network (frozen features and a "
+                         "head take seconds on one process): run it without --devices")
+    if folds is not None:
+        raise MedtlError("--folds with several processes: run without --devices, or one run "
+                         "per fold")
+
+
+def _train_distributed(clf, request: dict[str, Any], options: TrainOptions, out: Path, *,
+                       overwrite: bool, resume: bool, t_start: float) -> Run:
+    """One process of a DDP run (medtl.training.distributed): rank 0 writes the run as one
+    process would; the others read the same data, train in step with it (reading its
+    checkpoints on --resume) and write nothing. Every process returns the finished run."""
+    from medtl.training.options import resolve_device
+
+    group = distributed.join(resolve_device(options.device))
+    try:
+        if group.is_main:
+            request["config_extra"] = {"distributed": {
+                "processes": group.world_size, "backend": group.backend,
+                "sync_bn": options.sync_bn}}
+            _train_here(clf, request, options, out, overwrite=overwrite, resume=resume,
+                        t_start=t_start)
+        else:
+            ds = _load(request, options)
+            clf.fit(ds.split("train"), ds.split("val"), resume=resume,
+                    checkpoint_dir=bundle.partial_dir(out) / bundle.CHECKPOINTS)
+        distributed.barrier()  # the others return once rank 0 has written the run
+        return Run(out)
+    finally:
+        distributed.leave()
 
 
 def _check_weights_run(options: TrainOptions) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 
 from medtl.console import progress_bar
 from medtl.errors import MedtlError, check_choice
+from medtl.training import distributed
 from medtl.training.mixing import MIX_CHOICES, mix_batch, mix_generator
 from medtl.training.selection import selection_score, val_summary
 
@@ -243,11 +244,17 @@ class Checkpoint(Callback):
         state.stop = ckpt["stopped_early"]
         state.start_epoch = ckpt["epoch"] + 1
         state.resumed_s = sum(row.get("seconds", 0.0) for row in state.history)
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(_rank_rng(ckpt, self.path))
         log.info("resuming %s after epoch %d (%.1f s of training already done)", self.path,
                  ckpt["epoch"], state.resumed_s)
 
     def on_epoch_end(self, state: LoopState) -> None:
+        # Every process's generator state (dropout), so that a DDP run resumes bitwise too;
+        # rank 0 alone writes.
+        group = distributed.current()
+        rngs = distributed.gather(_get_rng_state(), group)
+        if not distributed.is_main():
+            return
         save_checkpoint(self.path, {
             "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "config": asdict(state.config),
             "data": self.data, "lrs": _initial_lrs(state.optimizer),
@@ -256,7 +263,8 @@ class Checkpoint(Callback):
             "ema": state.ema.state_dict() if state.ema is not None else None,
             "early_stopping": {k: v for k, v in state.best.items() if k != "state"},
             "best_state": state.best["state"], "history": state.history,
-            "stopped_early": state.stop, "rng": _get_rng_state(),
+            "stopped_early": state.stop, "rng": rngs[0],
+            **({"rng_ranks": rngs} if group is not None else {}),
         })
 
 
@@ -377,13 +385,18 @@ def fit(
     cbs += [EpochHook(on_epoch_end)] if on_epoch_end is not None else []
     cbs += list(callbacks)
     train_mode = train_mode or (lambda m: m.train())
+    group = distributed.current()
+    threads = config.threads or (distributed.default_threads() if group is not None else None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            torch_threads(config.threads):
-        torch.manual_seed(config.seed)
+            torch_threads(threads):
+        torch.manual_seed(distributed.rank_seed(config.seed, group))
         for cb in cbs:
             cb.on_fit_start(state)
-        _epochs(state, cbs, inputs, (x_train, y_train, x_val, y_val), criterion, device,
-                train_mode)
+        # Under DDP the training forward goes through the wrapper, which averages gradients;
+        # validation, early stopping and checkpoints see the module itself.
+        forward = distributed.wrap(model, group, device)
+        _epochs(state, cbs, inputs, (x_train, y_train, x_val, y_val),
+                _global_mean(criterion, group), device, train_mode, forward)
         for cb in cbs:
             cb.on_fit_end(state)
     model.eval()
@@ -393,7 +406,8 @@ def fit(
 
 
 def _epochs(state: LoopState, cbs: Sequence[Callback], inputs: Inputs, data, criterion,
-            device: torch.device, train_mode: Callable[[nn.Module], Any]) -> None:
+            device: torch.device, train_mode: Callable[[nn.Module], Any],
+            forward: nn.Module) -> None:
     x_train, y_train, x_val, y_val = data
     model, config = state.model, state.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -401,7 +415,11 @@ def _epochs(state: LoopState, cbs: Sequence[Callback], inputs: Inputs, data, cri
     while state.epoch <= config.epochs and not state.stop:
         t_epoch = time.perf_counter()
         train_mode(model)
-        loss, lrs = _train_epoch(state, inputs, x_train, y_train, criterion, device)
+        loss, lrs = _train_epoch(state, inputs, x_train, y_train, criterion, device, forward)
+        # BatchNorm statistics of rank 0 everywhere: every process then scores validation
+        # alike and takes the same early-stopping decision.
+        distributed.sync_buffers([model] + ([state.ema] if state.ema is not None else []),
+                                 distributed.current())
         proba, val_loss = _evaluate(state.scored, inputs, x_val, y_val, config.batch_size,
                                     device)
         state.score = selection_score(y_val.numpy(), proba)
@@ -437,22 +455,30 @@ def _start(model: nn.Module, param_groups: list[dict], y_train: torch.Tensor,
 
 
 def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Tensor,
-                 criterion: nn.Module, device: torch.device,
+                 criterion: Callable, device: torch.device, forward: nn.Module,
                  ) -> tuple[float, dict[str, float]]:
     cfg, model, optimizer = state.config, state.model, state.optimizer
+    group = distributed.current()
     steps = math.ceil(len(y) / cfg.batch_size)
+    # The global order, the same for any number of processes; each takes its share of a batch.
     order = epoch_indices(y, seed=cfg.seed, epoch=state.epoch, balanced=cfg.sampler == "balanced")
-    aug_gen = epoch_generator(cfg.seed, state.epoch, stream=1, device=device.type)
+    aug_gen = epoch_generator(cfg.seed, state.epoch, stream=distributed.rank_stream(1, group),
+                              device=device.type)
     mix_rng = mix_generator(cfg.seed, state.epoch) if cfg.mix != "none" else None
     total_loss, seen, lrs = 0.0, 0, {}
-    with progress_bar(f"epoch {state.epoch}/{cfg.epochs}", steps, quiet=cfg.quiet) as advance:
+    quiet = cfg.quiet or not distributed.is_main()
+    with progress_bar(f"epoch {state.epoch}/{cfg.epochs}", steps, quiet=quiet) as advance:
         for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            batch = order[start:start + cfg.batch_size]
+            if group is not None and len(batch) < group.world_size:
+                advance(1)  # a last batch too small to give every process a sample
+                continue
+            idx = distributed.shard(batch, group)
             xb = inputs.train_batch(x[idx], device, aug_gen)
             yb = y[idx].to(device)
             mixed = mix_batch(xb, yb, cfg.mix, mix_rng) if mix_rng is not None else None
             with _autocast(device):
-                logits = model(mixed.x if mixed is not None else xb)
+                logits = forward(mixed.x if mixed is not None else xb)
             loss = (mixed.loss(criterion, logits.float()) if mixed is not None
                     else criterion(logits.float(), yb))
             optimizer.zero_grad(set_to_none=True)
@@ -462,8 +488,12 @@ def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Ten
             state.scheduler.step()
             if state.ema is not None:
                 state.ema.update_parameters(model)
-            total_loss += float(loss.detach()) * len(idx)
-            seen += len(idx)
+            # The global batch's mean loss: each process's part is its sum over the global
+            # count, times N (DDP averages), so the parts add up to N times the mean.
+            batch_loss = float(distributed.all_sum(loss.detach(), group)) / (
+                group.world_size if group is not None else 1)
+            total_loss += batch_loss * len(batch)
+            seen += len(batch)
             advance(1)
     return total_loss / max(seen, 1), lrs
 
@@ -610,6 +640,39 @@ def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor
         probas.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     proba = np.concatenate(probas)
     return proba, (loss_sum / len(x) if y is not None else None)
+
+
+def _global_mean(criterion: nn.CrossEntropyLoss, group) -> Callable:
+    """Under DDP, the loss whose gradients DDP's average makes the global batch's: each process
+    sums its samples' losses and divides by the global count (the global sum of the class
+    weights of the batch's targets, as CrossEntropyLoss's mean does), times N."""
+    if group is None:
+        return criterion
+    summed = nn.CrossEntropyLoss(weight=criterion.weight, reduction="sum",
+                                 label_smoothing=criterion.label_smoothing)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w = criterion.weight
+        count = (w[target].sum() if w is not None
+                 else torch.tensor(float(len(target)), device=logits.device))
+        return summed(logits, target) * group.world_size / distributed.all_sum(count, group)
+    return loss
+
+
+def _rank_rng(ckpt: dict, path: Path) -> dict:
+    """The generator state this process saved: its own under DDP when the checkpoint was
+    made by as many processes, rank 0's otherwise (then dropout draws differ from an
+    uninterrupted run: said once)."""
+    group = distributed.current()
+    ranks = ckpt.get("rng_ranks")
+    if group is None:
+        return ckpt["rng"]
+    if ranks is not None and len(ranks) == group.world_size:
+        return ranks[group.rank]
+    log.warning("%s: made by %s process(es), resumed by %d: dropout and augmentation draws "
+                "differ from an uninterrupted run", path, len(ranks) if ranks else 1,
+                group.world_size)
+    return ckpt["rng"]
 
 
 def _get_rng_state() -> dict:

@@ -63,6 +63,9 @@ class TrainOptions:
     # (docs/benchmarks.md). Trainable strategies only: frozen ones refuse a value other than
     # none. None is how runs of medtl before that measurement recorded "the preset's".
     mix: str | None = "none"
+    # DDP (several processes): BatchNorm statistics over the whole global batch instead of
+    # each process's share. PyTorch's SyncBatchNorm runs on GPUs only. Trainable strategies.
+    sync_bn: bool = False
     class_weight: str = "auto"
     sampler: str = "none"
     calibrate: bool = False

@@ -26,6 +26,7 @@ from torch import nn
 from medtl.data.transforms import Preprocessing
 from medtl.errors import MedtlError, check_choice
 from medtl.models import create_backbone
+from medtl.training import distributed
 from medtl.training.loop import seeded
 from medtl.training.options import GENERAL_OPTIONS, TrainOptions
 from medtl.transfer.fitted import (
@@ -272,7 +273,7 @@ class NetworkStrategy(Strategy):
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
     own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler",
-                   "label_smoothing", "ema", "mix")
+                   "label_smoothing", "ema", "mix", "sync_bn")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
 
@@ -281,6 +282,10 @@ class NetworkStrategy(Strategy):
         from medtl.data.augment import AUGMENT_PRESETS
 
         check_choice("augment", self.options.augment, AUGMENT_PRESETS)
+        if self.options.sync_bn:
+            from medtl.training.options import resolve_device
+
+            distributed.check_sync_bn(resolve_device(self.options.device))
 
     def own_values(self) -> dict[str, Any]:
         """As recorded, with --mix resolved: the mixing the run trained with, also where the
@@ -310,6 +315,8 @@ class NetworkStrategy(Strategy):
         self.mark_trainable(network)
         pre = Preprocessing.for_spec(network.spec, o.image_size, channels=o.in_chans)
         model = NetworkModel(network, classes, pre, o)
+        if o.sync_bn:  # in place: the same parameters, the same state_dict keys
+            distributed.sync_batchnorm(network, model.device)
         _log_weights(network, f"; strategy {self.name}{' --gradual' if o.gradual else ''}")
         x, keep, skipped = decode_images(train, pre, skip_bad=o.skip_bad, quiet=o.quiet)
         xv, keep_v, skipped_v = decode_images(val, pre, skip_bad=o.skip_bad, quiet=o.quiet)
@@ -489,7 +496,9 @@ class _Climb:
         set_trainable(net, unfreeze=chosen.unfreeze)
         net.eval()
         self.outcome.stages = [r.to_dict() for r in final]
-        if chosen.unfreeze == 0 and chosen.head not in ("linear", "logreg"):
+        # Under DDP only rank 0's model is kept: the others fit no head (nor touch the cache).
+        if chosen.unfreeze == 0 and chosen.head not in ("linear", "logreg") \
+                and distributed.is_main():
             self._end_with_hybrid(chosen, train, val)
         log.info("%s chose '%s'%s: validation AUC %.4f, accuracy %s, log-loss %s with %d "
                  "trainable parameters", self.s.name, chosen.stage,
@@ -505,7 +514,8 @@ class _Climb:
         set_trainable(net, unfreeze=stage.unfreeze)
         resumed_s, figures, head, candidates, stopped = 0.0, None, "linear", [], ""
         if stage.unfreeze == 0:
-            history, best_epoch, head, candidates, figures = self._frozen_stage(train, val)
+            history, best_epoch, head, candidates, figures = self._frozen_stage_once(train,
+                                                                                    val)
             epochs = len(history)
             self.plan.observe_frozen(time.perf_counter() - t0, self.outcome.feature_s)
         else:
@@ -518,7 +528,9 @@ class _Climb:
                 self.plan.observe_epoch(stage.unfreeze, now() - mark[0])
                 mark[0] = now()
                 self._show(stage, epoch)
-                if epoch < epochs and self.plan.over():
+                # Under DDP rank 0's clock decides for every process (their clocks differ).
+                if epoch < epochs and distributed.broadcast(self.plan.over(),
+                                                            distributed.current()):
                     raise BudgetReached(epoch)
 
             try:
@@ -555,7 +567,7 @@ class _Climb:
         """Stop before ``stage`` when the time budget has ended or the stage cannot finish in
         what is left of it (the estimate); the frozen stage always runs."""
         self._show(stage, 0)
-        if best is None or self.plan.fits(stage):
+        if best is None or distributed.broadcast(self.plan.fits(stage), distributed.current()):
             return None
         need = self.plan.stage_s(stage) or 0.0
         number, kept = self._best_number(best.stage)
@@ -619,7 +631,7 @@ class _Climb:
     def _persist(self) -> None:
         from medtl.training.loop import save_checkpoint
 
-        if self.state_path is not None:
+        if self.state_path is not None and distributed.is_main():
             save_checkpoint(self.state_path, {
                 "format": 1, "model": self.best_state, "history": self.outcome.history,
                 "results": [r.to_dict() for r in self.results],
@@ -646,6 +658,27 @@ class _Climb:
         xv = extractor.transform(val, skip_bad=True)
         ok, ok_v = np.isfinite(x).all(axis=1), np.isfinite(xv).all(axis=1)
         return x[ok], train.labels[ok], xv[ok_v], val.labels[ok_v]
+
+    def _frozen_stage_once(self, train, val):
+        """The frozen stage, computed by rank 0 alone under DDP (features, cache and heads are
+        one process's work) and its outcome given to the others: the folded classifier, the
+        history rows and what the stage returns."""
+        group = distributed.current()
+        if group is None:
+            return self._frozen_stage(train, val)
+        n_rows = len(self.outcome.history)
+        cls = self.model.network.classifier
+        shared = None
+        if group.is_main:
+            with distributed.alone():
+                result = self._frozen_stage(train, val)
+            shared = (result, self.outcome.history[n_rows:], cls.weight.detach().cpu(),
+                      cls.bias.detach().cpu())
+        result, rows, weight, bias = distributed.broadcast(shared, group)
+        if not group.is_main:
+            self.outcome.history.extend(rows)
+            self._fold(weight, bias)
+        return result
 
     def _frozen_stage(self, train, val):
         """Stage 'feature-extractor': a linear head on cached frozen features, folded into the
