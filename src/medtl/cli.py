@@ -422,6 +422,17 @@ def train(
                                               "use torchrun (docs/scale.md).")] = 1,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help="DDP on GPUs: BatchNorm "
                                           "statistics over the whole global batch.")] = False,
+    frozen_cache: Annotated[int, typer.Option(help="fine-tune: run the frozen blocks once "
+                                                   "and keep their output for K versions of "
+                                                   "each image (the plain one and K-1 "
+                                                   "augmented copies); 0: off.")] = 0,
+    precision: Annotated[str, typer.Option(help="Trainable strategies on CPU: fp32 | bf16 "
+                                                "(autocast of the training passes; faster on "
+                                                "CPUs with AVX-512 BF16 or AMX).")] = "fp32",
+    memory_budget: Annotated[str, typer.Option(help="Trainable strategies: the most memory "
+                                                    "decoded images may take (50%% of RAM, "
+                                                    "8GB, 0); over it the training split "
+                                                    "streams from disk.")] = "50%",
     paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:

@@ -39,6 +39,7 @@ from medtl.errors import MedtlError, check_choice
 from medtl.training import distributed
 from medtl.training.mixing import MIX_CHOICES, mix_batch, mix_generator
 from medtl.training.selection import selection_score, val_summary
+from medtl.training.streaming import index_batches, load_batches
 
 log = logging.getLogger("medtl")
 
@@ -81,6 +82,10 @@ class TrainConfig:
     # Mixup/CutMix of each training batch (none | mixup | cutmix | both; medtl.training.mixing);
     # the loss is the lambda-weighted mix of the two targets' losses through the criterion.
     mix: str = "none"
+    # The training passes' arithmetic on CPU: fp32, or bf16 autocast (AVX-512 BF16 / AMX) with
+    # depthwise convolutions kept in fp32, where oneDNN's bf16 is slower (benchmarks/
+    # train_speed.py). Validation is fp32 either way. On GPU training is bf16 autocast always.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -253,8 +258,13 @@ class Checkpoint(Callback):
         # rank 0 alone writes.
         group = distributed.current()
         rngs = distributed.gather(_get_rng_state(), group)
-        if not distributed.is_main():
-            return
+        if distributed.is_main():
+            self._save(state, rngs, group)
+        # No process goes on before the epoch's checkpoint is on disk: one that stopped here
+        # and resumed at once must read it.
+        distributed.barrier()
+
+    def _save(self, state: LoopState, rngs: list, group) -> None:
         save_checkpoint(self.path, {
             "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "config": asdict(state.config),
             "data": self.data, "lrs": _initial_lrs(state.optimizer),
@@ -395,8 +405,9 @@ def fit(
         # Under DDP the training forward goes through the wrapper, which averages gradients;
         # validation, early stopping and checkpoints see the module itself.
         forward = distributed.wrap(model, group, device)
-        _epochs(state, cbs, inputs, (x_train, y_train, x_val, y_val),
-                _global_mean(criterion, group), device, train_mode, forward)
+        with _depthwise_fp32(model, config.precision == "bf16" and device.type == "cpu"):
+            _epochs(state, cbs, inputs, (x_train, y_train, x_val, y_val),
+                    _global_mean(criterion, group), device, train_mode, forward)
         for cb in cbs:
             cb.on_fit_end(state)
     model.eval()
@@ -460,6 +471,8 @@ def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Ten
     cfg, model, optimizer = state.config, state.model, state.optimizer
     group = distributed.current()
     steps = math.ceil(len(y) / cfg.batch_size)
+    if hasattr(x, "for_epoch"):  # versions of the data by epoch (transfer.lower_cache)
+        x = x.for_epoch(state.epoch)
     # The global order, the same for any number of processes; each takes its share of a batch.
     order = epoch_indices(y, seed=cfg.seed, epoch=state.epoch, balanced=cfg.sampler == "balanced")
     aug_gen = epoch_generator(cfg.seed, state.epoch, stream=distributed.rank_stream(1, group),
@@ -467,17 +480,21 @@ def _train_epoch(state: LoopState, inputs: Inputs, x: torch.Tensor, y: torch.Ten
     mix_rng = mix_generator(cfg.seed, state.epoch) if cfg.mix != "none" else None
     total_loss, seen, lrs = 0.0, 0, {}
     quiet = cfg.quiet or not distributed.is_main()
+    batches = [order[start:start + cfg.batch_size]
+               for start in range(0, len(order), cfg.batch_size)]
+    if group is not None:  # a last batch too small to give every process a sample is left out
+        batches = [b for b in batches if len(b) >= group.world_size]
+    shares = [distributed.shard(b, group) for b in batches]
     with progress_bar(f"epoch {state.epoch}/{cfg.epochs}", steps, quiet=quiet) as advance:
-        for start in range(0, len(order), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size]
-            if group is not None and len(batch) < group.world_size:
-                advance(1)  # a last batch too small to give every process a sample
-                continue
-            idx = distributed.shard(batch, group)
-            xb = inputs.train_batch(x[idx], device, aug_gen)
+        # A decoded tensor is indexed; streamed images are read by worker processes ahead.
+        for batch, (idx, images) in zip(batches, load_batches(x, shares), strict=True):
+            if len(idx) == 0:  # every image of the share unreadable (--skip-bad, streamed)
+                raise MedtlError(f"no readable image in a training batch of {len(batch)}: "
+                                 "see the skipped images above")
+            xb = inputs.train_batch(images, device, aug_gen)
             yb = y[idx].to(device)
             mixed = mix_batch(xb, yb, cfg.mix, mix_rng) if mix_rng is not None else None
-            with _autocast(device):
+            with _train_autocast(device, cfg.precision):
                 logits = forward(mixed.x if mixed is not None else xb)
             loss = (mixed.loss(criterion, logits.float()) if mixed is not None
                     else criterion(logits.float(), yb))
@@ -560,6 +577,7 @@ def _check_config(config: TrainConfig, param_groups: list[dict]) -> None:
     if config.ema is not None and not 0.0 < config.ema < 1.0:
         raise MedtlError(f"--ema {config.ema}: a decay above 0 and below 1 (e.g. 0.999)")
     check_choice("--mix", config.mix, MIX_CHOICES)
+    check_choice("--precision", config.precision, PRECISIONS)
     names = [g.get("name") for g in param_groups]
     if None in names or len(set(names)) != len(names):
         raise MedtlError(f"each parameter group needs a unique 'name'; got {names}")
@@ -579,6 +597,9 @@ def data_digest(*tensors: torch.Tensor) -> str:
 
     digest = hashlib.sha256()
     for t in tensors:
+        if hasattr(t, "digest_bytes"):  # streamed images (by their records), cached copies
+            digest.update(type(t).__name__.encode() + b"|" + t.digest_bytes())
+            continue
         a = t.detach().cpu().contiguous().numpy()
         digest.update(f"{a.shape}|{a.dtype.str}|".encode())
         digest.update(memoryview(a).cast("B"))
@@ -596,7 +617,7 @@ def _check_resumable(ckpt: dict, state: LoopState, data: str | None, path: Path)
     settings, learning rates or data: the saved optimizer and best state would silently win."""
     # A setting newer than the checkpoint was at its default there.
     defaults = asdict(TrainConfig())
-    saved = {**{k: defaults[k] for k in ("label_smoothing", "ema", "mix")},
+    saved = {**{k: defaults[k] for k in ("label_smoothing", "ema", "mix", "precision")},
              **ckpt.get("config", {})}
     now = asdict(state.config)
     diffs = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
@@ -611,6 +632,41 @@ def _check_resumable(ckpt: dict, state: LoopState, data: str | None, path: Path)
 
 def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _train_autocast(device: torch.device, precision: str):
+    """The training forward's autocast: bf16 on GPU; on CPU what ``precision`` says."""
+    if device.type == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return _autocast(device)
+
+
+@contextmanager
+def _depthwise_fp32(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside the block, each depthwise convolution of ``model`` computes in fp32 under
+    autocast (their bf16 kernels, backward included, are slower than fp32's on this CPU while
+    the 1x1 convolutions gain 2-3x); the module's own forward is used, so timm's Conv2dSame
+    keeps its padding. Nothing of it outlives the block."""
+    if not enabled:
+        yield
+        return
+
+    def fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return type(conv).forward(conv, x.float())
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)
+             and m.groups > 1 and m.groups == m.in_channels]
+    for m in convs:
+        m.forward = fp32_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in convs:
+            del m.forward
 
 
 def _autocast(device: torch.device):
@@ -629,13 +685,13 @@ def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor
               batch_size: int, device: torch.device) -> tuple[np.ndarray, float | None]:
     model.eval()
     probas, loss_sum = [], 0.0
-    for start in range(0, len(x), batch_size):
-        xb = inputs.eval_batch(x[start:start + batch_size], device)
+    for idx, images in load_batches(x, index_batches(len(x), batch_size)):
+        xb = inputs.eval_batch(images, device)
         with _autocast(device):
             logits = model(xb)
         logits = logits.float()
         if y is not None:
-            yb = y[start:start + batch_size].to(device)
+            yb = y[idx].to(device)
             loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         probas.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
     proba = np.concatenate(probas)

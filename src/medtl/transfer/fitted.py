@@ -426,7 +426,8 @@ class NetworkModel(FittedModel):
         settings = dict(batch_size=min(o.batch_size, 32), patience=o.patience, seed=o.seed,
                         device=self.device, mean=self.preprocessing.model_mean,
                         std=self.preprocessing.model_std, quiet=o.quiet, threads=o.threads,
-                        label_smoothing=o.label_smoothing, ema=o.ema, mix=o.resolved_mix)
+                        label_smoothing=o.label_smoothing, ema=o.ema, mix=o.resolved_mix,
+                        precision=o.precision)
         return TrainConfig(**{**settings, **changes})
 
     def torch_module(self) -> nn.Module:

@@ -273,7 +273,7 @@ class NetworkStrategy(Strategy):
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
     own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler",
-                   "label_smoothing", "ema", "mix", "sync_bn")
+                   "label_smoothing", "ema", "mix", "sync_bn", "memory_budget", "precision")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
 
@@ -318,16 +318,48 @@ class NetworkStrategy(Strategy):
         if o.sync_bn:  # in place: the same parameters, the same state_dict keys
             distributed.sync_batchnorm(network, model.device)
         _log_weights(network, f"; strategy {self.name}{' --gradual' if o.gradual else ''}")
-        x, keep, skipped = decode_images(train, pre, skip_bad=o.skip_bad, quiet=o.quiet)
-        xv, keep_v, skipped_v = decode_images(val, pre, skip_bad=o.skip_bad, quiet=o.quiet)
-        data = (x, torch.from_numpy(train.labels[keep]), xv, torch.from_numpy(val.labels[keep_v]))
+        skipped: list[str] = []  # streamed images report theirs here as training finds them
+        # Decoded once to disk when streamed: in the checkpoints (gone with them), by rank 0
+        # alone under DDP (the others decode their share every epoch).
+        store = None
+        if distributed.is_main():
+            store = Path(checkpoint_dir) / "decoded" if checkpoint_dir is not None else "temp"
+        data = self.images(train, val, pre, skipped, store)
         feature_s = time.perf_counter() - t0
         balanced = self.use_class_weights(data[1].numpy(), classes)
         outcome = FitOutcome(model=model, history=[], balanced=balanced, feature_s=feature_s,
-                             skipped=skipped + skipped_v)
+                             skipped=skipped)
         self.train(model, data, outcome, train, val, checkpoint_dir, resume)
         model.network.eval()
         return outcome
+
+    def images(self, train, val, pre: Preprocessing, skipped: list[str], store=None):
+        """(x, y, x_val, y_val): each split decoded once into memory when both fit the memory
+        budget, else streamed from disk by worker processes (training.streaming); validation
+        stays in memory whenever it fits alone."""
+        from medtl.training.options import parse_budget
+        from medtl.training.streaming import StreamedImages, decoded_bytes, describe
+
+        o = self.options
+        budget = parse_budget(o.memory_budget)
+        need_train = decoded_bytes(len(train), pre.size)
+        need_val = decoded_bytes(len(val), pre.size)
+        out = []
+        for split, need, stream, skip in (
+                (train, need_train, need_train + need_val > budget, o.skip_bad),
+                (val, need_val, need_val > budget, False)):
+            if stream:
+                x = StreamedImages(split, pre, skip_bad=skip, skipped=skipped, store=store)
+                log.info("%d images at %d px take %s decoded, over the memory budget of %s "
+                         "(--memory-budget %s): streamed from disk by %d worker process(es)",
+                         len(split), pre.size, describe(need), describe(budget),
+                         o.memory_budget, x.workers)
+                out += [x, torch.from_numpy(split.labels)]
+            else:
+                x, keep, why = decode_images(split, pre, skip_bad=o.skip_bad, quiet=o.quiet)
+                skipped += why
+                out += [x, torch.from_numpy(split.labels[keep])]
+        return tuple(out)
 
     def train(self, model: NetworkModel, data, outcome: FitOutcome, train, val,
               checkpoint_dir, resume) -> None:
@@ -370,7 +402,7 @@ class FineTuneStrategy(NetworkStrategy):
     ``--gradual`` climbs one block at a time while validation AUC improves."""
 
     name = "fine-tune"
-    own_options = (*NetworkStrategy.own_options, "unfreeze", "gradual")
+    own_options = (*NetworkStrategy.own_options, "unfreeze", "gradual", "frozen_cache")
     full_stage_name: ClassVar[str | None] = None
     # The frozen stage compares the hybrid heads with the linear one (auto only: fine-tune
     # --gradual asked for a fine-tuned network).
@@ -387,10 +419,69 @@ class FineTuneStrategy(NetworkStrategy):
             unfreeze = 1 if self.options.unfreeze is None else self.options.unfreeze
             set_trainable(network, unfreeze=unfreeze)
 
+    def check(self) -> None:
+        super().check()
+        o = self.options
+        if o.frozen_cache and self.climbs:
+            raise MedtlError("--frozen-cache trains a fixed set of top blocks: not with "
+                             f"--gradual or --strategy {self.name}")
+        if o.frozen_cache:
+            from medtl.models import get_spec
+            from medtl.transfer.lower_cache import check_cache
+
+            check_cache(o.frozen_cache, o.augment, o.resolved_mix,
+                        1 if o.unfreeze is None else o.unfreeze,
+                        len(get_spec(o.backbone).blocks))
+
     def train(self, model, data, outcome, train, val, checkpoint_dir, resume) -> None:
-        if not self.climbs:
-            return super().train(model, data, outcome, train, val, checkpoint_dir, resume)
-        _Climb(self, model, data, outcome, checkpoint_dir, resume).run(train, val)
+        if self.climbs:
+            _Climb(self, model, data, outcome, checkpoint_dir, resume).run(train, val)
+        elif self.options.frozen_cache:
+            self._train_on_cache(model, data, outcome, checkpoint_dir, resume)
+        else:
+            super().train(model, data, outcome, train, val, checkpoint_dir, resume)
+
+    def _train_on_cache(self, model, data, outcome, checkpoint_dir, resume) -> None:
+        """--frozen-cache K: the top blocks trained on the kept outputs of the frozen ones
+        (transfer.lower_cache)."""
+        from medtl.data.augment import make_augment
+        from medtl.training.loop import ImageInputs, torch_threads
+        from medtl.training.loop import fit as fit_loop
+        from medtl.transfer.lower_cache import (
+            CachedInputs,
+            EpochCopies,
+            TopBlocks,
+            lower_outputs,
+        )
+
+        o, net = self.options, model.network
+        x, y, xv, yv = data
+        start = len(frozen_blocks(net))
+        config = model.loop_config(
+            epochs=o.epochs or 20, class_weight="balanced" if outcome.balanced else None,
+            sampler="balanced" if o.sampler == "balanced" else None)
+        inputs = ImageInputs(config.mean, config.std, make_augment(o.augment, hflip=o.hflip))
+        t0 = time.perf_counter()
+        with torch_threads(o.threads):
+            kw = dict(seed=o.seed, batch_size=config.batch_size,
+                      device=torch.device(config.device))
+            cached = lower_outputs(net, start, x, inputs, copies=o.frozen_cache, **kw)
+            cached_v = lower_outputs(net, start, xv, inputs, copies=1, **kw)[0]
+        seconds = time.perf_counter() - t0
+        outcome.feature_s += seconds
+        log.info("frozen blocks %s run once: %d version(s) of %d training images and %d "
+                 "validation images kept (%.0f MB) in %.1f s", ", ".join(frozen_blocks(net)),
+                 o.frozen_cache, len(y), len(yv),
+                 (cached.numel() + cached_v.numel()) * 4 / 2**20, seconds)
+        groups = param_groups(net, o.lr, o.lr_decay)
+        result = fit_loop(TopBlocks(net, start), groups, EpochCopies(cached), y, cached_v, yv,
+                          config, checkpoint_dir=checkpoint_dir, resume=resume,
+                          inputs=CachedInputs())
+        log.info("%s: best validation AUC %.4f at epoch %d of %d%s", self.name,
+                 result.best_val_auc, result.best_epoch, len(result.history),
+                 " (stopped early)" if result.stopped_early else "")
+        outcome.history = result.history
+        outcome.resumed_s = result.resumed_s
 
 
 @register_strategy
