@@ -430,7 +430,7 @@ def train(
                                                 "(autocast of the training passes; faster on "
                                                 "CPUs with AVX-512 BF16 or AMX).")] = "fp32",
     memory_budget: Annotated[str, typer.Option(help="Trainable strategies: the most memory "
-                                                    "decoded images may take (50%% of RAM, "
+                                                    "decoded images may take (50% of RAM, "
                                                     "8GB, 0); over it the training split "
                                                     "streams from disk.")] = "50%",
     paths: PathsOption = "relative",

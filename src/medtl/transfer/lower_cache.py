@@ -83,20 +83,25 @@ class EpochCopies:
 
 @torch.no_grad()
 def lower_outputs(network: nn.Module, start: int, x, inputs: ImageInputs, *, copies: int,
-                  seed: int, batch_size: int, device: torch.device) -> torch.Tensor:
+                  seed: int, batch_size: int, device: torch.device,
+                  quiet: bool = True) -> torch.Tensor:
     """(copies, N, ...) float32 outputs of the lowest ``start`` blocks: copy 0 of the plain
     images, the others of augmented ones (``inputs.augment``, generators from the seed)."""
     network.to(device=device, memory_format=torch.channels_last).eval()
+    from medtl.console import progress_bar
+
     out: torch.Tensor | None = None
-    for k in range(copies):
-        gen = epoch_generator(seed, k, stream=COPY_STREAM, device=device.type)
-        for idx, images in load_batches(x, index_batches(len(x), batch_size)):
-            xb = inputs.eval_batch(images, device) if k == 0 else \
-                inputs.train_batch(images, device, gen)
-            y = network.forward_blocks(xb, upto=start).float().cpu().contiguous()
-            if out is None:
-                out = torch.empty((copies, len(x), *y.shape[1:]), dtype=torch.float32)
-            out[k, idx] = y
+    with progress_bar("frozen blocks, once", copies * len(x), quiet=quiet) as advance:
+        for k in range(copies):
+            gen = epoch_generator(seed, k, stream=COPY_STREAM, device=device.type)
+            for idx, images in load_batches(x, index_batches(len(x), batch_size)):
+                xb = inputs.eval_batch(images, device) if k == 0 else \
+                    inputs.train_batch(images, device, gen)
+                y = network.forward_blocks(xb, upto=start).float().cpu().contiguous()
+                if out is None:
+                    out = torch.empty((copies, len(x), *y.shape[1:]), dtype=torch.float32)
+                out[k, idx] = y
+                advance(len(idx))
     assert out is not None
     return out
 

@@ -464,7 +464,7 @@ class FineTuneStrategy(NetworkStrategy):
         t0 = time.perf_counter()
         with torch_threads(o.threads):
             kw = dict(seed=o.seed, batch_size=config.batch_size,
-                      device=torch.device(config.device))
+                      device=torch.device(config.device), quiet=o.quiet)
             cached = lower_outputs(net, start, x, inputs, copies=o.frozen_cache, **kw)
             cached_v = lower_outputs(net, start, xv, inputs, copies=1, **kw)[0]
         seconds = time.perf_counter() - t0
