@@ -879,6 +879,161 @@ def _print_error(message: str) -> None:
 _ARGV: list[str] = []  # the command line main() runs, for train --devices to pass on
 
 
+@app.command()
+def federate(
+    sites: Annotated[list[str] | None, typer.Argument(
+        help="Each site's DATA (a folder or manifest with its own splits), at least two; or "
+             "one manifest with a site column. None with --superlink.")] = None,
+    strategy: Annotated[str, typer.Option(help="feature-extractor (a linear head on frozen "
+                                               "features) | fine-tune (the top --unfreeze "
+                                               "blocks and the head).")]
+    = "feature-extractor",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
+    local_epochs: Annotated[int | None, typer.Option(help="Epochs each site trains per round "
+                                                          "(default 5 for feature-extractor, "
+                                                          "1 for fine-tune).")] = None,
+    algorithm: Annotated[str, typer.Option(help="fedavg | fedprox.")] = "fedavg",
+    mu: Annotated[float | None, typer.Option(help="FedProx's proximal weight (default "
+                                                  "0.01).")] = None,
+    min_sites: Annotated[int | None, typer.Option(help="Fewest sites a round needs; a round "
+                                                       "with fewer answers stops the "
+                                                       "federation (default: every site).")]
+    = None,
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for its "
+                                                      "sites.")] = 3600.0,
+    dp_epsilon: Annotated[float | None, typer.Option(help="feature-extractor: differential "
+                                                          "privacy of each site's records "
+                                                          "(DP-SGD, Opacus) at this epsilon "
+                                                          "over all rounds.")] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP's delta.")] = 1e-5,
+    dp_clip: Annotated[float, typer.Option(help="DP-SGD's per-example gradient norm "
+                                                "bound.")] = 1.0,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also train each site alone "
+                                            "and the pooled data by the same recipe "
+                                            "(runs in OUT/baselines).")] = False,
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
+    = "mobilenet_v2",
+    weights: Annotated[str, typer.Option(help="imagenet | random | a weights file.")]
+    = "imagenet",
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the "
+                                                        "backbone's).")] = None,
+    unfreeze: Annotated[int | None, typer.Option(help="fine-tune: top blocks that train "
+                                                      "(default 1).")] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate of the head.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images (or feature vectors) per "
+                                                 "batch.")] = 64,
+    class_weight: Annotated[str, typer.Option(help="auto | balanced | none, at each "
+                                                   "site.")] = "auto",
+    augment: Annotated[str, typer.Option(help="fine-tune: none | basic | strong.")] = "basic",
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="fine-tune: horizontal "
+                                        "flips in augmentation.")] = True,
+    target_sensitivity: Annotated[float, typer.Option(help="Binary: the second operating "
+                                                          "point, chosen on the pooled "
+                                                          "val.")] = 0.9,
+    positive_class: Annotated[str | None, typer.Option(help="Binary: the positive class.")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/federated-"
+                                                  "BACKBONE-STRATEGY).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for splits and training.")] = 0,
+    device: Device = "auto",
+    patient_regex: PatientRegex = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of each site's train carved as "
+                                                     "validation when it has no val "
+                                                     "split.")] = 0.2,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Read and write the "
+                                        "frozen-feature cache.")] = True,
+    superlink: Annotated[str | None, typer.Option(
+        help="HOST:PORT of a running Flower SuperLink on this machine: train across the "
+             "hospitals' SuperNodes instead of simulating (docs/federated.md).")] = None,
+    classes: Annotated[str | None, typer.Option(help="--superlink: the class names every "
+                                                     "site labels, comma-separated.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="--superlink without TLS (one "
+                                           "machine or a private network only).")] = False,
+    root_certificates: Annotated[str | None, typer.Option(
+        help="--superlink: the CA certificate (PEM) the SuperLink's TLS certificate is "
+             "signed by.")] = None,
+    paths: PathsOption = "relative",
+    quiet: Quiet = False,
+) -> None:
+    """Train one model across sites with Flower, each site's images staying where they are.
+
+    Simulation on this machine: one virtual Flower client per SITE. Only the shared
+    parameters and counts pass between the sites and the server (docs/federated.md; across
+    hospitals see `medtl federate-site` and --superlink there).
+
+    Example: [bold]medtl federate sites/a.csv sites/b.csv sites/c.csv --rounds 20
+    --baselines --out runs/fed[/bold]
+    """
+    from medtl.federated.job import federate as run_federate
+    from medtl.training.options import TrainOptions
+
+    options = TrainOptions.from_mapping(locals())
+    run = run_federate(sites or [], options, rounds=rounds, local_epochs=local_epochs,
+                       algorithm=algorithm, mu=mu, min_sites=min_sites, dp_epsilon=dp_epsilon,
+                       dp_delta=dp_delta, dp_clip=dp_clip, baselines=baselines, out=out,
+                       overwrite=overwrite, patient_regex=patient_regex,
+                       val_fraction=val_fraction, positive_class=positive_class,
+                       target_sensitivity=target_sensitivity, paths=paths,
+                       round_timeout=round_timeout, superlink=superlink,
+                       classes=classes.split(",") if classes else None, insecure=insecure,
+                       root_certificates=root_certificates)
+    if superlink is None:
+        out_console.print(_metrics_table(f"federated {backbone} / {strategy}", run.metrics))
+        _print_federation(run)
+    else:
+        fed = run.metrics["federation"]
+        out_console.print(f"{fed['rounds_done']} rounds across the SuperNodes of {superlink}; "
+                          f"each site scores the model with `medtl evaluate {run.path} DATA`")
+    out_console.print(f"run written to {run.path}")
+
+
+@app.command("federate-site")
+def federate_site(
+    data: Annotated[str, typer.Argument(help="This site's DATA (with train and val splits, "
+                                             "and test to score the model here).")],
+    superlink: Annotated[str, typer.Option(help="HOST:PORT of the coordinator's SuperLink "
+                                                "(its Fleet API, 9092 by default).")],
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (one machine or a "
+                                           "private network only).")] = False,
+    root_certificates: Annotated[str | None, typer.Option(
+        help="The CA certificate (PEM) of the SuperLink's TLS certificate.")] = None,
+    port: Annotated[int | None, typer.Option(help="This SuperNode's own local port (Flower's "
+                                                  "default 9094).")] = None,
+    patient_regex: PatientRegex = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of train carved as validation "
+                                                     "when DATA has no val split.")] = 0.2,
+) -> None:
+    """Serve this hospital's data to a federation: a Flower SuperNode that trains medtl's model
+    here each round. Only the model's shared parameters and counts leave this machine.
+
+    Example: [bold]medtl federate-site /data/cxr.csv --superlink coordinator.example.org:9092
+    --root-certificates ca.pem[/bold]
+    """
+    from medtl.federated.deploy import run_site
+
+    code = run_site(data, superlink, insecure=insecure, root_certificates=root_certificates,
+                    port=port, patient_regex=patient_regex, val_fraction=val_fraction)
+    raise typer.Exit(code)
+
+
+def _print_federation(run) -> None:
+    """Each site's test AUC, and the baselines beside the federated model."""
+    from medtl.federated.job import compare
+
+    table = Table(title="pooled test AUC (95 % CI)")
+    for column in ("model", "AUC", "95 % CI", "n"):
+        table.add_column(column)
+    for row in compare(Path(run.path)):
+        ci = row["auc_ci95"]
+        table.add_row(row["model"], _fmt(row["auc"]),
+                      f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-", str(row["n"] or "-"))
+    out_console.print(table)
+    for name, figures in run.metrics.get("sites", {}).items():
+        m = figures["test"]
+        out_console.print(f"site {name} test: AUC {_fmt(m.get('auc'))} (n={m.get('n')})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a MedtlError becomes one line on stderr and exit code 2."""
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)

@@ -302,6 +302,18 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
     checkpoints = out / bundle.CHECKPOINTS
     train_ds, val_ds = ds.split("train"), ds.split("val")
     clf.fit(train_ds, val_ds, checkpoint_dir=checkpoints, resume=resume)
+    write_fitted(clf, ds, out, request, t_start=t_start, eval_names=eval_names)
+    # The best weights are in model/; the last-epoch checkpoint only served resumption.
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def write_fitted(clf, ds, out: Path, request: dict[str, Any], *, t_start: float,
+                 eval_names: Sequence[str] = ("val", "test"),
+                 extra_metrics: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+                 ) -> None:
+    """Score a fitted ``clf`` on ds's ``eval_names`` and write the run's files into ``out``
+    (config.json last). ``extra_metrics(clf, thresholds)``: more figures for metrics.json,
+    scored with the operating thresholds chosen on val (federated runs: each site's test)."""
     # Binary problems: the class sensitivity, operating points and ROC refer to (train()).
     positive = request["positive"]
     eval_splits = [s for s in eval_names if s in ds.split_names()]
@@ -316,6 +328,8 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                          "predict_images_per_s": _throughput(model, ds.split(eval_splits[-1])),
                          "total_s": time.perf_counter() - t_start, "engine": model.engine}
     metrics["params"] = {"total": model.n_total, "trainable": model.n_trainable}
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(clf, metrics.get("thresholds")))
     skipped = [f"{display.show(p)}: {display.scrub(r)}" for p, r in ds.skipped]
     skipped += [display.scrub(s) for s in clf.skipped_]
     if skipped:
@@ -333,8 +347,6 @@ def _fit_and_write(clf, ds, out: Path, request: dict[str, Any], *, resume: bool,
                   positive, show=display.show)
     # config.json last: its presence marks a complete run that load_run may trust.
     bundle.write_config(out, {"kind": "single", **config})
-    # The best weights are in model/; the last-epoch checkpoint only served resumption.
-    shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 def _write_report(clf, ds, out: Path, config: dict[str, Any], metrics: dict[str, Any],
