@@ -943,6 +943,8 @@ def federate(
                                                      "split.")] = 0.2,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Read and write the "
                                         "frozen-feature cache.")] = True,
+    engine: Annotated[str, typer.Option(help="Frozen features: auto (ONNX Runtime on CPU) | "
+                                             "onnx | torch.")] = "auto",
     superlink: Annotated[str | None, typer.Option(
         help="HOST:PORT of a running Flower SuperLink on this machine: train across the "
              "hospitals' SuperNodes instead of simulating (docs/federated.md).")] = None,
@@ -993,7 +995,8 @@ def federate_site(
     data: Annotated[str, typer.Argument(help="This site's DATA (with train and val splits, "
                                              "and test to score the model here).")],
     superlink: Annotated[str, typer.Option(help="HOST:PORT of the coordinator's SuperLink "
-                                                "(its Fleet API, 9092 by default).")],
+                                                "(the port given to flower-superlink --port; "
+                                                "Flower's default 8000).")],
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS (one machine or a "
                                            "private network only).")] = False,
     root_certificates: Annotated[str | None, typer.Option(
@@ -1003,6 +1006,10 @@ def federate_site(
     patient_regex: PatientRegex = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train carved as validation "
                                                      "when DATA has no val split.")] = 0.2,
+    weights: Annotated[str | None, typer.Option(help="A weights file of this site's own, when "
+                                                     "the federation trains from one (the "
+                                                     "server can only ask for imagenet or "
+                                                     "random).")] = None,
 ) -> None:
     """Serve this hospital's data to a federation: a Flower SuperNode that trains medtl's model
     here each round. Only the model's shared parameters and counts leave this machine.
@@ -1012,9 +1019,8 @@ def federate_site(
     """
     from medtl.federated.deploy import run_site
 
-    code = run_site(data, superlink, insecure=insecure, root_certificates=root_certificates,
-                    port=port, patient_regex=patient_regex, val_fraction=val_fraction)
-    raise typer.Exit(code)
+    run_site(data, superlink, insecure=insecure, root_certificates=root_certificates,
+             port=port, patient_regex=patient_regex, val_fraction=val_fraction, weights=weights)
 
 
 def _print_federation(run) -> None:

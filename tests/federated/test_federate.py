@@ -71,16 +71,19 @@ def test_sites_send_parameters_and_counts_only(federated):
     _, messages = federated
     trains = [m for m in messages if m["type"] == "train"]
     evals = [m for m in messages if m["type"] == "evaluate"]
-    assert len(trains) == 3 * 2 and len(evals) == 3 * 2, messages  # 3 sites, 2 rounds
+    # 3 sites, 2 rounds of training, and the last model counted once at the end
+    assert len(trains) == 3 * 2 and len(evals) == 3, messages
+    counts = {"num-examples", "c0_0", "c0_1", "c1_0", "c1_1"}
     for m in trains:
         assert not m["error"]
         assert set(m["records"]) == {"arrays", "metrics"}
         assert m["records"]["arrays"]["kind"] == "ArrayRecord"
         assert m["records"]["arrays"]["items"] == {"fc.weight": [[2, 1280], "float32"],
                                                    "fc.bias": [[2], "float32"]}
-        (kind, n), = m["records"]["metrics"]["items"].values()
-        assert list(m["records"]["metrics"]["items"]) == ["num-examples"]
-        assert kind == "int" and n == 12  # 6 images of each class in each site's train
+        items = m["records"]["metrics"]["items"]
+        assert set(items) == counts and all(kind == "int" for kind, _ in items.values())
+        assert items["num-examples"][1] == 12  # 6 images of each class in each site's train
+        assert sum(v for k, (_, v) in items.items() if k != "num-examples") == 12  # its val
     for m in evals:
         assert set(m["records"]) == {"metrics"}
         items = m["records"]["metrics"]["items"]

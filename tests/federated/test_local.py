@@ -105,3 +105,38 @@ def test_confusion_counts_are_the_global_models_on_validation():
     assert sum(counts.values()) == len(data.y_val)
     pred = recipe.proba(head, data.x_val).argmax(1)
     assert counts["c1_1"] == int(((pred == 1) & (data.y_val.numpy() == 1)).sum())
+
+
+def test_a_fine_tune_round_trains_the_shared_blocks_and_nothing_frozen():
+    from medtl.federated.local import FineTuneRecipe
+    from medtl.federated.shared import shared_names
+
+    recipe = FineTuneRecipe(TrainOptions(strategy="fine-tune", weights="random", image_size=32,
+                                         augment="none", quiet=True), ["a", "b"])
+    net = recipe.initial()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (16, 32, 32, 3), generator=g, dtype=torch.uint8)
+    y = torch.arange(16) % 2
+    recipe.train_round(net, SiteData(x, y, x[:8], y[:8], []), seed=1,
+                       schedule=Schedule(1, 1), balanced=False)
+    shared = set(shared_names(net))
+    after = net.state_dict()
+    # num_batches_tracked: the trained block's own step counter (an integer, kept locally)
+    changed = {k for k in after if not torch.equal(before[k], after[k])
+               and not k.endswith("num_batches_tracked")}
+    assert changed and changed <= shared, changed - shared  # frozen blocks bitwise the same
+    assert any(k.endswith("running_mean") for k in changed)  # the top block's BN statistics
+    assert "classifier.weight" in changed or any(k.startswith("classifier") for k in changed)
+
+
+def test_a_private_rounds_noise_is_secret_so_not_repeatable_from_the_plan():
+    """The plan (seed, site, round) is known to the server: DP noise drawn from it could be
+    subtracted. Two private rounds from the same plan differ."""
+    pytest.importorskip("opacus")
+    recipe = _recipe()
+    a, b = recipe.initial(), recipe.initial()
+    for head in (a, b):
+        recipe.train_round(head, _site(), seed=5,
+                           schedule=Schedule(2, 1, privacy=Privacy(epsilon=8.0)), balanced=False)
+    assert not torch.equal(a.fc.weight, b.fc.weight)

@@ -82,9 +82,10 @@ def test_only_counts_in_metrics(metrics, why):
         check_reply(content, SHAPES, train=False, num_classes=2, source="t")
 
 
-def test_training_counts_are_only_the_number_of_examples():
-    with pytest.raises(FederationError, match="not counts"):
-        check_reply(_good(c0_0=3), SHAPES, train=True, num_classes=2, source="t")
+def test_confusion_counts_only_of_the_runs_classes():
+    check_reply(_good(c0_0=3, c1_1=4), SHAPES, train=True, num_classes=2, source="t")
+    with pytest.raises(FederationError, match=r"\[c2_0\] are not counts"):
+        check_reply(_good(c2_0=3), SHAPES, train=True, num_classes=2, source="t")
 
 
 def test_a_site_loads_only_the_models_shapes():
@@ -148,3 +149,26 @@ def test_the_sites_guard_stops_a_leaking_reply(task_identity):
     assert only_parameters_and_counts(msg, None, honest).content["metrics"]["num-examples"] == 3
     with pytest.raises(FederationError, match="a site sends only"):
         only_parameters_and_counts(msg, None, leaking)
+
+
+def _reply_from(node: int, content: RecordDict) -> Message:
+    request = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=node, message_type="train")
+    reply = Message(content, reply_to=request)
+    reply.metadata.__dict__["_src_node_id"] = node  # as the SuperLink stamps it
+    return reply
+
+
+def test_the_server_drops_a_leaking_reply_and_stops_below_min_sites(task_identity):
+    from medtl.federated.apps import _strategy
+
+    plan = Plan(options=TrainOptions(strategy="feature-extractor").to_dict(),
+                classes=["a", "b"], rounds=1, local_epochs=1, min_sites=2)
+    strategy = _strategy(plan, SHAPES)
+    leaking = _good()
+    leaking["labels"] = _arrays(y=np.ones(10, np.float32))
+    honest = [_reply_from(1, _good()), _reply_from(2, _good())]
+    arrays, metrics = strategy.aggregate_train(1, [*honest, _reply_from(3, leaking)])
+    assert metrics["sites"] == 2 and metrics["num-examples"] == 20  # the leaking one dropped
+    with pytest.raises(FederationError, match="1 site\\(s\\) answered, fewer than --min-sites 2"):
+        strategy.aggregate_train(2, [honest[0], _reply_from(3, leaking)])

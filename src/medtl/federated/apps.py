@@ -40,6 +40,8 @@ log = logging.getLogger("medtl")
 ROUNDS_FILE = "rounds.json"
 ARRAYS_FILE = "global.npz"
 PLAN_FILE = "plan.json"
+NAMED_WEIGHTS = ("imagenet", "random")
+KEEP_PREPARED = 4  # sites' prepared data one process keeps (features, or decoded images)
 
 
 @dataclass
@@ -116,11 +118,23 @@ def _prepared(context, plan: Plan, sites: Sequence[str]) -> tuple[int, Recipe, S
 
     number, data = _site_of(context, sites)
     node = context.node_config
+    # How the site's data is read is the site's own setting where its node config gives it.
     regex = node.get("patient-regex", plan.patient_regex)
-    key = (data, regex, json.dumps(plan.options, sort_keys=True), tuple(plan.classes))
+    val_fraction = float(node.get("val-fraction", plan.val_fraction))
+    key = (data, regex, val_fraction, json.dumps(plan.options, sort_keys=True),
+           tuple(plan.classes))
     if key not in _PREPARED:
+        if "data" in node and plan.options.get("weights") not in NAMED_WEIGHTS:
+            # A deployed site opens no file the server names: weights from a file are the
+            # site's own choice (its node config's ``weights``), never the plan's.
+            if "weights" not in node:
+                raise FederationError(f"the federation asks for weights "
+                                      f"{plan.options.get('weights')!r}: a site loads only "
+                                      "imagenet or random weights unless its node config "
+                                      "names a weights file")
+            plan.options["weights"] = str(node["weights"])
         recipe = plan.recipe()
-        ds = load_dataset(data, patient_regex=regex or None, val_fraction=plan.val_fraction,
+        ds = load_dataset(data, patient_regex=regex or None, val_fraction=val_fraction,
                           seed=recipe.options.seed)
         if ds.classes != plan.classes:
             raise FederationError(f"{data}: classes {ds.classes}, the federation's are "
@@ -132,7 +146,9 @@ def _prepared(context, plan: Plan, sites: Sequence[str]) -> tuple[int, Recipe, S
 
         balanced = (strategy.class_weight == "balanced"
                     or (strategy.class_weight == "auto" and needs_balancing(site.y.numpy())))
-        _PREPARED.clear()  # one site per process at a time (a simulation actor serves several)
+        # A simulation actor serves several sites in turn: keep the last few prepared.
+        while len(_PREPARED) >= KEEP_PREPARED:
+            _PREPARED.pop(next(iter(_PREPARED)))
         _PREPARED[key] = (recipe, site, balanced)
     recipe, site, balanced = _PREPARED[key]
     return number, recipe, site, balanced
@@ -148,10 +164,13 @@ def site_train(msg, context, sites: Sequence[str] = ()):
     server_round = int(msg.content["config"]["server-round"])
     mu = float(msg.content["config"].get("proximal-mu", plan.mu))
     schedule = Schedule(plan.rounds, plan.local_epochs, mu, plan.schedule.privacy)
+    # The global model this round starts from, counted on validation before it trains: the
+    # previous round's figures come with this reply, so a round is one exchange, not two.
+    counts = recipe.confusion(model, data)
     recipe.train_round(model, data, seed=round_seed(recipe.options.seed, number, server_round),
                        schedule=schedule, balanced=balanced)
     reply = RecordDict({"arrays": _arrays(recipe.to_arrays(model)),
-                        "metrics": MetricRecord({"num-examples": len(data.y)})})
+                        "metrics": MetricRecord({"num-examples": len(data.y), **counts})})
     return Message(reply, reply_to=msg)
 
 
@@ -215,16 +234,34 @@ def _arrays(arrays: dict[str, np.ndarray]):
                         for k, v in arrays.items()})
 
 
+class _Present:
+    """The grid as a strategy sees it: without the sites dropped from the federation."""
+
+    def __init__(self, grid, dropped: set[int]) -> None:
+        self._grid, self._dropped = grid, dropped
+
+    def get_node_ids(self):
+        return [n for n in self._grid.get_node_ids() if n not in self._dropped]
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 def _strategy(plan: Plan, shapes: dict[str, tuple[int, ...]]):
     """Flower's FedAvg or FedProx, refusing replies that break the rule and rounds with fewer
-    than ``min_sites`` answers."""
-    from flwr.app import MetricRecord
+    than ``min_sites`` answers. A site that gives no valid reply in time (killed, failed, or
+    refused) is dropped: it is not asked again, so later rounds do not wait out
+    ``round_timeout`` for a node the SuperLink still lists until its heartbeat lapses (up to
+    60 s). Started again, a site is a new node and joins the next round."""
     from flwr.serverapp.strategy import FedAvg, FedProx
 
     base = FedProx if plan.algorithm == "fedprox" else FedAvg
     k = len(plan.classes)
+    dropped: set[int] = set()
+    asked: set[int] = set()
 
     def checked(replies, train: bool, server_round: int):
+        replies = list(replies)
         good = []
         for msg in replies:
             if msg.has_error():
@@ -238,32 +275,58 @@ def _strategy(plan: Plan, shapes: dict[str, tuple[int, ...]]):
                 log.warning("round %d: reply refused: %s", server_round, exc)
                 continue
             good.append(msg)
+        missed = asked - {m.metadata.src_node_id for m in good}
+        if missed:
+            log.warning("round %d: %d site(s) gave no valid reply by the deadline and are "
+                        "dropped from the federation (a site started again rejoins)",
+                        server_round, len(missed))
+            dropped.update(missed)
+        asked.clear()
         if train and len(good) < plan.min_sites:
             raise FederationError(f"round {server_round}: {len(good)} site(s) answered, fewer "
                                   f"than --min-sites {plan.min_sites}")
         return good
 
-    def summed(records, weight_key):
-        total: dict[str, int] = {}
-        for rd in records:
-            for key, value in rd["metrics"].items():
-                total[key] = total.get(key, 0) + int(value)
-        return MetricRecord({**total, "sites": len(records)})
-
     class Checked(base):
+        def configure_train(self, server_round, arrays, config, grid):
+            messages = list(super().configure_train(server_round, arrays, config,
+                                                    _Present(grid, dropped)))
+            asked.update(m.metadata.dst_node_id for m in messages)
+            return messages
+
         def aggregate_train(self, server_round, replies):
             return super().aggregate_train(server_round, checked(replies, True, server_round))
 
-        def aggregate_evaluate(self, server_round, replies):
-            return super().aggregate_evaluate(server_round,
-                                              checked(replies, False, server_round))
+        def evaluate_final(self, grid, arrays, server_round: int):
+            """The last global model counted at every site: the one exchange after the
+            rounds (each round's training reply counted the model it started from)."""
+            from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    kw = dict(min_train_nodes=plan.min_sites, min_evaluate_nodes=plan.min_sites,
-              min_available_nodes=plan.min_sites, train_metrics_aggr_fn=summed,
-              evaluate_metrics_aggr_fn=summed)
+            config = ConfigRecord({"plan": plan.for_sites(), "server-round": server_round})
+            messages = [Message(RecordDict({"arrays": arrays, "config": config}),
+                                message_type=MessageType.EVALUATE, dst_node_id=node)
+                        for node in _Present(grid, dropped).get_node_ids()]
+            asked.update(m.metadata.dst_node_id for m in messages)
+            replies = grid.send_and_receive(messages, timeout=plan.round_timeout)
+            return _summed([m.content for m in checked(replies, False, server_round)], "")
+
+    kw = dict(fraction_evaluate=0.0, min_train_nodes=plan.min_sites,
+              min_available_nodes=plan.min_sites, train_metrics_aggr_fn=_summed)
     if base is FedProx:
         kw["proximal_mu"] = plan.mu
     return Checked(**kw)
+
+
+def _summed(records, weight_key: str = ""):
+    """The sites' counts added up, and how many sites sent them (Flower's metric aggregation
+    would average them)."""
+    from flwr.app import MetricRecord
+
+    total: dict[str, int] = {}
+    for rd in records:
+        for key, value in rd["metrics"].items():
+            total[key] = total.get(key, 0) + int(value)
+    return MetricRecord({**total, "sites": len(records)})
 
 
 def serve_rounds(grid, plan: Plan, workdir: Path) -> None:
@@ -290,16 +353,18 @@ def serve_rounds(grid, plan: Plan, workdir: Path) -> None:
     config = ConfigRecord({"plan": plan.for_sites()})
     result = strategy.start(grid=grid, initial_arrays=_arrays(initial), num_rounds=plan.rounds,
                             timeout=plan.round_timeout, train_config=config,
-                            evaluate_config=ConfigRecord({"plan": plan.for_sites()}),
                             evaluate_fn=after_round)
+    final = strategy.evaluate_final(grid, result.arrays, plan.rounds)
+    trained = result.train_metrics_clientapp
     for row in rounds:
         r = row["round"]
-        train = result.train_metrics_clientapp.get(r)
-        ev = result.evaluate_metrics_clientapp.get(r)
+        train = trained.get(r)
         row["sites_trained"] = int(train["sites"]) if train else 0
         row["train_examples"] = int(train["num-examples"]) if train else 0
-        if ev:
-            row.update(val_counts(dict(ev), len(plan.classes)))
+        # Round r's model was counted by the sites that started round r + 1 (or at the end).
+        counted = trained.get(r + 1) if r < plan.rounds else final
+        if counted:
+            row.update(val_counts(dict(counted), len(plan.classes)))
     atomic_write(workdir / ROUNDS_FILE, json.dumps(rounds, indent=1).encode())
 
 

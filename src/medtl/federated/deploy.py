@@ -178,11 +178,17 @@ def _last(text: str) -> str:
 
 def supernode_command(data: str | Path, superlink: str, *, insecure: bool,
                       root_certificates: str | None, port: int | None,
-                      patient_regex: str | None) -> list[str]:
-    """``flower-supernode`` for a site whose data is DATA (checked by the caller)."""
-    node = [f"data={_toml_string(str(Path(data).resolve()), 'the site data path')}"]
+                      patient_regex: str | None, val_fraction: float = 0.2,
+                      weights: str | None = None) -> list[str]:
+    """``flower-supernode`` for a site whose data is DATA (checked by the caller). How the
+    site reads its data (and a weights file of its own) goes in the node config: the site's
+    settings, which the server's plan does not override."""
+    node = [f"data={_toml_string(str(Path(data).resolve()), 'the site data path')}",
+            f"val-fraction={float(val_fraction)}"]
     if patient_regex:
         node.append(f"patient-regex={_toml_string(patient_regex, '--patient-regex')}")
+    if weights:
+        node.append(f"weights={_toml_string(str(Path(weights).resolve()), '--weights')}")
     cmd = [_executable("flower-supernode"), "--superlink", superlink,
            "--node-config", " ".join(node)]
     if insecure:
@@ -196,8 +202,10 @@ def supernode_command(data: str | Path, superlink: str, *, insecure: bool,
 
 def run_site(data: str | Path, superlink: str, *, insecure: bool = False,
              root_certificates: str | None = None, port: int | None = None,
-             patient_regex: str | None = None, val_fraction: float = 0.2) -> int:
-    """``medtl federate-site``: check DATA, then serve it as a SuperNode until stopped."""
+             patient_regex: str | None = None, val_fraction: float = 0.2,
+             weights: str | None = None) -> None:
+    """``medtl federate-site``: check DATA, then become the site's SuperNode (this process is
+    replaced by ``flower-supernode``, so a signal to it stops the SuperNode itself)."""
     from medtl.data import load_dataset
 
     if not insecure and not root_certificates:
@@ -210,14 +218,14 @@ def run_site(data: str | Path, superlink: str, *, insecure: bool = False,
 
     console.print(f"site data {data}: classes {ds.classes}; " + "; ".join(
         f"{s} {sum(c.values())}" for s, c in ds.counts().items()))
+    if weights is not None and not Path(weights).is_file():
+        raise MedtlError(f"--weights {weights}: no such file")
     cmd = supernode_command(data, superlink, insecure=insecure,
                             root_certificates=root_certificates, port=port,
-                            patient_regex=patient_regex)
+                            patient_regex=patient_regex, val_fraction=val_fraction,
+                            weights=weights)
     console.print(f"serving this site to the federation at {superlink} (Ctrl-C to stop); "
                   "only the model's shared parameters and counts leave this machine")
-    process = subprocess.Popen(cmd, env=_flower_env())
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, _flower_env())

@@ -75,6 +75,9 @@ def federate(
     from medtl.evaluation.summary import DEFAULT_TARGET_SENSITIVITY
 
     options = (options or TrainOptions(strategy="feature-extractor")).replace(**option_values)
+    if superlink is None and (classes or insecure or root_certificates):
+        raise MedtlError("--classes, --insecure and --root-certificates go with --superlink; "
+                         "a simulation reads the classes from the sites' data")
     if superlink is not None:
         return _federate_deployed(
             options, superlink, classes, out=out, overwrite=overwrite, rounds=rounds,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -236,7 +237,10 @@ class FeatureExtractorRecipe(Recipe):
     def train_round(self, model, data, *, seed, schedule, balanced) -> None:
         o = self.options
         k = len(self.classes)
-        gen = torch.Generator().manual_seed(seed)
+        # A private round's sampling and noise must be unknown to whoever receives the
+        # update: drawn from a secret seed, not the plan's (so it is not repeatable, by design).
+        private = schedule.privacy is not None
+        gen = torch.Generator().manual_seed(secrets.randbits(63) if private else seed)
         dataset = torch.utils.data.TensorDataset(data.x, data.y)
         loader = torch.utils.data.DataLoader(dataset, batch_size=min(o.batch_size, len(dataset)),
                                              shuffle=True, generator=gen)
@@ -247,7 +251,7 @@ class FeatureExtractorRecipe(Recipe):
                                       lr=o.lr, weight_decay=1e-2)
         prox = _Proximal(model, schedule.mu)
         trained = model
-        if schedule.privacy is not None:
+        if private:
             trained, optimizer, loader = _make_private(model, optimizer, loader, schedule,
                                                        len(dataset), gen)
         with torch.random.fork_rng(), warnings.catch_warnings():
@@ -264,7 +268,7 @@ class FeatureExtractorRecipe(Recipe):
                     loss.backward()
                     optimizer.step()
         prox.remove()
-        if schedule.privacy is not None:
+        if private:
             trained._close()  # Opacus' hooks off: the plain head is what travels
         model.eval()
 

@@ -20,10 +20,9 @@ from torch import nn
 
 from medtl.errors import MedtlError
 
-# The counts a site may send. Training: the examples it trained on. Evaluation: its validation
-# examples, and the confusion matrix of the global model on them ("c<true>_<predicted>"),
-# which gives the per-round accuracy, sensitivity and specificity of the federation's curve.
-TRAIN_COUNTS = ("num-examples",)
+# The counts a site may send: ``num-examples`` (the images it trained on, or validated on),
+# and the confusion matrix of the global model it received on its validation split
+# ("c<true>_<predicted>"), which gives the federation's per-round accuracy and sensitivity.
 EVAL_COUNT_PREFIX = "c"
 
 
@@ -79,12 +78,10 @@ def load_shared(module: nn.Module, arrays: Mapping[str, np.ndarray], names: Sequ
             state[n].copy_(torch.from_numpy(np.asarray(arrays[n])).to(state[n].dtype))
 
 
-def check_counts(metrics: Mapping[str, Any], *, train: bool, num_classes: int,
-                 source: str) -> None:
+def check_counts(metrics: Mapping[str, Any], *, num_classes: int, source: str) -> None:
     """A site's MetricRecord: counts only, of the names the rule allows."""
-    allowed = set(TRAIN_COUNTS) if train else {
-        "num-examples", *(f"{EVAL_COUNT_PREFIX}{t}_{p}" for t in range(num_classes)
-                          for p in range(num_classes))}
+    allowed = {"num-examples", *(f"{EVAL_COUNT_PREFIX}{t}_{p}" for t in range(num_classes)
+                                 for p in range(num_classes))}
     extra = sorted(set(metrics) - allowed)
     if extra:
         raise FederationError(f"{source}: {_list(extra)} are not counts this federation sends")
@@ -113,7 +110,7 @@ def check_reply(content: Mapping[str, Any], expected: Mapping[str, tuple[int, ..
     metrics = content["metrics"]
     if not isinstance(metrics, MetricRecord):
         raise FederationError(f"{source}: 'metrics' is not a MetricRecord")
-    check_counts(dict(metrics), train=train, num_classes=num_classes, source=source)
+    check_counts(dict(metrics), num_classes=num_classes, source=source)
 
 
 def _list(items: Sequence[str]) -> str:

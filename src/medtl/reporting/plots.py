@@ -505,7 +505,9 @@ def training_curves_png(history: Sequence[Mapping[str, Any]], *,
     if hist.has_stages:
         _mark_stages(ax, hist)
     ax.set_xlim(0.5, len(hist.rows) + 0.5)
-    ax.set_xlabel("epoch (all stages, in order)" if hist.has_stages else "epoch")
+    # A federated run's rows are rounds (medtl.federated), a trained run's epochs.
+    unit = "round" if hist.rows and "round" in hist.rows[0] else "epoch"
+    ax.set_xlabel(f"{unit} (all stages, in order)" if hist.has_stages else unit)
     if has_loss:
         ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
