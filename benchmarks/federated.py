@@ -5,13 +5,14 @@ pneumonia (train, val and test; the pooled test set is the official 624 images).
 ``medtl federate --baselines`` trains, by one recipe (MobileNetV2 ImageNet features, a linear
 head, ``--rounds`` rounds of ``--local-epochs`` local epochs): the federated model (FedAvg in
 Flower's simulation engine), each site alone and the pooled data (centralised). Then FedProx,
-and DP-SGD at epsilon 8 (Opacus) for the privacy cost. Everything is chosen on validation;
+and DP-SGD at epsilon 8 (Opacus) for the privacy cost, over three draws of its noise.
+Everything is chosen on validation;
 each model's test split is scored once. Reported: pooled test AUC with its 95 % CI, DeLong's
 paired test of the federated model against each baseline, each site's own test AUC, and the
 wall time of the federation (simulation on this machine: the rounds, not the features).
 
     python benchmarks/federated.py [--seeds 0,1,2] [--rounds 20] [--local-epochs 5]
-        [--runs /work/bench-runs/federated]
+        [--dp-repeats 3] [--runs /work/bench-runs/federated]
 
 Runs already in --runs are read, not trained again. Writes benchmarks/results/federated.json.
 """
@@ -60,24 +61,30 @@ def federation(sites: list[Path], out: Path, seed: int, args, **extra):
     return run, time.perf_counter() - t0
 
 
+def kermany_sites(runs: Path) -> list[Path]:
+    """The three sites' manifests, made by scripts/kermany_sites.py into RUNS/sites once."""
+    require(KERMANY)
+    site_dir = runs / "sites"
+    if not (site_dir / "sites.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "kermany_sites.py"), "--data",
+                        str(KERMANY), "--out", str(site_dir)], check=True)
+    return [site_dir / f"site_{s}.csv" for s in "abc"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-epochs", type=int, default=5)
+    ap.add_argument("--dp-repeats", type=int, default=3)
     ap.add_argument("--runs", default="/work/bench-runs/federated")
     args = ap.parse_args()
     os.environ.setdefault("MEDTL_OFFLINE", "1")
     from medtl.evaluation.stats import delong_test
     from medtl.run import Run
 
-    require(KERMANY)
     runs = Path(args.runs)
-    site_dir = runs / "sites"
-    if not (site_dir / "sites.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "kermany_sites.py"), "--data",
-                        str(KERMANY), "--out", str(site_dir)], check=True)
-    sites = [site_dir / f"site_{s}.csv" for s in "abc"]
+    sites = kermany_sites(runs)
     results: dict = {"rounds": args.rounds, "local_epochs": args.local_epochs, "seeds": {}}
     for seed in [int(s) for s in args.seeds.split(",")]:
         run, seconds = federation(sites, runs / f"fedavg-seed{seed}", seed, args,
@@ -99,9 +106,13 @@ def main() -> None:
               flush=True)
     seed0 = int(args.seeds.split(",")[0])
     y, fed_score = test_scores(Run(runs / f"fedavg-seed{seed0}"))
-    for name, extra in (("fedprox", {"algorithm": "fedprox", "mu": 0.01}),
-                        ("dp_eps8", {"dp_epsilon": 8.0})):
-        run, seconds = federation(sites, runs / f"{name}-seed{seed0}", seed0, args, **extra)
+    # DP-SGD's noise is drawn from a secret seed at each site (not repeatable by design):
+    # --dp-repeats draws of it, each against the same FedAvg model.
+    jobs = [("fedprox", {"algorithm": "fedprox", "mu": 0.01}, f"fedprox-seed{seed0}")]
+    jobs += [(f"dp_eps8_draw{k}", {"dp_epsilon": 8.0}, f"dp_eps8-seed{seed0}" + (f"-r{k}" if k
+             else "")) for k in range(args.dp_repeats)]
+    for name, extra, folder in jobs:
+        run, seconds = federation(sites, runs / folder, seed0, args, **extra)
         _, score = test_scores(run)
         test = delong_test(y, score, fed_score)
         results[name] = {**figures(run), "federation_wall_s": run.config["federation"]["wall_s"],
@@ -110,6 +121,11 @@ def main() -> None:
         print(f"{name}: test AUC {results[name]['test_auc']:.4f} "
               f"({test['difference']:+.4f} against FedAvg, DeLong p {test['p_value']:.3f})",
               flush=True)
+    draws = [results[f"dp_eps8_draw{k}"]["minus_fedavg"] for k in range(args.dp_repeats)]
+    results["dp_eps8_cost"] = {"draws": draws, "mean": statistics.mean(draws),
+                               "sd": statistics.stdev(draws) if len(draws) > 1 else 0.0}
+    print(f"DP epsilon 8: test AUC change {results['dp_eps8_cost']['mean']:+.4f} +- "
+          f"{results['dp_eps8_cost']['sd']:.4f} over {len(draws)} draws of the noise")
     summary = {}
     for model in results["seeds"][seed0]:
         aucs = [e[model]["test_auc"] for e in results["seeds"].values()]
