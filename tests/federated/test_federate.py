@@ -122,17 +122,29 @@ def test_baselines_are_runs_of_the_same_recipe(federated):
     assert [r["model"] for r in rows][0] == "federated" and len(rows) == 5
 
 
-def test_predict_evaluate_and_export_work_on_a_federated_run(federated, sites, tmp_path,
-                                                             capsys):
+def test_predict_evaluate_explain_export_and_serve_work_on_a_federated_run(
+        federated, sites, tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from medtl.serving import create_app
+
+    from ..serving.conftest import wait_ready
+
     run, _ = federated
     image = next((sites[0] / "test" / "disc").iterdir())
     for args in (["predict", run.path, image, "--quiet"],
                  ["evaluate", run.path, sites[1], "--quiet"],
+                 ["explain", run.path, image, "--out", tmp_path / "cams", "--quiet"],
                  ["export", run.path, "--out", tmp_path / "bundle"]):
         with pytest.raises(SystemExit) as exc:
             main([str(a) for a in args])
         assert exc.value.code == 0, (args, capsys.readouterr())
-    assert (tmp_path / "bundle").is_dir()
+    assert any((tmp_path / "cams").iterdir())
+    with TestClient(create_app(run.path)) as client:
+        wait_ready(client)
+        answer = client.post("/v1/predict", files={"files": (image.name, image.read_bytes(),
+                                                             "image/png")})
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_single_site_or_bad_min_sites_is_refused_before_any_work(sites, tmp_path, capsys):
