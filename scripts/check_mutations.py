@@ -97,6 +97,17 @@ MUTATIONS = (
              "        if train and len(good) < plan.min_sites:\n",
              "        if False:\n",
              ("tests/federated/test_shared.py",)),
+    # AdaBN (issue 20): the target's statistics, and only those.
+    Mutation("AdaBN leaves BatchNorm in eval mode", "src/medtl/transfer/adapt.py",
+             "        m.momentum = None  # a cumulative average: every target image counts the "
+             "same\n        m.train()\n",
+             "        m.momentum = None  # a cumulative average: every target image counts the "
+             "same\n        m.eval()\n",
+             ("tests/transfer/test_adapt.py", "tests/test_adapt_run.py")),
+    Mutation("AdaBN keeps BatchNorm's momentum", "src/medtl/transfer/adapt.py",
+             "        m.momentum = None  # a cumulative average",
+             "        pass  # a cumulative average",
+             ("tests/transfer/test_adapt.py",)),
 )
 
 

@@ -514,6 +514,11 @@ def evaluate(
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     tta: TtaOverride = None,
+    adapt_bn: Annotated[list[str] | None, typer.Option(
+        help="AdaBN before scoring: the model takes the BatchNorm statistics of these images "
+             "(files or folders, labels unused), for this evaluation only; repeat for "
+             "several. Scoring the same images is transductive (said in the output).")]
+    = None,
     device: Device = "auto",
     skip_bad: SkipBad = False,
     paths: PathsOption = "relative",
@@ -527,13 +532,37 @@ def evaluate(
     from medtl.workflow import evaluate as run_evaluate
 
     result = run_evaluate(run, data, split=split, device=device, skip_bad=skip_bad,
-                          quiet=quiet, paths=paths, tta=tta)
+                          quiet=quiet, paths=paths, tta=tta, adapt_bn=adapt_bn)
     if output:
         write_csv(output, result["rows"])
     if as_json:
         print(json.dumps(result["metrics"], indent=2))
     else:
         out_console.print(_metrics_table(f"{run}", {split: result["metrics"]}))
+
+
+@app.command()
+def adapt(
+    run: Annotated[str, typer.Argument(help="Run directory written by `medtl train`.")],
+    target: Annotated[list[str], typer.Argument(help="Images of the new scanner or site "
+                                                     "(files or folders; labels unused).")],
+    out: Annotated[Path, typer.Option(help="The adapted run's directory.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """AdaBN: a copy of RUN whose BatchNorm statistics are re-estimated on TARGET's images
+    (no labels, no training); evaluate, predict, export and serve then use it.
+
+    Example: [bold]medtl adapt runs/cxr /data/new_scanner --out runs/cxr-new-scanner[/bold]
+    """
+    from medtl.workflow import adapt as run_adapt
+
+    adapted = run_adapt(run, target, out=out, overwrite=overwrite, device=device, quiet=quiet)
+    record = adapted.config["adapted_bn"]
+    out_console.print(f"AdaBN: {record['layers']} BatchNorm layers re-estimated on "
+                      f"{record['images']} images; run written to {adapted.path} (score it "
+                      "with `medtl evaluate`)")
 
 
 @app.command()

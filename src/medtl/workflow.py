@@ -576,7 +576,8 @@ def _torch_version() -> str:
 
 def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: str = "test",
              device: str = "auto", skip_bad: bool = False, quiet: bool = False,
-             paths: str = "relative", tta: str | None = None) -> dict[str, Any]:
+             paths: str = "relative", tta: str | None = None,
+             adapt_bn: Sequence[str | Path] | None = None) -> dict[str, Any]:
     """Re-score a saved run on a split of DATA (by default the data it was trained on).
 
     ``tta``: the test-time augmentation (none | flip | standard) in place of the one the run
@@ -587,6 +588,10 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
     config.json is read: it must exist (a run from elsewhere names paths of its own machine).
     The run is checked whole (``load_run``) and its model loaded before any data is read.
     ``paths``: how the rows name the images (relative to DATA's root, hashed, absolute).
+    ``adapt_bn``: image files or folders (labels unused) whose BatchNorm statistics the model
+    takes before scoring (AdaBN, medtl.transfer.adapt), for this evaluation only; the result's
+    ``adapted_bn`` says how many of the scored images were among them (transductive when
+    any were).
     """
     from medtl.data import load_dataset
     from medtl.data.privacy import PathDisplay, recorded_data_path
@@ -619,11 +624,69 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
     if split not in ds.split_names():
         raise MedtlError(f"{source}: no '{split}' split (has: {', '.join(ds.split_names())})")
     positive = cfg["classes"].index(cfg["positive_class"]) if cfg.get("positive_class") else None
-    metrics, rows, _ = _split_metrics(clf, ds.split(split), split, positive,
+    scored = ds.split(split)
+    adapted = None
+    if adapt_bn:
+        adapted = _adapt_bn(clf, adapt_bn, run, quiet=quiet)
+        target = adapted.pop("_keys")
+        overlap = sum(scored.content_key(i) in target for i in range(len(scored)))
+        adapted["scored_images_adapted_on"] = overlap
+        adapted["transductive"] = overlap > 0
+        if overlap:
+            log.warning("AdaBN: %d of the %d images scored were among those adapted to: "
+                        "transductive figures", overlap, len(scored))
+    metrics, rows, _ = _split_metrics(clf, scored, split, positive,
                                       thresholds=run.metrics.get("thresholds"),
                                       seed=cfg.get("seed", 0))
+    if adapted is not None:
+        metrics["adapted_bn"] = adapted
     rows = [{**r, "path": display.show(r["path"])} for r in rows]
     return {"metrics": metrics, "rows": rows, "data": str(source), "tta": used}
+
+
+def _adapt_bn(clf, target: Sequence[str | Path], run: Run, *, quiet: bool) -> dict[str, Any]:
+    """AdaBN of a loaded run's model on TARGET's images; the record, with ``_keys`` (the
+    target images' content keys, to tell transductive use)."""
+    from medtl.data import dataset_from_files
+    from medtl.data.sources import make_view
+    from medtl.transfer.adapt import adapt_model
+
+    ds = dataset_from_files(target, classes=clf.classes_,
+                            view=make_view(**run.config.get("view", {})))
+    record = adapt_model(clf.model_, ds, quiet=quiet)
+    # The out-of-distribution guard was fitted on the unadapted features.
+    clf.model_.ood = None
+    record["_keys"] = {ds.content_key(i) for i in range(len(ds))}
+    return record
+
+
+def adapt(run: str | Path | Run, target: Sequence[str | Path], *, out: str | Path,
+          overwrite: bool = False, device: str = "auto", quiet: bool = False) -> Run:
+    """AdaBN as a run: a copy of RUN whose model took the BatchNorm statistics of TARGET's
+    images (labels unused), recorded in config.json's ``adapted_bn``; ``evaluate``,
+    ``predict``, ``export`` and ``serve`` then use the adapted model. The source run's val and
+    test figures, which were the unadapted model's, move to metrics.json's
+    ``before_adaptation``; its operating thresholds (chosen on its validation) stay."""
+    src = run if isinstance(run, Run) else load_run(run)
+    if src.kind != "single":
+        raise MedtlError(f"{src.path}: adapt one trained run (not a {src.kind} run)")
+    clf = src.load_model(device=device, quiet=quiet)
+    with bundle.writing_run(Path(out), overwrite=overwrite) as draft, \
+            run_logging(draft.path, quiet):
+        record = _adapt_bn(clf, target, src, quiet=quiet)
+        record.pop("_keys")
+        record["source_run"] = src.path.name  # by name: --paths' rule for what runs record
+        clf.model_.save(draft.path / bundle.MODEL_DIR)
+        before = src.metrics
+        write_json(draft.path / bundle.METRICS, {
+            "positive_class": before.get("positive_class"),
+            "thresholds": before.get("thresholds"),
+            "before_adaptation": {k: before[k] for k in ("val", "test") if k in before},
+            "adapted_bn": record})
+        bundle.write_config(draft.path, {**src.config, "adapted_bn": record})
+        draft.commit()
+        log.info("adapted run written to %s (AdaBN on %d images)", out, record["images"])
+    return Run(Path(out))
 
 
 def _use_tta(clf, tta: str | None) -> str:

@@ -162,6 +162,11 @@ class FittedModel(ABC):
               ) -> FittedModel: ...
 
     # ---------------------------------------------------------------------- shared
+    def adapted(self) -> None:
+        """The backbone's tensors changed in place (AdaBN, medtl.transfer.adapt): drop what
+        was computed from the old ones. Nothing to drop for a network predicting directly."""
+        return None
+
     def calibrate(self, proba: np.ndarray) -> np.ndarray:
         """Temperature scaling fitted on validation, if any (every arg-max is kept)."""
         if self.temperature is None:
@@ -256,6 +261,13 @@ class FrozenModel(FittedModel):
     @property
     def backbone(self) -> nn.Module:
         return self._backbone
+
+    def adapted(self) -> None:
+        # A new extractor: its ONNX graph and its feature-cache key come from the new tensors.
+        writes = getattr(self.extractor, "cache_writes", True)
+        self.extractor = make_extractor(self._backbone, self.preprocessing, self.options,
+                                        self.device)
+        self.extractor.cache_writes = writes
 
     def features(self, data, *, cache: bool = True) -> np.ndarray:
         """Frozen features (n, feature_dim); rows of unreadable images are NaN with skip_bad."""
