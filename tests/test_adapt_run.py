@@ -56,6 +56,11 @@ def test_adapt_writes_a_run_whose_model_differs_only_in_batchnorm_statistics(
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert changed and all(k.endswith(("running_mean", "running_var",
                                        "num_batches_tracked")) for k in changed)
+    # only the two trained blocks' layers: the frozen blocks keep ImageNet's statistics,
+    # which the trained layers above them learned on
+    top = list(adapted.load_model(quiet=True).model_.network.blocks)[-2:]
+    assert all(any(f"blocks.{b}." in k for b in top) for k in changed), changed
+    assert record["layers"] > 0 and record["layers_frozen_kept"] > 0
     # the adapted model is what evaluate scores and export ships
     out = _run(["evaluate", tmp_path / "adapted", data, "--json", "--quiet"], capsys)
     assert json.loads(out)["n"] == 16
@@ -79,3 +84,15 @@ def test_evaluate_adapt_bn_says_when_it_is_transductive(trained, capsys):
                capsys)
     assert json.loads(out)["adapted_bn"]["transductive"] is False
     assert load_run(run.path).config.get("adapted_bn") is None  # the run itself untouched
+
+
+def test_a_frozen_backbone_has_nothing_to_adapt(trained, tmp_path, capsys):
+    _, data, target = trained
+    frozen = medtl.train(data, backbone="mobilenet_v2", weights="random",
+                         strategy="feature-extractor", image_size=32, out=tmp_path / "fx",
+                         quiet=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["adapt", str(frozen.path), str(target), "--out", str(tmp_path / "a")])
+    assert exc.value.code == 2
+    assert "frozen ImageNet" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

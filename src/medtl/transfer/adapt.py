@@ -25,10 +25,12 @@ def batchnorm_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Re-estimate ``module``'s BatchNorm running statistics on ``batches`` (model-ready float
-    inputs); returns how many images they held. The module ends in eval mode."""
-    layers = batchnorm_layers(module)
+def adapt_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor],
+                    layers: list[nn.modules.batchnorm._BatchNorm] | None = None) -> int:
+    """Re-estimate the running statistics of ``layers`` (default: every BatchNorm layer of
+    ``module``) on ``batches`` (model-ready float inputs); returns how many images they held.
+    The module ends in eval mode."""
+    layers = batchnorm_layers(module) if layers is None else layers
     if not layers:
         raise MedtlError("this model has no BatchNorm layer: AdaBN has nothing to adapt")
     momenta = [m.momentum for m in layers]
@@ -61,6 +63,15 @@ def adapt_model(model, data, *, quiet: bool = False) -> dict[str, Any]:
     from medtl.transfer.fitted import iter_decoded
 
     network = model.backbone
+    # Only the layers whose statistics were estimated on the training data: a frozen block's
+    # are ImageNet's, and the layers above it learned on features normalised by them, so
+    # re-estimating those changes what the model computes rather than undoing a shift
+    # (measured: Kermany test AUC 0.970 -> 0.859 when every layer adapted, docs/benchmarks.md).
+    layers = trained_batchnorm(model)
+    if not layers:
+        raise MedtlError("AdaBN adapts the BatchNorm layers trained on the run's data, and this "
+                         "model has none: its backbone is frozen ImageNet (feature-extractor, "
+                         "hybrid) or its trained blocks hold no BatchNorm")
     pre = model.preprocessing
     inputs = ImageInputs(pre.model_mean, pre.model_std)
     device = torch.device(model.device)
@@ -72,9 +83,19 @@ def adapt_model(model, data, *, quiet: bool = False) -> dict[str, Any]:
                 if len(keep):
                     yield inputs.eval_batch(x, device)
 
-    n = adapt_batchnorm(network.to(device), batches())
+    n = adapt_batchnorm(network.to(device), batches(), layers)
     model.adapted()
-    log.info("AdaBN: %d BatchNorm layers re-estimated on %d target images",
-             len(batchnorm_layers(network)), n)
-    return {"method": "adabn", "images": n, "layers": len(batchnorm_layers(network)),
+    log.info("AdaBN: %d of %d BatchNorm layers (those trained on the run's data) re-estimated "
+             "on %d target images", len(layers), len(batchnorm_layers(network)), n)
+    return {"method": "adabn", "images": n, "layers": len(layers),
+            "layers_frozen_kept": len(batchnorm_layers(network)) - len(layers),
             "target_fingerprint": data.fingerprint()}
+
+
+def trained_batchnorm(model) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of a fitted model that trained (their scale and shift did, so
+    their statistics are the training data's): none for a frozen backbone."""
+    if getattr(model, "kind", None) == "frozen":
+        return []
+    return [m for m in batchnorm_layers(model.backbone)
+            if m.weight is not None and m.weight.requires_grad]
