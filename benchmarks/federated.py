@@ -13,6 +13,11 @@ wall time of the federation (simulation on this machine: the rounds, not the fea
 
     python benchmarks/federated.py [--seeds 0,1,2] [--rounds 20] [--local-epochs 5]
         [--dp-repeats 3] [--runs /work/bench-runs/federated]
+    python benchmarks/federated.py --fine-tune 128 --rounds 5 --local-epochs 1 --seeds 0
+
+``--fine-tune SIZE``: the same comparison with ``--strategy fine-tune`` (the top block and the
+classifier, their BatchNorm statistics averaged too) at SIZE px, writing
+results/federated_finetune.json instead.
 
 Runs already in --runs are read, not trained again. Writes benchmarks/results/federated.json.
 """
@@ -55,9 +60,11 @@ def federation(sites: list[Path], out: Path, seed: int, args, **extra):
     if is_run(out):
         return Run(out), None
     t0 = time.perf_counter()
+    recipe = ({"strategy": "fine-tune", "image_size": args.fine_tune, "hflip": False}
+              if args.fine_tune else {"strategy": "feature-extractor"})
     run = federate([str(s) for s in sites], rounds=args.rounds, local_epochs=args.local_epochs,
-                   out=out, seed=seed, quiet=True, strategy="feature-extractor",
-                   backbone="mobilenet_v2", weights="imagenet", **extra)
+                   out=out, seed=seed, quiet=True, backbone="mobilenet_v2",
+                   weights="imagenet", **recipe, **extra)
     return run, time.perf_counter() - t0
 
 
@@ -77,6 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--dp-repeats", type=int, default=3)
+    ap.add_argument("--fine-tune", type=int, default=0, metavar="SIZE")
     ap.add_argument("--runs", default="/work/bench-runs/federated")
     args = ap.parse_args()
     os.environ.setdefault("MEDTL_OFFLINE", "1")
@@ -86,8 +94,9 @@ def main() -> None:
     runs = Path(args.runs)
     sites = kermany_sites(runs)
     results: dict = {"rounds": args.rounds, "local_epochs": args.local_epochs, "seeds": {}}
+    prefix = f"finetune{args.fine_tune}-" if args.fine_tune else ""
     for seed in [int(s) for s in args.seeds.split(",")]:
-        run, seconds = federation(sites, runs / f"fedavg-seed{seed}", seed, args,
+        run, seconds = federation(sites, runs / f"{prefix}fedavg-seed{seed}", seed, args,
                                   baselines=True)
         fed = run.config["federation"]
         entry = {"federated": {**figures(run), "federation_wall_s": fed["wall_s"],
@@ -105,6 +114,9 @@ def main() -> None:
         print(f"seed {seed}: " + ", ".join(f"{k} {v['test_auc']:.4f}" for k, v in entry.items()),
               flush=True)
     seed0 = int(args.seeds.split(",")[0])
+    if args.fine_tune:  # the comparison only: FedProx and DP were measured on the head
+        save("federated_finetune", results)
+        return
     y, fed_score = test_scores(Run(runs / f"fedavg-seed{seed0}"))
     # DP-SGD's noise is drawn from a secret seed at each site (not repeatable by design):
     # --dp-repeats draws of it, each against the same FedAvg model.
