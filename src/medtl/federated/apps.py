@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -426,6 +428,42 @@ def make_server_app(plan: Plan | None = None, workdir: Path | None = None):
             raise
 
     return app
+
+
+def rounds_done(workdir: Path) -> int:
+    """How many rounds the server has saved in ``workdir`` so far."""
+    try:
+        return len(json.loads((workdir / ROUNDS_FILE).read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+@contextmanager
+def follow_rounds(workdir: Path, rounds: int, *, quiet: bool) -> Iterator[None]:
+    """A progress bar (with ETA) over the rounds, advanced as the server saves each one, from
+    a thread: the rounds run inside Flower, in this process or at a SuperLink."""
+    from medtl.console import progress_bar
+
+    stop = threading.Event()
+    with progress_bar("federated rounds", rounds, quiet=quiet) as advance:
+        def watch() -> None:
+            shown = 0
+            while True:
+                finished = stop.wait(0.5)
+                now = rounds_done(workdir)
+                if now > shown:
+                    advance(now - shown)
+                    shown = now
+                if finished:
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def load_global(workdir: Path) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:

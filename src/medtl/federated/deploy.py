@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medtl.errors import MedtlError
-from medtl.federated.apps import PLAN_FILE, ROUNDS_FILE, Plan
+from medtl.federated.apps import PLAN_FILE, Plan, follow_rounds
 from medtl.files import atomic_write
 
 log = logging.getLogger("medtl")
@@ -42,6 +42,8 @@ APP_PYPROJECT = """\
 [project]
 name = "medtl-federation"
 version = "1.0.0"
+description = "medtl's federated apps (medtl.federated.flower_apps), installed at every site"
+license = "Apache-2.0"
 
 [tool.flwr.app]
 publisher = "medtl"
@@ -115,7 +117,8 @@ def submit(plan: Plan, superlink: str, workdir: Path, *, insecure: bool,
     reply = _json(done.stdout)
     run_id = reply.get("run-id") if reply else None
     if done.returncode != 0 or run_id is None:
-        why = (reply or {}).get("error-message") or _last(done.stderr or done.stdout)
+        # flwr's message is several lines (config notes, then the reason): the last one says it
+        why = _last((reply or {}).get("error-message") or done.stderr or done.stdout)
         raise MedtlError(f"the SuperLink at {superlink} did not take the federation: {why}")
     log.info("federation submitted to %s as Flower run %s", superlink, run_id)
     status = _wait(flwr, env, run_id, workdir, plan.rounds, quiet)
@@ -127,16 +130,9 @@ def submit(plan: Plan, superlink: str, workdir: Path, *, insecure: bool,
 
 def _wait(flwr: str, env: dict[str, str], run_id: Any, workdir: Path, rounds: int,
           quiet: bool) -> str:
-    from medtl.console import progress_bar
-
-    done = 0
-    with progress_bar("federated rounds", rounds, quiet=quiet) as advance:
+    with follow_rounds(workdir, rounds, quiet=quiet):
         while True:
             status = _status(flwr, env, run_id)
-            now = _rounds_done(workdir)
-            if now > done:
-                advance(now - done)
-                done = now
             if status.startswith("finished"):
                 return status
             time.sleep(POLL_S)
@@ -154,13 +150,6 @@ def _details(flwr: str, env: dict[str, str], run_id: Any) -> str:
                          env=env, capture_output=True, text=True, timeout=120, check=False)
     runs = (_json(out.stdout) or {}).get("runs") or []
     return str(runs[0].get("status-details") or "no reason given") if runs else "unknown"
-
-
-def _rounds_done(workdir: Path) -> int:
-    try:
-        return len(json.loads((workdir / ROUNDS_FILE).read_text()))
-    except (OSError, ValueError):
-        return 0
 
 
 def _json(text: str) -> dict[str, Any] | None:

@@ -26,7 +26,13 @@ from typing import Any
 from medtl import run as bundle
 from medtl.console import run_logging
 from medtl.errors import MedtlError, check_choice
-from medtl.federated.apps import Plan, load_global, make_client_app, make_server_app
+from medtl.federated.apps import (
+    Plan,
+    follow_rounds,
+    load_global,
+    make_client_app,
+    make_server_app,
+)
 from medtl.federated.local import RECIPES, Privacy, round_seed, spent_epsilon
 from medtl.federated.sites import has_site_column, site_names, split_by_site
 from medtl.run import Run
@@ -118,19 +124,22 @@ def federate(
         plan.classes = list(classes)
         plan.sites = [str(Path(s).expanduser().resolve()) for s in sites]
         recipe = plan.recipe()
-        # Each site's features (or images) prepared here first: the cache the simulated sites
-        # then read, and the baselines' data; a progress bar per site.
-        prepared = [recipe.prepare(ds.split("train"), ds.split("val")) for ds in datasets]
+        # Each site's data prepared here first (a progress bar per site) where it serves twice:
+        # features the simulated sites then read from the on-disk cache, or the baselines'
+        # data. Decoded images are not kept on disk: without baselines the sites decode their
+        # own, and holding every site's here too would only cost memory.
+        prepared = ([recipe.prepare(ds.split("train"), ds.split("val")) for ds in datasets]
+                    if baselines or recipe.cached_on_disk else None)
         workdir = draft.path / FEDERATION_DIR
         workdir.mkdir(exist_ok=True)
         t_fed = time.perf_counter()
-        simulate(plan, workdir)
+        simulate(plan, workdir, quiet=options.quiet)
         fed_s = time.perf_counter() - t_fed
         arrays, rounds_done = load_global(workdir)
         pooled = pool(datasets, names)
         request = _request(sites, names, plan, positive_class, target_sensitivity
                            or DEFAULT_TARGET_SENSITIVITY, paths, draft.path, pooled)
-        privacy = _privacy_record(plan, prepared)
+        privacy = _privacy_record(plan, prepared) if prepared else None
         extra = {"federation": {**_federation_record(plan, names, datasets, rounds_done,
                                                       fed_s), "privacy": privacy}}
         model = recipe.from_arrays(arrays, source=str(workdir / "global.npz"))
@@ -289,7 +298,7 @@ def pool(datasets: Sequence, names: Sequence[str]):
                    view=datasets[0].view)
 
 
-def simulate(plan: Plan, workdir: Path) -> None:
+def simulate(plan: Plan, workdir: Path, *, quiet: bool = False) -> None:
     """The rounds in Flower's simulation engine: each site a virtual client (a Ray actor)."""
     try:
         from flwr.simulation import run_simulation
@@ -306,12 +315,13 @@ def simulate(plan: Plan, workdir: Path) -> None:
     flwr_log = logging.getLogger("flwr")
     level, flwr_log.level = flwr_log.level, logging.ERROR
     try:
-        run_simulation(server_app=make_server_app(plan, workdir),
-                       client_app=make_client_app(plan.sites),
-                       num_supernodes=n,
-                       backend_config={"client_resources": {"num_cpus": max(1, cores // actors)},
-                                       "init_args": {"log_to_driver": False,
-                                                     "include_dashboard": False}})
+        with follow_rounds(workdir, plan.rounds, quiet=quiet):
+            run_simulation(
+                server_app=make_server_app(plan, workdir),
+                client_app=make_client_app(plan.sites), num_supernodes=n,
+                backend_config={"client_resources": {"num_cpus": max(1, cores // actors)},
+                                "init_args": {"log_to_driver": False,
+                                              "include_dashboard": False}})
     finally:
         flwr_log.setLevel(level)
 

@@ -80,6 +80,9 @@ class Recipe:
     """How a federated strategy builds, trains and scores its shared tensors at a site."""
 
     name: ClassVar[str]
+    # What ``prepare`` computes is kept on disk (the feature cache), so preparing a site once
+    # before the rounds spares its rounds the work.
+    cached_on_disk: ClassVar[bool] = False
 
     def __init__(self, options: TrainOptions, classes: Sequence[str]) -> None:
         self.options = options
@@ -187,6 +190,7 @@ class FeatureExtractorRecipe(Recipe):
     """A linear head on frozen features; the features never leave the site."""
 
     name = "feature-extractor"
+    cached_on_disk = True
     _backbones: ClassVar[dict[tuple, Any]] = {}
 
     def _backbone(self):
