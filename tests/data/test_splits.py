@@ -19,6 +19,7 @@ from medtl.data import (
     patient_overlap,
 )
 from medtl.data.privacy import pseudonym
+from medtl.data.splits import cross_validation_folds
 from medtl.errors import MedtlError
 
 
@@ -172,3 +173,32 @@ def test_kfold_indices_grouped() -> None:
     assert sorted(held.tolist()) == list(range(40))
     for tr, te in folds:
         assert not {groups[i] for i in tr} & {groups[i] for i in te}
+
+
+def test_the_split_does_not_depend_on_the_machines_pseudonym_salt(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    # A manifest's patient ids are salted per machine; the same data and seed must split the
+    # same way on a colleague's machine, or a published split cannot be reproduced.
+    manifest = write_patient_manifest(tmp_path)
+
+    def load(salt: str) -> Dataset:
+        monkeypatch.setenv("MEDTL_SALT", salt)
+        return load_dataset(manifest, seed=0)
+
+    here, there = load("a" * 64), load("b" * 64)
+    assert here.patients != there.patients  # the salt is used...
+    assert here.split("val").paths == there.split("val").paths  # ...and does not move the split
+    assert ([f.split("heldout").paths for f in cross_validation_folds(here, 3, seed=0)]
+            == [f.split("heldout").paths for f in cross_validation_folds(there, 3, seed=0)])
+
+
+def test_grouped_folds_follow_the_order_patients_appear_not_their_names() -> None:
+    labels = np.array([0, 1] * 30)
+    names = [f"p{i // 3:02d}" for i in range(60)]
+    renamed = [f"p{99 - i // 3:02d}" for i in range(60)]  # the same patients, names reversed
+    assert np.array_equal(carve_validation(labels, names, fraction=0.2, seed=1),
+                          carve_validation(labels, renamed, fraction=0.2, seed=1))
+    from medtl.transfer.ensemble import fold_assignment
+
+    assert np.array_equal(fold_assignment(labels, names, 3, seed=1),
+                          fold_assignment(labels, renamed, 3, seed=1))

@@ -109,11 +109,22 @@ def patient_from_name(name: str, regex: str | re.Pattern[str] | regex_module.Pat
     return pid
 
 
-def _fill_groups(groups: Sequence[str | None]) -> np.ndarray:
-    # An image with no known patient is its own group: it can go anywhere without leaking.
-    return np.array(
-        [g if g is not None else f"\x00image-{i}" for i, g in enumerate(groups)], dtype=object
-    )
+def group_codes(groups: Sequence[str | None]) -> np.ndarray:
+    """Each image's patient as an integer, numbered in order of first appearance.
+
+    Patient ids are salted pseudonyms (medtl.data.privacy), different on every machine, and
+    scikit-learn's grouped splitters order groups by name before shuffling: grouped by the
+    pseudonyms themselves, the same data, seed and code would split differently on a
+    colleague's machine. Numbered by where they first appear in the (path-ordered) records, the
+    split depends only on the data and the seed. An image with no known patient is its own
+    group: it can go anywhere without leaking.
+    """
+    codes: dict[object, int] = {}
+    out = np.empty(len(groups), dtype=np.int64)
+    for i, g in enumerate(groups):
+        key = g if g is not None else ("image", i)
+        out[i] = codes.setdefault(key, len(codes))
+    return out
 
 
 def kfold_indices(
@@ -140,7 +151,7 @@ def kfold_indices(
         # folds, which is the best any split can do; the warning would only alarm users.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         if groups is not None and any(g is not None for g in groups):
-            g = _fill_groups(groups)
+            g = group_codes(groups)
             n_groups = len(set(g.tolist()))
             if n_groups < n_splits:
                 raise MedtlError(
@@ -192,7 +203,7 @@ def carve_validation(
             )
 
     if groups is not None and any(g is not None for g in groups):
-        g = _fill_groups(groups)
+        g = group_codes(groups)
         n_groups = len(set(g.tolist()))
         if n_groups < 2:
             raise MedtlError(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from medtl.data.splits import group_codes
 from medtl.errors import MedtlError
 
 METHODS = ("mean", "vote", "weighted", "stack")
@@ -133,7 +134,7 @@ def fold_assignment(y: np.ndarray, groups: Sequence[str | None] | None, n_folds:
     k = int(min(n_folds, max(2, counts[counts > 0].min())))
     if groups is not None and all(groups) and len(set(groups)) >= k:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(y)), y, groups=list(groups))
+        splits = splitter.split(np.zeros(len(y)), y, groups=group_codes(groups))
     else:
         splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
             np.zeros(len(y)), y)
