@@ -31,6 +31,7 @@ _LAZY = {
     "load_dataset": "medtl.data",
     "load_run": "medtl.run",
     "predict": "medtl.workflow",
+    "pretrain": "medtl.training.pretrain",
     "register_strategy": "medtl.transfer.strategies",
     "save_run": "medtl.run",
     "train": "medtl.workflow",
@@ -39,7 +40,7 @@ _LAZY = {
 __all__ = [
     "DataReadError", "MedtlError", "Run", "Strategy", "TrainOptions", "TransferClassifier",
     "WeightsError", "__version__", "create_backbone", "demo", "ensemble", "evaluate", "list_specs",
-    "load_dataset", "load_run", "predict", "register_strategy", "save_run", "train",
+    "load_dataset", "load_run", "predict", "pretrain", "register_strategy", "save_run", "train",
 ]
 
 

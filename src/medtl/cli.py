@@ -316,7 +316,8 @@ def train(
     strategy: Annotated[str, typer.Option(help="auto | feature-extractor | hybrid | fine-tune | "
                                                "full | scratch | truncated (docs/usage.md).")]
     = "auto",
-    head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn.")] = "logreg",
+    head: Annotated[str, typer.Option(help="hybrid head: logreg | svm | rf | knn | prototype.")]
+    = "logreg",
     weights: Annotated[str, typer.Option(
         help="imagenet | random | PATH to a weights file | RUN_DIR: a finished run's "
              "backbone (same --backbone; its classifier is not kept), for ImageNet -> "
@@ -433,6 +434,17 @@ def train(
                                                     "decoded images may take (50% of RAM, "
                                                     "8GB, 0); over it the training split "
                                                     "streams from disk.")] = "50%",
+    align: Annotated[str, typer.Option(
+        help="Trainable strategies: align the features with the unlabelled --align-target "
+             "images while training: none | coral (Deep CORAL; docs/domain-adaptation.md).")]
+    = "none",
+    align_target: Annotated[list[str] | None, typer.Option(
+        metavar="TARGET", help="--align: unlabelled images of the new domain (files, folders "
+                               "or CSV manifests; repeat for several). Aligning to the images "
+                               "later scored is transductive.")] = None,
+    align_weight: Annotated[float, typer.Option(
+        metavar="W", help="--align: weight of the alignment loss added to the "
+                          "classification loss.")] = 1.0,
     paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
@@ -563,6 +575,55 @@ def adapt(
     out_console.print(f"AdaBN: {record['layers']} BatchNorm layers re-estimated on "
                       f"{record['images']} images; run written to {adapted.path} (score it "
                       "with `medtl evaluate`)")
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz "
+                                             "(labels unused; train and val images only).")],
+    method: Annotated[str, typer.Option(help="simclr | byol | dino.")],
+    start: Annotated[str, typer.Option("--from", help="Starting weights: imagenet | random.")],
+    epochs: Annotated[int, typer.Option(help="Epochs over the images.")],
+    out: Annotated[Path, typer.Option(help="Weights file to write (.safetensors); its "
+                                           "checkpoint is kept in OUT.partial/ meanwhile.")],
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
+    = "mobilenet_v2",
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels (default: the "
+                                                        "backbone's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (each seen in 2 views, "
+                                                 "DINO 8).")] = 32,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 1e-4 from "
+                                                  "imagenet, 1e-3 from random).")] = None,
+    splits: Annotated[str, typer.Option(help="DATA's splits whose images are used; never "
+                                             "test.")] = "train,val",
+    seed: Annotated[int, typer.Option(help="Seed for order, augmentation and new layers.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted pretraining from "
+                                              "OUT.partial/.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    device: Device = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for PyTorch (default: every "
+                                                     "core).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Self-supervised pretraining on DATA's own images (labels unused, test never read):
+    the backbone's weights, trained further, for `medtl train --weights OUT`.
+
+    Example: [bold]medtl pretrain data/chest_xray --method simclr --from imagenet --epochs 20
+    --image-size 128 --out cxr-simclr.safetensors[/bold]
+    """
+    from medtl.training.pretrain import pretrain as run_pretrain
+
+    # The default names train and val; a DATA without val simply has none to add.
+    result = run_pretrain(data, out, method=method, start=start, epochs=epochs,
+                          backbone=backbone, image_size=image_size, batch_size=batch_size,
+                          lr=lr, splits=None if splits == "train,val" else splits, seed=seed,
+                          resume=resume, overwrite=overwrite, device=device, threads=threads,
+                          quiet=quiet)
+    meta = result.metadata
+    out_console.print(f"{meta['method']} on {meta['images']} images ({meta['splits']}), "
+                      f"{meta['epochs']} epochs, final loss {result.history[-1]['loss']:.4f}, "
+                      f"{meta['wall_s']} s; weights written to {result.path} (use them with "
+                      "`medtl train ... --weights` that file)")
 
 
 @app.command()
@@ -792,6 +853,82 @@ def bench(
                      rank_by=rank_by, ensemble=ensemble, ensemble_method=ensemble_method,
                      quiet=quiet)
     _print_leaderboard(path, data, rank_by)
+
+
+@app.command()
+def curve(
+    data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz "
+                                             "with a test split.")],
+    sizes: Annotated[str, typer.Option(help="Labelled images per class (train + val), "
+                                            "comma-separated; 'all' for the whole pool.")]
+    = "10,25,50,100,all",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies; hybrid heads as "
+                                                 "hybrid:logreg, the few-shot baseline as "
+                                                 "hybrid:prototype.")]
+    = "feature-extractor,hybrid:logreg,hybrid:prototype,fine-tune,full",
+    repeats: Annotated[int, typer.Option(help="Draws of the labelled subset per budget (seeds "
+                                              "SEED..SEED+R-1).")] = 3,
+    out: Annotated[Path, typer.Option(help="Curve directory (cells, curve.csv, summary.csv, "
+                                           "crossings.csv, report.html).")] = Path("runs/curve"),
+    backbone: Annotated[str, typer.Option(help="Backbone name (see `medtl models`).")]
+    = "mobilenet_v2",
+    image_size: Annotated[int | None, typer.Option(help="Input side in pixels for every "
+                                                        "cell.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs of the strategies that "
+                                                    "train the network (frozen heads keep "
+                                                    "their own).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of each drawn subset (by patient) "
+                                                     "that validates.")] = 0.2,
+    patient_regex: PatientRegex = None,
+    positive_class: Annotated[str | None, typer.Option(help="Binary: the class AUC and "
+                                                            "sensitivity refer to.")] = None,
+    seed: Annotated[int, typer.Option(help="First repeat's seed.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Learning curves: test AUC against labelled images per class for each strategy, with a
+    95 % interval over repeated draws (by patient), and where one strategy overtakes another.
+    Rerun the same command after an interruption: finished cells are kept.
+
+    Example: [bold]medtl curve data/cxr --sizes 10,25,50,100,all --strategies
+    feature-extractor,hybrid:prototype,fine-tune --repeats 3 --image-size 64 --out runs/curve[/bold]
+    """
+    from medtl.curve import curve as run_curve
+
+    options = {k: v for k, v in (("image_size", image_size), ("threads", threads))
+               if v is not None}
+    path = run_curve(data, out=out, sizes=sizes, strategies=[s for s in strategies.split(",")
+                                                              if s],
+                     repeats=repeats, seed=seed, val_fraction=val_fraction,
+                     patient_regex=patient_regex, positive_class=positive_class, quiet=quiet,
+                     epochs=epochs, backbone=backbone, **options)
+    _print_curve(path, data)
+
+
+def _print_curve(path: Path, data: str) -> None:
+    import csv
+
+    with open(path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    t = Table(title=f"medtl curve {data}: mean test AUC (95% interval over repeats)")
+    t.add_column("strategy")
+    for n in sizes:
+        t.add_column(f"{n} per class", justify="right")
+    for s in dict.fromkeys(r["strategy"] for r in rows):
+        cells = {r["size"]: r for r in rows if r["strategy"] == s}
+        t.add_row(s, *(_num(cells[n]["test_auc_mean"]) + (
+            f" ({_num(cells[n]['test_auc_ci95_low'])}-{_num(cells[n]['test_auc_ci95_high'])})"
+            if cells[n]["test_auc_ci95_low"] not in ("", "None") else "")
+            if n in cells else "–" for n in sizes))
+    out_console.print(t)
+    with open(path / "crossings.csv", newline="") as f:
+        for c in csv.DictReader(f):
+            out_console.print(f"{c['overtakes']} overtakes {c['overtaken']} between "
+                              f"{c['from_size']} and {c['at_size']} per class "
+                              f"(paired difference {float(c['auc_difference']):+.3f})",
+                              markup=False)
+    out_console.print(f"curves: {path / 'summary.csv'}  report: {path / 'report.html'}")
 
 
 def _print_leaderboard(path: Path, data: str, rank_by: str) -> None:

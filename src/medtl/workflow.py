@@ -123,7 +123,7 @@ def _train_here(clf, request: dict[str, Any], options: TrainOptions, out: Path, 
             run_logging(draft.path, options.quiet, append=resume,
                         rewrite=request["display"].scrub):
         ds = _load(request, options)
-        request["positive"] = _positive_index(ds.classes, request["positive_class"])
+        request["positive"] = positive_index(ds.classes, request["positive_class"])
         _guard_resume(draft, options, request, ds, resume=resume)  # before any training
         request["split_overlap"] = _split_overlap(ds)
         if folds is not None:
@@ -146,6 +146,9 @@ def check_distributable(strategy, folds: int | None) -> None:
     if folds is not None:
         raise MedtlError("--folds with several processes: run without --devices, or one run "
                          "per fold")
+    if strategy.options.align != "none":
+        raise MedtlError(f"--align {strategy.options.align} with several processes is not "
+                         "supported: run without --devices")
 
 
 def _train_distributed(clf, request: dict[str, Any], options: TrainOptions, out: Path, *,
@@ -225,7 +228,7 @@ def looks_negative(name: str) -> bool:
     return bool(set(words) & _NEGATIVE_WORDS) or bool(set(lead) & _NEGATIVE_PREFIXES)
 
 
-def _positive_index(classes: Sequence[str], requested: str | None) -> int | None:
+def positive_index(classes: Sequence[str], requested: str | None) -> int | None:
     """The positive class of a binary task (None for multi-class): the one asked for, else
     the last in name order, said in the log (a warning when its name reads as negative)."""
     if requested is not None:
@@ -442,11 +445,31 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
                  "val_fraction": request["val_fraction"], "skipped": skipped},
+        **_align_record(clf, ds),
         "medtl_version": medtl.__version__,
         "environment": {"python": platform.python_version(), "torch": _torch_version(),
                         "machine": platform.machine()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _align_record(clf, ds) -> dict[str, Any]:
+    """config.json's ``align`` (--align only; absent otherwise): method, weight, the target's
+    image count and fingerprint, and how many of the run's test images were among the target
+    (any: the test figures are transductive, docs/domain-adaptation.md)."""
+    align = getattr(clf, "align_", None)
+    if not align:
+        return {}
+    record = {k: v for k, v in align.items() if k != "_keys"}
+    if "test" in ds.split_names():
+        test = ds.split("test")
+        keys = align.get("_keys") or set()
+        overlap = sum(test.content_key(i) in keys for i in range(len(test)))
+        record["test_images_in_target"] = overlap
+        if overlap:
+            log.warning("--align: %d of the %d test images were among the target images "
+                        "aligned to: the test figures are transductive", overlap, len(test))
+    return {"align": record}
 
 
 def _gallery(clf, data, proba, classes, positive, mode) -> dict[str, Any] | None:
