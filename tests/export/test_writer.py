@@ -26,6 +26,7 @@ RUNS = {
     "svm": dict(strategy="hybrid", head="svm"),
     "rf": dict(strategy="hybrid", head="rf", calibrate=True),  # temperature as ONNX nodes
     "knn": dict(strategy="hybrid", head="knn"),
+    "prototype": dict(strategy="hybrid", head="prototype"),  # folded into a linear layer
     "fine-tune": dict(strategy="fine-tune"),
     "full": dict(strategy="full", calibrate=True),  # temperature inside the torch export
     "truncated": dict(strategy="truncated", keep=3),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.frozen import FrozenEstimator
@@ -27,6 +27,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from medtl.errors import MedtlError, check_choice
@@ -102,6 +103,53 @@ def _knn(seed: int, cw: str | None):
             for k in (5, 11, 21, 41)]
 
 
+class PrototypeClassifier(ClassifierMixin, BaseEstimator):
+    """Nearest class mean as probabilities: softmax over classes of ``-||x - c_k||^2 / t_``.
+
+    The few-shot baseline (prototypical networks, Snell et al. 2017, on frozen features): one
+    mean per class and nothing else to fit, so it cannot overfit a handful of images and is
+    blind to class imbalance. ``t_`` is the training images' mean squared distance to their own
+    class mean, which keeps the logits of order one whatever the feature scale. The logits are
+    ``(2 x.c_k - ||c_k||^2) / t_`` plus a term common to all classes, a linear map of x: after a
+    StandardScaler the head folds into one ``nn.Linear`` (SklearnHead.as_linear) and exports,
+    serves and explains like logistic regression. scikit-learn's NearestCentroid was not used:
+    its probabilities divide by per-feature within-class spreads, which 5 images per class
+    cannot estimate, and skl2onnx has no converter for it.
+    """
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> PrototypeClassifier:
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.centroids_ = np.stack([x[y == c].mean(axis=0) for c in self.classes_])
+        own = self.centroids_[np.searchsorted(self.classes_, y)]
+        self.temperature_ = float(max(((x - own) ** 2).sum(axis=1).mean(), 1e-12))
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(weight (k, d), bias (k,))`` whose softmax equals predict_proba."""
+        c = self.centroids_
+        return 2.0 * c / self.temperature_, -(c ** 2).sum(axis=1) / self.temperature_
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        from scipy.special import softmax
+
+        check_is_fitted(self, "centroids_")
+        weight, bias = self.linear()
+        return softmax(np.asarray(x, dtype=np.float64) @ weight.T + bias, axis=1)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(axis=1)]
+
+
+@register_head("prototype", trusted=("medtl.transfer.heads.PrototypeClassifier",))
+def _prototype(seed: int, cw: str | None):
+    # Standardised features, so that no single feature's scale dominates the distances. One
+    # candidate: with nothing to tune, a few validation images choose nothing.
+    return [({}, make_pipeline(StandardScaler(), PrototypeClassifier()))]
+
+
 SKLEARN_HEADS = tuple(HEADS)  # the built-in ones, in the order the docs list them
 
 
@@ -150,7 +198,8 @@ class SklearnHead:
 
     @property
     def n_parameters(self) -> int:
-        """Values set by fitting: weights for logreg/svm, split nodes for rf, 0 for kNN."""
+        """Values set by fitting: weights for logreg/svm, split nodes for rf, class means for
+        prototype, 0 for kNN."""
         est = self.estimator_
         inner = est.steps[-1][1] if isinstance(est, Pipeline) else est
         if isinstance(inner, LogisticRegression):
@@ -160,6 +209,8 @@ class SklearnHead:
             return int(svc.dual_coef_.size + svc.intercept_.size)
         if isinstance(inner, RandomForestClassifier):
             return int(sum(t.tree_.node_count for t in inner.estimators_))
+        if isinstance(inner, PrototypeClassifier):
+            return int(inner.centroids_.size)
         return 0
 
     def as_linear(self) -> nn.Linear | None:
@@ -167,8 +218,9 @@ class SklearnHead:
         softmax equals the pipeline's ``predict_proba`` (binary: logits -z/2 and z/2); ``None``
         for heads that are no linear map of the features."""
         est = self.estimator_
-        if not (isinstance(est, Pipeline) and isinstance(est.steps[-1][1], LogisticRegression)
-                and isinstance(est.steps[0][1], StandardScaler)):
+        if not (isinstance(est, Pipeline) and len(est.steps) == 2
+                and isinstance(est.steps[0][1], StandardScaler)
+                and isinstance(est.steps[-1][1], LogisticRegression | PrototypeClassifier)):
             return None
         return logreg_as_linear(est)
 
@@ -231,10 +283,13 @@ def _check_tree(tree, n_features: int) -> None:
 
 
 def logreg_as_linear(pipeline) -> nn.Linear:
-    """``StandardScaler -> LogisticRegression`` as one frozen ``nn.Linear`` (see as_linear)."""
-    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
-    weight = logreg.coef_ / scaler.scale_
-    bias = logreg.intercept_ - weight @ scaler.mean_
+    """``StandardScaler -> LogisticRegression`` (or PrototypeClassifier) as one frozen
+    ``nn.Linear`` (see as_linear)."""
+    scaler, last = pipeline.steps[0][1], pipeline.steps[-1][1]
+    coef, intercept = (last.linear() if isinstance(last, PrototypeClassifier)
+                       else (last.coef_, last.intercept_))
+    weight = coef / scaler.scale_
+    bias = intercept - weight @ scaler.mean_
     if weight.shape[0] == 1:
         weight = np.concatenate([-weight, weight]) / 2
         bias = np.concatenate([-bias, bias]) / 2
