@@ -103,20 +103,23 @@ def _shown_source(source: Any) -> Any:
     """A local file or run folder by its name only: the card names no path on this machine."""
     if isinstance(source, str):
         prefix, sep, rest = source.partition(":")
-        if sep and prefix == "run" and os.path.isabs(rest):
-            return f"run:{PurePath(rest).name}"
+        if sep and prefix in ("run", "file") and os.path.isabs(rest):
+            return f"{prefix}:{PurePath(rest).name}"
         if os.path.isabs(source):
             return PurePath(source).name
     return source
 
 
 def _weights_chain(w: dict[str, Any]) -> list[dict[str, Any]]:
-    """Multi-stage transfer (``--weights RUN_DIR``): every stage the starting weights went
-    through, oldest first (ImageNet, then each run), this run's starting point last."""
-    chain = w.get("chain") if w.get("kind") == "run" else None
+    """Multi-stage transfer (``--weights RUN_DIR``, or a ``medtl pretrain`` file): every stage
+    the starting weights went through, oldest first (ImageNet, then each run or
+    self-supervised pretraining), this run's starting point last."""
+    staged = w.get("kind") == "run" or w.get("method") is not None
+    chain = w.get("chain") if staged else None
     stages = [s for s in chain if isinstance(s, dict)] if isinstance(chain, list) else []
     return [{"kind": s.get("kind"), "source": _shown_source(s.get("source")),
-             "sha256": s.get("sha256"), "data_fingerprint": s.get("data_fingerprint")}
+             "sha256": s.get("sha256"), "data_fingerprint": s.get("data_fingerprint"),
+             **({"method": s["method"]} if s.get("method") else {})}
             for s in [*stages, w]]
 
 
@@ -398,9 +401,13 @@ def _closing_markdown(card: dict[str, Any]) -> list[str]:
 def _chain_line(chain: list[dict[str, Any]]) -> str:
     """``random -> run:A (data 069557a3d795) -> run:B (data ...)``: each stage by its source,
     a run with the fingerprint of the data it was trained on."""
-    return " -> ".join(
-        _fmt(s["source"]) + (f" (data {str(s['data_fingerprint'])[:12]})"
-                             if s.get("data_fingerprint") else "") for s in chain)
+    def stage(s: dict[str, Any]) -> str:
+        notes = [f"self-supervised {_fmt(s['method'])}"] if s.get("method") else []
+        if s.get("data_fingerprint"):
+            notes.append(f"data {str(s['data_fingerprint'])[:12]}")
+        return _fmt(s["source"]) + (f" ({' on '.join(notes)})" if notes else "")
+
+    return " -> ".join(stage(s) for s in chain)
 
 
 def _input(pre: Any) -> str:

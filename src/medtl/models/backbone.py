@@ -36,6 +36,10 @@ class WeightsInfo:
     Kind ``run`` (multi-stage transfer, ``--weights RUN_DIR``): ``sha256`` is that of the run's
     weight file that was loaded, ``data_fingerprint`` the data the run was trained on, and
     ``chain`` the earlier stages, oldest first (ImageNet, then each run before this one).
+
+    A ``file`` written by ``medtl pretrain`` (self-supervised pretraining) sets ``method``
+    (simclr, byol, dino); ``data_fingerprint`` is then that of the images it pretrained on and
+    ``chain`` the weights it started from (ImageNet or random).
     """
 
     kind: WeightsKind
@@ -44,6 +48,7 @@ class WeightsInfo:
     sha256: str | None
     data_fingerprint: str | None = None
     chain: tuple[WeightsInfo, ...] = ()
+    method: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -52,7 +57,10 @@ class WeightsInfo:
             "path": str(self.path) if self.path is not None else None,
             "sha256": self.sha256,
         }
-        if self.kind == "run":  # other kinds keep the record they always had
+        if self.method is not None:
+            out["method"] = self.method
+        # Other kinds, and files that medtl did not pretrain, keep the record they always had.
+        if self.kind == "run" or self.method is not None:
             out["data_fingerprint"] = self.data_fingerprint
             out["chain"] = [stage.to_dict() for stage in self.chain]
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -476,7 +477,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | os.PathLike[str]) -> Reso
                 "to a state_dict file, or a finished run's directory through create_backbone)"
             )
         path = path.resolve()
-        return _load_resolved(spec, "file", f"file:{path}", path, by_order)
+        resolved = _load_resolved(spec, "file", f"file:{path}", path, by_order)
+        resolved.provenance = pretrained_provenance(resolved)
+        return resolved
 
     for source, path, src in _local_candidates(spec):
         # A file that is found but broken is reported, not skipped: the user put it there.
@@ -512,6 +515,14 @@ _MAX_PROVENANCE = 4096  # characters of a recorded source or path
 
 MAX_CHAIN = 32  # earlier stages a run may record: ImageNet -> domain -> task is three
 
+# Self-supervised pretraining (medtl.training.pretrain) writes its provenance into the
+# safetensors file's metadata: PRETRAIN_MARKER holds the format version; "method",
+# "data_fingerprint" and "start" (the starting weights' WeightsInfo.to_dict, as JSON) are read
+# back here, the other keys are for people.
+SSL_METHODS = ("simclr", "byol", "dino")
+PRETRAIN_MARKER = "medtl_pretrain"
+PRETRAIN_FORMAT = "1"
+
 
 def weights_info_from_dict(d: Any, where: str = "weights_info", *,
                            nested: bool = False) -> WeightsInfo:
@@ -523,7 +534,9 @@ def weights_info_from_dict(d: Any, where: str = "weights_info", *,
     own safetensors file). Still, ``sha256`` (and a run's ``data_fingerprint``) must be 64
     lowercase hex digits or null (a value such as ``/../../xyz`` is refused), ``kind`` one of
     medtl's, and the strings short and free of control characters. A ``run`` record's
-    ``chain`` (the earlier stages) is checked the same way, flat and at most MAX_CHAIN long.
+    ``chain`` (the earlier stages) is checked the same way, flat and at most MAX_CHAIN long; so
+    is that of a ``file`` record with a ``method`` (self-supervised pretraining), whose method
+    must be one of SSL_METHODS and whose data fingerprint must be there.
     """
     if not isinstance(d, Mapping):
         raise WeightsError(f"{where}: not a medtl weights record")
@@ -540,8 +553,16 @@ def weights_info_from_dict(d: Any, where: str = "weights_info", *,
         if (not isinstance(value, str) or not value or len(value) > _MAX_PROVENANCE
                 or any(ord(c) < 32 or ord(c) == 127 for c in value)):
             raise WeightsError(f"{where}: {name} {str(value)[:80]!r} is not a short line of text")
+    method = d.get("method")
+    if method is not None:
+        if kind != "file" or method not in SSL_METHODS:
+            raise WeightsError(f"{where}: method {str(method)[:40]!r} is not "
+                               f"{', '.join(SSL_METHODS)} on a weights file (kind file)")
+        if d.get("data_fingerprint") is None:
+            raise WeightsError(f"{where}: a pretrained file's record has no data_fingerprint")
+    staged = kind == "run" or method is not None
     chain: tuple[WeightsInfo, ...] = ()
-    if kind == "run":
+    if staged:
         raw = d.get("chain", [])
         if nested and raw:
             raise WeightsError(f"{where}: an earlier stage holds a chain of its own")
@@ -550,4 +571,38 @@ def weights_info_from_dict(d: Any, where: str = "weights_info", *,
         chain = tuple(weights_info_from_dict(s, f"{where} chain[{i}]", nested=True)
                       for i, s in enumerate(raw))
     return WeightsInfo(kind, source, Path(path) if path else None, sha,
-                       d.get("data_fingerprint") if kind == "run" else None, chain)
+                       d.get("data_fingerprint") if staged else None, chain, method)
+
+
+def pretrained_provenance(resolved: ResolvedWeights) -> WeightsInfo | None:
+    """The record of a weights file written by ``medtl pretrain`` (kind "file", with its
+    method, data fingerprint and the stages it started from), read from the safetensors
+    metadata and checked as a run's record is (the file may come from anyone); None for any
+    other file."""
+    path = resolved.path
+    if path is None or not _is_safetensors(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # the tensors loaded a moment ago; a header gone bad since is not ours
+        return None
+    if PRETRAIN_MARKER not in meta:
+        return None
+    where = f"{path}: pretraining metadata"
+    if meta[PRETRAIN_MARKER] != PRETRAIN_FORMAT:
+        raise WeightsError(f"{where}: format {str(meta[PRETRAIN_MARKER])[:20]!r} is not "
+                           f"{PRETRAIN_FORMAT} (written by a newer medtl?)")
+    try:
+        start = json.loads(meta.get("start", ""))
+    except ValueError:
+        raise WeightsError(f"{where}: the starting weights' record is not JSON") from None
+    stages = weights_info_from_dict(start, f"{where} start").stages()
+    record = {"kind": "file", "source": "pretrained", "path": None, "sha256": resolved.sha256,
+              "method": meta.get("method"), "data_fingerprint": meta.get("data_fingerprint"),
+              "chain": [stage.to_dict() for stage in stages]}
+    checked = weights_info_from_dict(record, where)  # method, fingerprint, chain's length
+    return WeightsInfo("file", resolved.source, path, resolved.sha256,
+                       checked.data_fingerprint, checked.chain, checked.method)
