@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 SAMPLERS = ("none", "balanced")
 ENGINES = ("auto", "onnx", "torch")  # how frozen features are computed (training.features)
+ALIGN_CHOICES = ("none", "coral")  # --align: feature alignment methods (training.align)
 
 
 # What every strategy reads; the others belong to some strategies (Strategy.own_options).
@@ -76,6 +77,13 @@ class TrainOptions:
     # Trainable strategies: the most memory their decoded images may take ("50%" of RAM, "8GB",
     # "0"); over it the training split streams from disk (training.streaming).
     memory_budget: str = "50%"  # DEFAULT_BUDGET
+    # Feature alignment at training time (none | coral: Deep CORAL, training.align) toward the
+    # unlabelled images of ``align_target`` (files or folders, read as `medtl adapt` reads
+    # TARGET), added to the loss with ``align_weight``. Trainable strategies only: frozen
+    # features cannot move toward the target.
+    align: str = "none"
+    align_target: list[str] | None = None
+    align_weight: float = 1.0
     class_weight: str = "auto"
     sampler: str = "none"
     calibrate: bool = False
@@ -133,12 +141,29 @@ class TrainOptions:
             check_choice("--mix", self.mix, MIX_CHOICES)
         parse_budget(self.memory_budget)
         check_choice("--precision", self.precision, ("fp32", "bf16"))
+        self._check_align()
         if self.threads is not None and self.threads < 1:
             raise MedtlError(f"--threads {self.threads}: at least 1")
         for name in ("epochs", "batch_size", "patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MedtlError(f"--{name.replace('_', '-')} {value}: at least 1")
+
+    def _check_align(self) -> None:
+        check_choice("--align", self.align, ALIGN_CHOICES)
+        w = self.align_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < float("inf"):
+            raise MedtlError(f"--align-weight {w}: a number of 0 or more (default 1)")
+        target = self.align_target
+        if target is not None and (isinstance(target, (str, bytes)) or not all(
+                isinstance(t, str) and t for t in target)):
+            raise MedtlError(f"--align-target {target!r}: a list of image files or folders")
+        if self.align != "none" and not target:
+            raise MedtlError(f"--align {self.align} needs --align-target: the unlabelled "
+                             "images of the domain to align to (files or folders)")
+        if self.align == "none" and target:
+            raise MedtlError("--align-target without --align: choose the method, e.g. --align "
+                             "coral")
 
     @property
     def resolved_mix(self) -> str:

@@ -4,7 +4,8 @@ estimator.
 Its parameters are the fields of ``TrainOptions`` (``get_params``, ``set_params``, ``clone`` and
 ``repr`` come from scikit-learn); ``fit`` looks the strategy up in the registry and keeps what
 it learned in attributes ending in ``_``: ``model_`` (the fitted model, ``medtl.transfer.fitted``),
-``classes_``, ``history_``, ``stages_``, ``timing_``, ``balanced_``, ``skipped_``.
+``classes_``, ``history_``, ``stages_``, ``timing_``, ``balanced_``, ``skipped_``,
+``align_`` (--align: the target it was aligned to).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         self.head_params_ = outcome.head_params
         # The head the model ended with (auto may end with a hybrid head): config.json's.
         self.head_name_ = outcome.head_name
+        # --align: what config.json records (and the target's content keys, ``_keys``)
+        self.align_ = outcome.align
         self.timing_ = {"train_s": time.perf_counter() - t0 + outcome.resumed_s,
                         "resumed_s": outcome.resumed_s, "feature_s": outcome.feature_s}
         if self.calibrate:

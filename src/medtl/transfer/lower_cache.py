@@ -84,16 +84,17 @@ class EpochCopies:
 @torch.no_grad()
 def lower_outputs(network: nn.Module, start: int, x, inputs: ImageInputs, *, copies: int,
                   seed: int, batch_size: int, device: torch.device,
-                  quiet: bool = True) -> torch.Tensor:
+                  quiet: bool = True, stream: int = COPY_STREAM) -> torch.Tensor:
     """(copies, N, ...) float32 outputs of the lowest ``start`` blocks: copy 0 of the plain
-    images, the others of augmented ones (``inputs.augment``, generators from the seed)."""
+    images, the others of augmented ones (``inputs.augment``, generators from the seed and
+    ``stream``)."""
     network.to(device=device, memory_format=torch.channels_last).eval()
     from medtl.console import progress_bar
 
     out: torch.Tensor | None = None
     with progress_bar("frozen blocks, once", copies * len(x), quiet=quiet) as advance:
         for k in range(copies):
-            gen = epoch_generator(seed, k, stream=COPY_STREAM, device=device.type)
+            gen = epoch_generator(seed, k, stream=stream, device=device.type)
             for idx, images in load_batches(x, index_batches(len(x), batch_size)):
                 xb = inputs.eval_batch(images, device) if k == 0 else \
                     inputs.train_batch(images, device, gen)

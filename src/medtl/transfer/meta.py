@@ -127,6 +127,16 @@ def options_from_meta(params: Any, where: str, **runtime: Any) -> TrainOptions:
             check_text(values["mix"], "mix")
         if values.get("time_budget") is not None:  # minutes; a year at most
             check_float(values["time_budget"], "time_budget", 0.0, 525_600.0)
+        if "align" in values:  # the choice below
+            check_text(values["align"], "align")
+        if "align_weight" in values:  # 0 allowed: checked as a number here, bounds below
+            check_float(values["align_weight"], "align_weight", -1.0, 1e6)
+        if values.get("align_target") is not None:
+            target = values["align_target"]
+            if not isinstance(target, list) or len(target) > 100_000:
+                raise MedtlError(f"align_target {shown(target)}: not a list of paths")
+            for item in target:
+                check_text(item, "align_target", limit=4096)
         options = TrainOptions.from_mapping({**values, **runtime})
         options.check()
     except MedtlError as exc:

@@ -76,6 +76,9 @@ class FitOutcome:
     # The head the model ended with, when it is not the strategy's own (auto may end with a
     # hybrid head of its frozen stage); None: ``Strategy.head_name``.
     head_name: str | None = None
+    # --align: method, weight, the target's image count and fingerprint (config.json's
+    # ``align``), and ``_keys``, the target images' content keys (not recorded).
+    align: dict[str, Any] | None = None
 
 
 class Strategy:
@@ -156,6 +159,38 @@ def get_strategy(name: str) -> type[Strategy]:
     return STRATEGIES[name]
 
 
+def read_target(items, classes: list[str], view):
+    """--align-target: image files, folders (searched recursively) and CSV manifests (their
+    ``path`` column, relative to the manifest's folder), read as `medtl adapt` reads TARGET;
+    labels, if any, are not read."""
+    from medtl.data import dataset_from_files
+
+    files: list[str] = []
+    for item in items:
+        if str(item).lower().endswith(".csv") and Path(item).is_file():
+            files += _manifest_paths(Path(item))
+        else:
+            files.append(str(item))
+    return dataset_from_files(files, classes=classes, view=view)
+
+
+def _manifest_paths(manifest: Path) -> list[str]:
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "path" not in (reader.fieldnames or []):
+            raise MedtlError(f"{manifest}: --align-target manifest needs a 'path' column")
+        paths = [row["path"] for row in reader if row.get("path")]
+    if not paths:
+        raise MedtlError(f"{manifest}: --align-target manifest lists no image")
+    return [p if Path(p).is_absolute() else str(manifest.parent / p) for p in paths]
+
+
+# The augmentation stream of the target's kept copies under --frozen-cache (lower_cache's is 7).
+ALIGN_COPY_STREAM = 8
+
+
 def _log_weights(backbone: nn.Module, what: str) -> None:
     w = backbone.weights_info
     log.info("backbone %s, weights %s (%s), sha256 %s%s", backbone.spec.name, w.kind, w.source,
@@ -167,6 +202,12 @@ class FrozenStrategy(Strategy):
     """Frozen backbone features (computed once, cached) and a head fitted on them."""
 
     def check(self) -> None:
+        # Before the generic check, which would first warn that --align has no effect here.
+        if self.options.align != "none":
+            raise MedtlError(f"--align {self.options.align}: --strategy {self.name} keeps the "
+                             "backbone frozen, so its features cannot move toward the target; "
+                             "align with a strategy that trains it (fine-tune, full, scratch, "
+                             "truncated, auto), or train without --align")
         super().check()
         if self.options.sampler != "none":
             raise MedtlError(f"--sampler {self.options.sampler}: frozen strategies see each "
@@ -273,15 +314,21 @@ class NetworkStrategy(Strategy):
     weights. Every epoch is checkpointed into ``checkpoint_dir`` when given."""
 
     own_options = ("epochs", "lr", "lr_decay", "augment", "hflip", "patience", "sampler",
-                   "label_smoothing", "ema", "mix", "sync_bn", "memory_budget", "precision")
+                   "label_smoothing", "ema", "mix", "sync_bn", "memory_budget", "precision",
+                   "align", "align_target", "align_weight")
     initial_weights: ClassVar[str | None] = None  # None: the --weights option
     lr_decay_applies: ClassVar[bool] = True
+    # --align: the target images, decoded as the training images are (set by fit)
+    align_x: Any = None
 
     def check(self) -> None:
         super().check()
         from medtl.data.augment import AUGMENT_PRESETS
 
         check_choice("augment", self.options.augment, AUGMENT_PRESETS)
+        if self.options.align == "none" and self.options.align_weight != 1.0:
+            log.warning("--align-weight %s has no effect without --align",
+                        self.options.align_weight)
         if self.options.sync_bn:
             from medtl.training.options import resolve_device
 
@@ -290,7 +337,14 @@ class NetworkStrategy(Strategy):
     def own_values(self) -> dict[str, Any]:
         """As recorded, with --mix resolved: the mixing the run trained with, also where the
         --augment preset chose it (the options record what was asked)."""
-        return {**super().own_values(), "mix": self.options.resolved_mix}
+        values = {**super().own_values(), "mix": self.options.resolved_mix}
+        # config.json's ``align`` records the target (count, fingerprint); without alignment
+        # the record is as it was before --align existed.
+        values.pop("align_target")
+        if self.options.align == "none":
+            values.pop("align")
+            values.pop("align_weight")
+        return values
 
     def build(self, num_classes: int) -> nn.Module:
         """The network to train, its new layers drawn from the run's seed."""
@@ -325,10 +379,11 @@ class NetworkStrategy(Strategy):
         if distributed.is_main():
             store = Path(checkpoint_dir) / "decoded" if checkpoint_dir is not None else "temp"
         data = self.images(train, val, pre, skipped, store)
+        align = self.align_images(train, pre, skipped)
         feature_s = time.perf_counter() - t0
         balanced = self.use_class_weights(data[1].numpy(), classes)
         outcome = FitOutcome(model=model, history=[], balanced=balanced, feature_s=feature_s,
-                             skipped=skipped)
+                             skipped=skipped, align=align)
         self.train(model, data, outcome, train, val, checkpoint_dir, resume)
         model.network.eval()
         return outcome
@@ -361,6 +416,36 @@ class NetworkStrategy(Strategy):
                 out += [x, torch.from_numpy(split.labels[keep])]
         return tuple(out)
 
+    def align_images(self, train, pre: Preprocessing, skipped: list[str]
+                     ) -> dict[str, Any] | None:
+        """--align: the target images (labels unused, never scored here) decoded into
+        ``align_x``; what the run records of them."""
+        o = self.options
+        if o.align == "none":
+            return None
+        target = read_target(o.align_target, train.classes, train.view)
+        x, keep, why = decode_images(target, pre, skip_bad=o.skip_bad, quiet=o.quiet)
+        skipped += why
+        if len(keep) < 2:
+            raise MedtlError(f"--align {o.align}: {len(keep)} readable target image(s) in "
+                             f"{', '.join(o.align_target)}; a covariance needs at least 2")
+        self.align_x = x
+        kept = target.subset(keep) if len(keep) < len(target) else target
+        log.info("--align %s: %d unlabelled target images, weight %g (aligned to; never "
+                 "scored by training)", o.align, len(keep), o.align_weight)
+        return {"method": o.align, "weight": o.align_weight, "target_images": int(len(keep)),
+                "target_fingerprint": kept.fingerprint(),
+                "_keys": {kept.content_key(i) for i in range(len(kept))}}
+
+    def unlabelled(self, x=None):
+        """The loop's alignment term on ``x`` (default: the decoded target), None without."""
+        if self.options.align == "none" or self.align_x is None:
+            return None
+        from medtl.training.align import unlabelled_term
+
+        return unlabelled_term(self.options.align, self.align_x if x is None else x,
+                               self.options.align_weight)
+
     def train(self, model: NetworkModel, data, outcome: FitOutcome, train, val,
               checkpoint_dir, resume) -> None:
         result = self.train_stage(model, data, self.name, outcome.balanced, checkpoint_dir,
@@ -389,7 +474,8 @@ class NetworkStrategy(Strategy):
             sampler="balanced" if o.sampler == "balanced" else None)
         result = fit_loop(net, groups, *data, config, checkpoint_dir=checkpoint_dir,
                           resume=resume, augment=make_augment(o.augment, hflip=o.hflip),
-                          train_mode=train_mode_hook(net), on_epoch_end=on_epoch_end)
+                          train_mode=train_mode_hook(net), on_epoch_end=on_epoch_end,
+                          unlabelled=self.unlabelled())
         log.info("%s: best validation AUC %.4f at epoch %d of %d%s", label, result.best_val_auc,
                  result.best_epoch, len(result.history),
                  " (stopped early)" if result.stopped_early else "")
@@ -467,6 +553,11 @@ class FineTuneStrategy(NetworkStrategy):
                       device=torch.device(config.device), quiet=o.quiet)
             cached = lower_outputs(net, start, x, inputs, copies=o.frozen_cache, **kw)
             cached_v = lower_outputs(net, start, xv, inputs, copies=1, **kw)[0]
+            # --align: the target's versions kept likewise, on an augmentation stream of
+            # their own
+            cached_t = (lower_outputs(net, start, self.align_x, inputs, copies=o.frozen_cache,
+                                      stream=ALIGN_COPY_STREAM, **kw)
+                        if self.align_x is not None else None)
         seconds = time.perf_counter() - t0
         outcome.feature_s += seconds
         log.info("frozen blocks %s run once: %d version(s) of %d training images and %d "
@@ -476,7 +567,9 @@ class FineTuneStrategy(NetworkStrategy):
         groups = param_groups(net, o.lr, o.lr_decay)
         result = fit_loop(TopBlocks(net, start), groups, EpochCopies(cached), y, cached_v, yv,
                           config, checkpoint_dir=checkpoint_dir, resume=resume,
-                          inputs=CachedInputs())
+                          inputs=CachedInputs(),
+                          unlabelled=(self.unlabelled(EpochCopies(cached_t))
+                                      if cached_t is not None else None))
         log.info("%s: best validation AUC %.4f at epoch %d of %d%s", self.name,
                  result.best_val_auc, result.best_epoch, len(result.history),
                  " (stopped early)" if result.stopped_early else "")
@@ -584,6 +677,12 @@ class _Climb:
                           before=self._before)
             self.bar.update(completed=1, total=1)  # done, whatever the estimate said
         chosen = [r for r in final if r.accepted][-1]
+        if chosen.unfreeze == 0 and self.outcome.align is not None:
+            # Only the stages that train blocks align; the frozen one cannot.
+            self.outcome.align["aligned_stage_kept"] = False
+            log.warning("--align %s: %s kept its frozen stage, which trains no backbone "
+                        "layer: the model it ends with is not aligned to the target", o.align,
+                        self.s.name)
         set_trainable(net, unfreeze=chosen.unfreeze)
         net.eval()
         self.outcome.stages = [r.to_dict() for r in final]
