@@ -108,6 +108,19 @@ MUTATIONS = (
              "        m.momentum = None  # a cumulative average",
              "        pass  # a cumulative average",
              ("tests/transfer/test_adapt.py",)),
+    # Learning curves (issue 20): budgets by patient, test never drawn from.
+    Mutation("curve validation carved without patients", "src/medtl/curve.py",
+             "carve_validation(y[chosen], sub_patients,",
+             "carve_validation(y[chosen], None,",
+             ("tests/test_curve.py",)),
+    Mutation("curve budgets drawn from the test split too", "src/medtl/curve.py",
+             'if r.split in ("train", "val")]',
+             'if r.split in ("train", "val", "test")]',
+             ("tests/test_curve.py",)),
+    Mutation("prototype head without standardisation", "src/medtl/transfer/heads.py",
+             "make_pipeline(StandardScaler(), PrototypeClassifier())",
+             "make_pipeline(PrototypeClassifier())",
+             ("tests/transfer/test_prototype.py",)),
 )
 
 

@@ -337,7 +337,7 @@ def _request(sites, names, plan: Plan, positive_class, target_sensitivity, paths
              pooled) -> dict[str, Any]:
     from medtl.data.privacy import PathDisplay
     from medtl.files import cache_root
-    from medtl.workflow import _positive_index
+    from medtl.workflow import positive_index
 
     roots = [Path(s).expanduser() for s in sites]
     display = PathDisplay(paths, [str(p.parent if p.is_file() else p) for p in roots],
@@ -345,7 +345,7 @@ def _request(sites, names, plan: Plan, positive_class, target_sensitivity, paths
     return {"data": sites[0], "patient_regex": plan.patient_regex,
             "val_fraction": plan.val_fraction, "target_sensitivity": target_sensitivity,
             "positive_class": positive_class, "paths": paths, "display": display,
-            "positive": _positive_index(pooled.classes, positive_class)}
+            "positive": positive_index(pooled.classes, positive_class)}
 
 
 def _federation_record(plan: Plan, names, datasets, rounds_done, seconds) -> dict[str, Any]:

@@ -603,3 +603,43 @@ def _best_per_html(entries: Sequence[Mapping[str, Any]], key: str, split: str,
 def _p(p: float) -> str:
     """A p-value as journals print it, escaped for HTML."""
     return "p &lt; 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+# ------------------------------------------------------------------------------ learning curves
+def render_curve_report(title: str, summary: Sequence[Mapping[str, Any]],
+                        crossings: Sequence[Mapping[str, Any]], sizes: Sequence[str]) -> str:
+    """``medtl curve``'s page: the curves, the mean test AUC per strategy and budget, and the
+    budgets at which one strategy overtakes another."""
+    strategies = list(dict.fromkeys(str(r["strategy"]) for r in summary))
+    cell = {(str(r["strategy"]), str(r["size"])): r for r in summary}
+
+    def shown(r: Mapping[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        ci = (f" <small>({r['test_auc_ci95_low']:.3f}–{r['test_auc_ci95_high']:.3f})</small>"
+              if r.get("test_auc_ci95_low") is not None else "")
+        return f"{r['test_auc_mean']:.3f}{ci}"
+
+    header = ["strategy"] + [f"{_e(n)} per class" for n in sizes]
+    rows = [[_e(s)] + [shown(cell.get((s, n))) for n in sizes] for s in strategies]
+    drawn = ["labelled per class (mean drawn)"] + [
+        _fmt(next((float(r["labelled_per_class_mean"]) for r in summary
+                   if str(r["size"]) == n), None), 1) for n in sizes]
+    cross = [[_e(c["overtakes"]), _e(c["overtaken"]), f"{_e(c['from_size'])} → {_e(c['at_size'])}",
+              f"{c['auc_difference']:+.3f}" + (
+                  f" <small>({c['difference_ci95_low']:+.3f} to {c['difference_ci95_high']:+.3f})"
+                  "</small>" if c.get("difference_ci95_low") is not None else "")]
+             for c in crossings]
+    body = (f"<h1>{_e(title)}</h1><p class=note>Test AUC, mean over repeated draws of the "
+            "labelled subset (by patient), with the 95 % t interval over repeats. Every cell "
+            "is scored once on the same test split; validation comes out of the labelled "
+            "budget.</p>"
+            + _figures_html({"learning curves": plots.learning_curve_png(summary)})
+            + "<h2>Test AUC by budget</h2>" + _table(header, [*rows, drawn])
+            + "<h2>Crossings</h2><p class=note>Budgets between which one strategy's mean test "
+            "AUC rises above another's; the difference is paired (the same subsets) at the "
+            "second budget. A reading of the curves, not a choice: nothing here is chosen on "
+            "test.</p>"
+            + (_table(["strategy", "overtakes", "between budgets", "ΔAUC (95% CI)"], cross)
+               if cross else "<p>No strategy overtakes another within these budgets.</p>"))
+    return _page(title, body, wide=True)

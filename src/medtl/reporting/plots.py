@@ -27,6 +27,7 @@ from medtl.errors import MedtlError
 __all__ = [
     "confusion_png",
     "grouped_png",
+    "learning_curve_png",
     "png_to_data_uri",
     "pr_png",
     "reliability_png",
@@ -635,4 +636,33 @@ def grouped_png(points: Sequence[Mapping[str, Any]], *, group: str, y: str = "au
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel=yname)
     ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def learning_curve_png(summary: Sequence[Mapping[str, Any]], *,
+                       title: str = "Test AUC against labelled images per class") -> bytes:
+    """One line per strategy: the mean test AUC over repeats at each budget (x: the mean
+    labelled images per class actually drawn, log scale) with its 95 % t interval as a band."""
+    fig = _figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    strategies = list(dict.fromkeys(str(r["strategy"]) for r in summary))
+    if not strategies:
+        _note(ax, "no finished cells")
+        return _png(fig)
+    for i, name in enumerate(strategies):
+        rows = sorted((r for r in summary if r["strategy"] == name
+                       and _num(r.get("test_auc_mean")) is not None),
+                      key=lambda r: float(r["labelled_per_class_mean"]))
+        x = np.array([float(r["labelled_per_class_mean"]) for r in rows])
+        y = np.array([float(r["test_auc_mean"]) for r in rows])
+        ax.plot(x, y, marker="o", color=f"C{i}", label=name)
+        lo = [_num(r.get("test_auc_ci95_low")) for r in rows]
+        hi = [_num(r.get("test_auc_ci95_high")) for r in rows]
+        if all(v is not None for v in (*lo, *hi)):
+            ax.fill_between(x, np.clip(lo, 0, 1), np.clip(hi, 0, 1), color=f"C{i}", alpha=0.12)
+    ax.set_xscale("log")
+    ax.set(xlabel="labelled images per class (train + val)", ylabel="test AUC")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
