@@ -285,6 +285,7 @@ def write_tables(out: Path, strategies: Sequence[str], budgets: Sequence[int], r
             if not mine:
                 continue
             mean, sd, ci = t_interval([c["test_auc"] for c in mine])
+            ci = [None if v is None else min(max(v, 0.0), 1.0) for v in ci]  # AUC is bounded
             labelled = [sum(c["labelled_per_class"].values()) / len(c["labelled_per_class"])
                         for c in mine]
             summary.append({"strategy": s, "size": size, "repeats": len(mine),
