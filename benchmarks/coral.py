@@ -18,6 +18,7 @@ on all 624 test images and on half B (the inductive run's only fair comparison).
 
     python benchmarks/coral.py [--size 224] [--epochs 20] [--weight 1]
         [--runs /work/bench-runs/coral] [--baseline /work/bench-runs/adabn/fine-tune]
+        [--models none,transductive,inductive]
     python benchmarks/coral.py --smoke        # tiny settings: 64 px, 2 epochs, a subset
 
 Runs already in --runs are read, not trained again; ``--baseline RUN`` takes an existing run of
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny settings to check the script: --size 64 --epochs 2 --subset 40")
     ap.add_argument("--runs", default="/work/bench-runs/coral")
+    ap.add_argument("--models", default="none,transductive,inductive",
+                    help="which of none, transductive, inductive to train and score")
     ap.add_argument("--baseline", default=None,
                     help="an existing run of the same recipe to use as 'none' (adabn.py's "
                          "fine-tune)")
@@ -167,6 +170,12 @@ def main() -> None:
                                   align_weight=args.weight),
              "inductive": dict(align="coral", align_target=[str(target_a)],
                                align_weight=args.weight)}
+    wanted = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(wanted) - set(plans))
+    if unknown or "none" not in wanted:
+        ap.error(f"--models: {', '.join(unknown) or 'none is needed'} (none, transductive, "
+                 "inductive; none is the baseline)")
+    plans = {k: v for k, v in plans.items() if k in wanted}
     trained: dict[str, Run] = {}
     results: dict = {"size": args.size, "epochs": args.epochs, "weight": args.weight,
                      "subset_per_class": args.subset, "test_patients": len(patients),
