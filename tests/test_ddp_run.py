@@ -158,6 +158,7 @@ def test_a_killed_ddp_run_resumes_to_the_same_weights(setup, uninterrupted):
     assert strip == again
 
 
+@pytest.mark.slow  # 25 s; DDP's resume and rank-zero writing stay in make test
 def test_auto_climbs_under_ddp_with_rank_zero_alone_on_the_frozen_stage(setup):
     """auto's frozen stage (features, the feature cache, the heads) is rank 0's alone; the
     others take its outcome and climb in step. Rank 1 writes nothing, the cache included."""

@@ -142,6 +142,9 @@ def _bootstrap(y: np.ndarray, p: np.ndarray, seed: int) -> dict:
     return {f"{k}_ci95": list(np.percentile(values[k], [2.5, 97.5])) for k in keys}
 
 
+# 46 s of bootstrap recomputation: slow (make test-all). The same figures are checked against
+# scikit-learn on synthetic predictions in tests/evaluation without ../shared.
+@pytest.mark.slow
 def test_every_metrics_json_figure_is_recomputed_from_predictions_csv_by_sklearn(runs):
     """Acceptance (issue 4): metrics.json of a real run agrees with sklearn, figure by figure,
     and nothing in it goes unchecked."""
