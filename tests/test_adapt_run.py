@@ -72,6 +72,13 @@ def test_adapt_writes_a_run_whose_model_differs_only_in_batchnorm_statistics(
     p_run = np.array([float(r[col]) for r in rows_run])
     assert np.allclose(p_run, [float(r[col]) for r in rows_bundle], atol=1e-4)
     assert not np.allclose(p_run, [float(r[col]) for r in rows_before], atol=1e-4)
+    # predict --adapt-bn: the same adaptation for one prediction, the run left as it was
+    _run(["predict", run.path, target, "--adapt-bn", target, "--output", tmp_path / "p.csv",
+          "--quiet"], capsys)
+    rows_once = medtl.predict(run.path, [target], adapt_bn=[target], quiet=True)
+    assert np.allclose(p_run, [float(r[col]) for r in rows_once], atol=1e-5)
+    with pytest.raises(medtl.MedtlError, match="medtl adapt"):
+        medtl.predict(tmp_path / "bundle", [target], adapt_bn=[target], quiet=True)
 
 
 def test_evaluate_adapt_bn_says_when_it_is_transductive(trained, capsys):

@@ -634,6 +634,10 @@ def predict(
     output: Annotated[Path | None, typer.Option(help="Write the predictions to this CSV "
                                                      "(default: print them).")] = None,
     tta: TtaOverride = None,
+    adapt_bn: Annotated[list[str] | None, typer.Option(
+        help="AdaBN before predicting: the model takes the BatchNorm statistics of these "
+             "images (files or folders, labels unused), for these predictions only; repeat "
+             "for several. A run only (adapt, then export, for a bundle).")] = None,
     device: Device = "auto",
     skip_bad: SkipBad = False,
     paths: PathsOption = "relative",
@@ -646,7 +650,7 @@ def predict(
     from medtl.workflow import predict as run_predict
 
     rows = run_predict(run, inputs, output=output, device=device, skip_bad=skip_bad,
-                       quiet=quiet, paths=paths, tta=tta)
+                       quiet=quiet, paths=paths, tta=tta, adapt_bn=adapt_bn)
     if output:
         out_console.print(f"{len(rows)} predictions written to {output}")
         return

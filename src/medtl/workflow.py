@@ -732,8 +732,13 @@ def _use_tta(clf, tta: str | None) -> str:
 def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
             output: str | Path | None = None, device: str = "auto", skip_bad: bool = False,
             quiet: bool = False, paths: str = "relative",
-            tta: str | None = None) -> list[dict[str, Any]]:
+            tta: str | None = None,
+            adapt_bn: Sequence[str | Path] | None = None) -> list[dict[str, Any]]:
     """Class probabilities for image files (or folders of them) with a saved run.
+
+    ``adapt_bn``: image files or folders (labels unused) whose BatchNorm statistics the model
+    takes for these predictions only (AdaBN, as ``evaluate``'s); predicting the same images is
+    transductive, which is logged. Not for a bundle: ``medtl adapt`` then ``export`` instead.
 
     ``tta``: the test-time augmentation in place of the run's own (None: the run's); a bundle
     applies the one it was exported with inside its graph, so ``tta`` is refused for one.
@@ -752,6 +757,9 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
         if tta is not None:
             raise MedtlError(f"{run}: a bundle applies the test-time augmentation it was "
                              "exported with (preprocessing.json 'tta'); --tta is for runs")
+        if adapt_bn:
+            raise MedtlError(f"{run}: a bundle's BatchNorm statistics are fixed in its graph; "
+                             "adapt the run (medtl adapt RUN TARGET --out DIR) and export that")
         exported = load_bundle(run)
         ds = exported.dataset(inputs)
         proba, scores = exported.predict_dataset_ood(ds, skip_bad=skip_bad)
@@ -762,6 +770,12 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
         _use_tta(clf, tta)
         ds = dataset_from_files(inputs, classes=clf.classes_,
                                 view=make_view(**run.config.get("view", {})))
+        if adapt_bn:
+            target = _adapt_bn(clf, adapt_bn, run, quiet=quiet).pop("_keys")
+            overlap = sum(ds.content_key(i) in target for i in range(len(ds)))
+            if overlap:
+                log.warning("AdaBN: %d of the %d images predicted were among those adapted "
+                            "to (transductive)", overlap, len(ds))
         proba, scores = clf.model_.predict_proba_ood(ds)
         classes = clf.classes_
         ood = None if clf.model_.ood is None else clf.model_.ood.record()
