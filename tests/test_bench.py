@@ -121,6 +121,8 @@ def test_the_bench_report_renders_in_chromium_and_requests_nothing(tmp_path):
     assert (shot < 128).mean() > 0.005
 
 
+# 14 s: tests/test_ray_cluster.py runs bench cells as Ray tasks on a two-node cluster in make test
+@pytest.mark.slow
 def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, blobs):
     pytest.importorskip("ray", reason="Ray is optional: pip install 'medtl[ray]'")
     from medtl.bench import bench
@@ -135,6 +137,7 @@ def test_cells_run_as_ray_tasks_on_a_local_ray(tmp_path, blobs):
         assert len(list(csv.DictReader(f))) == 2
 
 
+@pytest.mark.slow  # 18 s (make test-all); the cells' own results are tested serially above
 def test_jobs_run_cells_in_parallel_processes(tmp_path, blobs):
     from medtl.bench import bench
 

@@ -23,6 +23,10 @@ from medtl.run import CHECKPOINTS, partial_dir
 from .conftest import write_blob_images
 from .processes import wait_for
 
+# About 60 s of torchrun processes: slow (make test-all). DDP's arithmetic (two gloo processes
+# against one on the same global batch) stays in make test: tests/training/test_distributed.py.
+pytestmark = pytest.mark.slow
+
 # Installed in every process through PYTHONPATH: an audit hook that records each file a
 # process creates, writes, renames or removes under WATCH, reported at exit as
 # "AUDIT <rank> <event> <path>" on stderr.
@@ -158,7 +162,6 @@ def test_a_killed_ddp_run_resumes_to_the_same_weights(setup, uninterrupted):
     assert strip == again
 
 
-@pytest.mark.slow  # 25 s; DDP's resume and rank-zero writing stay in make test
 def test_auto_climbs_under_ddp_with_rank_zero_alone_on_the_frozen_stage(setup):
     """auto's frozen stage (features, the feature cache, the heads) is rank 0's alone; the
     others take its outcome and climb in step. Rank 1 writes nothing, the cache included."""
