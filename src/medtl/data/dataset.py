@@ -50,6 +50,9 @@ class Record:
             per volume, so no slice.
         burned_in: a DICOM file (or a file of a DICOM series) says BurnedInAnnotation YES: its
             pixels may show identifying text, so reports show no image of it.
+        targets: multi-label records only: one value per label of the dataset, 1.0 (present),
+            0.0 (absent) or NaN (unknown, or uncertain under ``--uncertain ignore``: masked out
+            of the loss and the metrics). ``label`` is then 0 and means nothing.
     """
 
     path: str
@@ -61,6 +64,7 @@ class Record:
     slice: int | None = None
     mip: bool = False
     burned_in: bool = False
+    targets: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.key is None) != (self.index is None):
@@ -109,6 +113,10 @@ class Record:
 class Dataset:
     """Records, the class names their labels index, and the arrays of an .npz source.
 
+    A multi-label dataset (``multilabel``) names its labels in ``classes``; each record holds
+    one target per label (:attr:`Record.targets`) and :attr:`labels` is an ``(n, K)`` float
+    matrix with NaN where a label is unknown, scikit-learn's indicator layout plus a mask.
+
     Subsets made by :meth:`split`, :meth:`subset` and :meth:`drop` share the arrays and the
     content-hash cache of the dataset they came from, so nothing is loaded or hashed twice.
     """
@@ -122,6 +130,7 @@ class Dataset:
         skipped: Iterable[tuple[str, str]] = (),
         arrays: dict[tuple[str, str], np.ndarray] | None = None,
         view: View | None = None,
+        multilabel: bool | None = None,
         _key_cache: dict[str, str] | None = None,
         _volumes: _VolumeCache | None = None,
     ) -> None:
@@ -135,7 +144,17 @@ class Dataset:
         self.view: View = view or View()
         self._volumes = _volumes if _volumes is not None else _VolumeCache(self.view)
         n_classes = len(self.classes)
+        with_targets = sum(r.targets is not None for r in self.records)
+        self.multilabel: bool = bool(with_targets) if multilabel is None else multilabel
+        if with_targets not in (0, len(self.records)) or (with_targets and not self.multilabel):
+            raise ValueError(f"{self.source}: some records have multi-label targets and some "
+                             "do not")
         for r in self.records:
+            if self.multilabel:
+                if r.targets is not None and len(r.targets) != n_classes:
+                    raise ValueError(f"{r.uid}: {len(r.targets)} targets for the "
+                                     f"{n_classes} labels {self.classes}")
+                continue
             if not 0 <= r.label < n_classes:
                 raise ValueError(f"{r.uid}: label {r.label} is not an index into {self.classes}")
 
@@ -162,6 +181,7 @@ class Dataset:
             skipped=self.skipped,
             arrays=self._arrays,
             view=self.view,
+            multilabel=self.multilabel,
             _key_cache=self._key_cache,
             _volumes=self._volumes,
         )
@@ -201,18 +221,31 @@ class Dataset:
         return self._derive(r for i, r in enumerate(self.records) if i not in gone)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """``{split: {class: n}}``, every class listed (with 0 where a split lacks it)."""
+        """``{split: {class: n}}``, every class listed (with 0 where a split lacks it); for a
+        multi-label dataset, the images where each label is present."""
         table: dict[str, dict[str, int]] = {
             s: dict.fromkeys(self.classes, 0) for s in self.split_names()
         }
         for r in self.records:
-            if r.split is not None:
+            if r.split is None:
+                continue
+            if r.targets is not None:
+                for name, value in zip(self.classes, r.targets, strict=True):
+                    table[r.split][name] += int(value == 1.0)
+            else:
                 table[r.split][self.classes[r.label]] += 1
         return table
 
     @property
     def labels(self) -> np.ndarray:
-        """Class indices of the records, int64."""
+        """Class indices of the records, int64; multi-label: ``(n, K)`` float32 targets, 1, 0
+        or NaN (unknown)."""
+        if self.multilabel:
+            if not self.records:
+                return np.zeros((0, len(self.classes)), dtype=np.float32)
+            return np.array([r.targets if r.targets is not None else
+                             (np.nan,) * len(self.classes) for r in self.records],
+                            dtype=np.float32).reshape(len(self), len(self.classes))
         return np.fromiter((r.label for r in self.records), dtype=np.int64, count=len(self))
 
     @property
@@ -294,7 +327,7 @@ class Dataset:
         the same fingerprint; any changed image, label or split assignment changes it.
         """
         rows = sorted(
-            (self.content_key(i), self.classes[r.label], r.split or "")
+            (self.content_key(i), _label_text(self.classes, r), r.split or "")
             for i, r in enumerate(self.records)
         )
         digest = hashlib.sha256()
@@ -332,6 +365,14 @@ class Dataset:
                 except ValueError:
                     shown = str(p)
                 writer.writerow([shown, self.classes[r.label], r.patient_id or "", r.split or ""])
+
+
+def _label_text(classes: list[str], record: Record) -> str:
+    """The record's label as the fingerprint hashes it: the class name; multi-label, its
+    targets (``1,0,nan``; a single-label dataset's fingerprint is as before multi-label)."""
+    if record.targets is None:
+        return classes[record.label]
+    return ",".join("nan" if v != v else str(int(v)) for v in record.targets)
 
 
 def _content_hash(path: str) -> str:
