@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,20 @@ from medtl.errors import DataReadError, MedtlError
 
 
 def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None = None,
-                    skip_bad: bool = False, quiet: bool = False) -> dict[str, Any]:
+                    skip_bad: bool = False, quiet: bool = False,
+                    labels: Sequence[str] | str | None = None, uncertain: str = "ignore",
+                    blank: str = "unknown") -> dict[str, Any]:
     """Classes, counts and patients per split, image sizes, and every unreadable file.
 
     Decoding every image is the only way to find truncated files before a long run; files that
     fail the cheap load-time check are reported with the same reasons when ``skip_bad``.
+
+    A multi-label dataset (``labels``, ``uncertain``, ``blank`` as :func:`load_dataset` takes
+    them) adds ``multilabel: True``, ``label_counts`` (:func:`label_counts`) and
+    ``cooccurrence`` (:func:`label_cooccurrence`); ``counts`` then holds the positives.
     """
-    ds = load_dataset(source, patient_regex=patient_regex, skip_bad=skip_bad)
+    ds = load_dataset(source, patient_regex=patient_regex, skip_bad=skip_bad, labels=labels,
+                      uncertain=uncertain, blank=blank)
     unreadable = [f"{p}: {why}" for p, why in ds.skipped]
     sizes: Counter[str] = Counter()
     with progress_bar("reading images", len(ds), quiet=quiet) as advance:
@@ -48,7 +56,7 @@ def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None
         ids = {p for p in ds.split(split).patients if p is not None}
         if ids:
             patients[split] = len(ids)
-    return {
+    summary = {
         "source": str(source),
         "classes": ds.classes,
         "counts": ds.counts(),
@@ -59,6 +67,42 @@ def dataset_summary(source: str | os.PathLike[str], *, patient_regex: str | None
         "modalities": dict(modalities),
         "unreadable": unreadable,
     }
+    if ds.multilabel:  # single-label summaries keep exactly their keys
+        summary.update(_multilabel_summary(ds))
+    return summary
+
+
+def label_counts(ds: Dataset) -> dict[str, dict[str, dict[str, int]]]:
+    """Multi-label: ``{split: {label: {"positive", "negative", "unknown"}}}`` images, every
+    split and label listed (unknown: blank, or -1 under ``--uncertain ignore``)."""
+    y = ds.labels
+    splits = np.array([r.split or "" for r in ds.records])
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for split in ds.split_names():
+        part = y[splits == split]
+        out[split] = {name: {"positive": int(np.sum(part[:, k] == 1.0)),
+                             "negative": int(np.sum(part[:, k] == 0.0)),
+                             "unknown": int(np.sum(np.isnan(part[:, k])))}
+                      for k, name in enumerate(ds.classes)}
+    return out
+
+
+def label_cooccurrence(ds: Dataset) -> dict[str, Any]:
+    """Multi-label: ``{"split", "labels", "matrix"}``, where ``matrix[i][j]`` counts the images
+    of ``split`` (train, or ``all`` when there is no train split) with labels i and j both
+    present; the diagonal is each label's positives."""
+    split = "train" if "train" in ds.split_names() else "all"
+    y = ds.labels
+    if split == "train":
+        y = y[np.array([r.split == "train" for r in ds.records], dtype=bool)]
+    present = (y == 1.0).astype(np.int64)  # NaN == 1 is False: unknown is not a positive
+    return {"split": split, "labels": list(ds.classes),
+            "matrix": (present.T @ present).tolist()}
+
+
+def _multilabel_summary(ds: Dataset) -> dict[str, Any]:
+    return {"multilabel": True, "label_counts": label_counts(ds),
+            "cooccurrence": label_cooccurrence(ds)}
 
 
 HASH_SIZE = 16
@@ -79,7 +123,9 @@ _BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
 
 
 def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None = None,
-                  near_threshold: int = NEAR_THRESHOLD, quiet: bool = False) -> dict[str, Any]:
+                  near_threshold: int = NEAR_THRESHOLD, quiet: bool = False,
+                  labels: Sequence[str] | str | None = None, uncertain: str = "ignore",
+                  blank: str = "unknown") -> dict[str, Any]:
     """Problems (``medtl check`` exits 1 when there are any), notes and a summary of DATA.
 
     Problems, each ``{kind, leakage, count, message, paths, items}``:
@@ -104,6 +150,11 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
     hashes in numpy blocks: under a second for 5,840 images, about 4 s for 20,000; the time
     grows as n squared (about 1.5 min for 100,000, extrapolated).
 
+    Multi-label data (``labels``, ``uncertain``, ``blank`` as :func:`load_dataset` takes them):
+    ``counts`` holds positives, ``class_balance`` the minority/majority ratio of each label's
+    positives and negatives, and the summary adds ``multilabel``, ``label_counts`` and
+    ``cooccurrence`` as :func:`dataset_summary` does; the notes speak of labels.
+
     Raises:
         MedtlError: a bad source or a threshold outside 0..:data:`MAX_NEAR_THRESHOLD`.
     """
@@ -112,13 +163,18 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
                          f"{HASH_BITS}), got {near_threshold}")
     # As given: a carved validation split would be medtl's choice, not the data's; files that
     # fail the load-time probe are findings here, not a reason to stop.
-    ds = load_dataset(source, patient_regex=patient_regex, skip_bad=True, val_fraction=0)
+    ds = load_dataset(source, patient_regex=patient_regex, skip_bad=True, val_fraction=0,
+                      labels=labels, uncertain=uncertain, blank=blank)
     base = _base_folder(source)
     seen = _decode_all(ds, quiet)
     problems = _problems(ds, seen, near_threshold, base)
     structure = _patient_structure(ds)
     counts = ds.counts()
-    balance = {split: _balance(c) for split, c in counts.items()}
+    per_label = label_counts(ds) if ds.multilabel else {}
+    balance: dict[str, Any] = (
+        {split: {name: _balance({"+": c["positive"], "-": c["negative"]})
+                 for name, c in by_label.items()} for split, by_label in per_label.items()}
+        if ds.multilabel else {split: _balance(c) for split, c in counts.items()})
     summary = {
         "images": len(ds) + len(ds.skipped),
         "decoded": len(seen.decoded),
@@ -132,7 +188,12 @@ def check_dataset(source: str | os.PathLike[str], *, patient_regex: str | None =
         "near_duplicates": {"hash": f"pHash {HASH_BITS} bits (imagehash)",
                             "threshold": near_threshold},
     }
-    notes = _notes(ds, counts, balance, seen.sizes, seen.formats, structure)
+    if ds.multilabel:
+        summary.update(_multilabel_summary(ds))
+        notes = _label_notes(per_label, balance)
+        notes += _notes(ds, {}, {}, seen.sizes, seen.formats, structure)
+    else:
+        notes = _notes(ds, counts, balance, seen.sizes, seen.formats, structure)
     return {"source": str(source), "problems": problems, "notes": notes, "summary": summary}
 
 
@@ -245,8 +306,24 @@ def _problem(kind: str, leakage: bool, items: list[dict[str, Any]], paths: list[
 def _image(ds: Dataset, r: Record) -> dict[str, Any]:
     """An image of a finding: its file, where in the file (slice, array key and index) when it
     is not a file of its own, its split, label and patient."""
-    return {"path": r.path, **r.location(), "split": r.split, "label": ds.classes[r.label],
+    return {"path": r.path, **r.location(), "split": r.split, "label": _label_name(ds, r),
             "patient": r.patient_id}
+
+
+def _label_name(ds: Dataset, r: Record) -> str:
+    """The class; multi-label, the labels present as ChestX-ray14 writes them
+    (``Effusion|Cardiomegaly``, ``No Finding``)."""
+    if r.targets is None:
+        return ds.classes[r.label]
+    present = [name for name, v in zip(ds.classes, r.targets, strict=True) if v == 1.0]
+    return "|".join(present) or "No Finding"
+
+
+def _label_key(r: Record) -> object:
+    """What two images must share to carry the same labels (NaN equal to NaN)."""
+    if r.targets is None:
+        return r.label
+    return tuple("?" if v != v else v for v in r.targets)
 
 
 def _named(image: dict[str, Any], base: str) -> str:
@@ -282,7 +359,7 @@ def _exact_duplicates(ds: Dataset, decoded: list[int], keys: list[str],
             recs = _in_split_order(ds, recs)
             splits = _splits_of(ds, recs)
             found[len(splits) > 1].append({
-                "splits": splits, "conflicting_labels": len({r.label for r in recs}) > 1,
+                "splits": splits, "conflicting_labels": len({_label_key(r) for r in recs}) > 1,
                 "images": [_image(ds, r) for r in recs]})
     out = []
     for across, items in found.items():
@@ -315,7 +392,7 @@ def _near_duplicates(ds: Dataset, decoded: list[int], keys: list[str], bits: np.
         splits = _splits_of(ds, recs)
         found[len(splits) > 1].append({
             "distance": d, "splits": splits,
-            "conflicting_labels": recs[0].label != recs[1].label,
+            "conflicting_labels": _label_key(recs[0]) != _label_key(recs[1]),
             "images": [_image(ds, r) for r in recs]})
     out = []
     for across, items in found.items():
@@ -432,19 +509,44 @@ def _notes(ds: Dataset, counts: dict[str, dict[str, int]], balance: dict[str, fl
     return notes
 
 
+def _label_notes(per_label: dict[str, dict[str, dict[str, int]]],
+                 balance: dict[str, dict[str, float | None]]) -> list[str]:
+    """Multi-label notes: imbalanced labels and labels without positives, per split, and the
+    unknown values that losses and metrics will mask."""
+    notes = []
+    for split, by_label in per_label.items():
+        skewed = [f"{name} {c['positive']}/{c['negative']}" for name, c in by_label.items()
+                  if (r := balance[split][name]) is not None and r < 0.5]
+        if skewed:
+            notes.append(f"{split}: labels imbalanced (positive/negative: {', '.join(skewed)}; "
+                         "minority/majority < 0.5): read each label's AUC and average "
+                         "precision rather than accuracy")
+        missing = [name for name, c in by_label.items() if not c["positive"]]
+        if missing:
+            notes.append(f"{split}: no positive images of {', '.join(missing)}")
+    unknown = {split: {name: c["unknown"] for name, c in by_label.items() if c["unknown"]}
+               for split, by_label in per_label.items()}
+    if any(unknown.values()):
+        shown = "; ".join(f"{split}: " + ", ".join(f"{k} {v}" for k, v in u.items())
+                          for split, u in unknown.items() if u)
+        notes.append(f"unknown label values (blank, or -1 under --uncertain ignore) are left "
+                     f"out of losses and metrics ({shown})")
+    return notes
+
+
 def _patient_structure(ds: Dataset) -> dict[str, Any] | None:
     """Per split: patients, images, images per patient (min/median/max), patients in several
-    classes; None when no image has a patient."""
+    classes (multi-label: in several label combinations); None when no image has a patient."""
     if not any(ds.patients):
         return None
     out: dict[str, Any] = {}
     for split in ds.split_names():
         part = [r for r in ds.records if r.split == split]
         per = Counter(r.patient_id for r in part if r.patient_id)
-        classes: dict[str, set[int]] = defaultdict(set)
+        classes: dict[str, set[object]] = defaultdict(set)
         for r in part:
             if r.patient_id:
-                classes[r.patient_id].add(r.label)
+                classes[r.patient_id].add(_label_key(r))
         n = sorted(per.values())
         out[split] = {
             "patients": len(per), "images": len(part),

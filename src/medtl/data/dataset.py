@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -343,16 +344,28 @@ class Dataset:
         together), others absolute. Labels are class names. A volume is listed once (loading
         the manifest makes its slices again). Images inside an .npz have no file of their own
         and cannot be listed: that is a :class:`MedtlError`.
+
+        A multi-label dataset is written ``path,<label>...,patient_id,split`` with 1, 0 or
+        blank (unknown) per label, which loads back to the same targets (a single label needs
+        ``labels=`` to load, as a lone 1/0 column is otherwise ambiguous).
         """
         if self._arrays or any(r.key is not None for r in self.records):
             raise MedtlError(
                 f"{self.source}: images stored in an .npz cannot be listed in a CSV manifest"
             )
+        if self.multilabel:
+            taken = [c for c in self.classes
+                     if c.strip().lower() in ("path", "label", "patient_id", "split",
+                                              "finding labels")]
+            if taken:
+                raise MedtlError(f"{self.source}: label '{taken[0]}' has the name of a manifest "
+                                 "column; rename it to list the data in a manifest")
         out = Path(path)
         base = Path(os.path.abspath(out)).parent
         with atomic_open(out, "w") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["path", "label", "patient_id", "split"])
+            labels = list(self.classes) if self.multilabel else ["label"]
+            writer.writerow(["path", *labels, "patient_id", "split"])
             listed: set[str] = set()
             for r in self.records:
                 if r.is_volume:
@@ -364,7 +377,16 @@ class Dataset:
                     shown = p.relative_to(base).as_posix()
                 except ValueError:
                     shown = str(p)
-                writer.writerow([shown, self.classes[r.label], r.patient_id or "", r.split or ""])
+                if self.multilabel:
+                    values = [_cell(v) for v in (r.targets or (math.nan,) * len(self.classes))]
+                else:
+                    values = [self.classes[r.label]]
+                writer.writerow([shown, *values, r.patient_id or "", r.split or ""])
+
+
+def _cell(value: float) -> str:
+    """A multi-label target in a manifest: 1, 0, or blank when unknown (NaN)."""
+    return "" if value != value else str(int(value))
 
 
 def _label_text(classes: list[str], record: Record) -> str:

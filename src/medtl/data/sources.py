@@ -7,7 +7,8 @@ Splits after loading:
   ``train``.
 - When there is no ``val``, one is carved from ``train`` (``val_fraction``), stratified by class
   and grouped by patient when patients are known (manifest ``patient_id`` column, or
-  ``patient_regex`` on file names).
+  ``patient_regex`` on file names). Multi-label manifests are stratified on their labels by
+  iterative stratification over patients (medtl.data.splits).
 - A ``test`` split is never invented: ``medtl train`` evaluates on ``test`` only when the source
   has one, and holding data out is the user's decision.
 
@@ -17,12 +18,14 @@ A source with no ``train`` split (say, only ``test/``) loads as is, for evaluati
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
 import re
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +46,10 @@ from medtl.data.splits import (
     patient_from_name,
 )
 from medtl.data.volumes import is_volume_path, slice_indices
-from medtl.errors import DataReadError, MedtlError
+from medtl.errors import DataReadError, MedtlError, check_choice
 
-__all__ = ["KERMANY_PATIENT_REGEX", "load_dataset"]
+__all__ = ["BLANK_CHOICES", "KERMANY_PATIENT_REGEX", "UNCERTAIN_CHOICES", "load_dataset",
+           "parse_label_names"]
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 MODES = ("2d", "2.5d", "mip")
@@ -54,6 +58,20 @@ _EXTENSIONS_TEXT = ", ".join((*IMAGE_EXTENSIONS, *VOLUME_SUFFIXES))
 _JUNK_DIRS = frozenset({"__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
 
 _Raw = tuple[list[Record], list[str], dict[tuple[str, str], np.ndarray]]
+
+UNCERTAIN_CHOICES: tuple[str, ...] = ("ignore", "zeros", "ones")
+"""What a multi-label manifest's -1 (uncertain, CheXpert) becomes: unknown and masked (NaN),
+absent (0) or present (1): CheXpert's U-Ignore, U-Zeros and U-Ones (Irvin et al. 2019)."""
+BLANK_CHOICES: tuple[str, ...] = ("unknown", "zeros")
+"""What a blank cell of a multi-label manifest becomes: unknown and masked (NaN), or absent (0),
+CheXpert's practice of reading an unmentioned observation as negative."""
+NO_FINDING = "no finding"
+"""ChestX-ray14's 'Finding Labels' value for an image with none of the findings."""
+_FINDINGS_COLUMN = "finding labels"
+_UNCERTAIN_VALUE = {"ignore": math.nan, "zeros": 0.0, "ones": 1.0}
+_BLANK_VALUE = {"unknown": math.nan, "zeros": 0.0}
+# Columns a multi-label manifest uses for something else than labels.
+_RESERVED = ("path", "patient_id", "split")
 
 
 def load_dataset(
@@ -66,6 +84,9 @@ def load_dataset(
     window: str = "auto",
     slices: str = "middle",
     mode: str = "2d",
+    labels: Sequence[str] | str | None = None,
+    uncertain: str = "ignore",
+    blank: str = "unknown",
 ) -> Dataset:
     """Load DATA: a class-folder tree, a CSV manifest or a MedMNIST-style .npz.
 
@@ -83,6 +104,10 @@ def load_dataset(
             a ``.csv`` with columns ``path,label`` and optional ``patient_id,split`` (paths
             relative to the manifest's folder unless absolute); or an ``.npz`` with
             ``train_images``/``train_labels`` (and ``val_*``, ``test_*``).
+            A manifest without a ``label`` column is multi-label: ChestX-ray14's ``Finding
+            Labels`` column (``Effusion|Cardiomegaly``, ``No Finding``), or one column per label
+            holding 1, 0, -1 (uncertain) or blank (also ``1.0``/``0.0``/``-1.0``, as CheXpert
+            writes them); its records carry :attr:`Record.targets`.
         patient_regex: pattern whose first group (or whole match) in each file name is the
             patient, e.g. :data:`KERMANY_PATIENT_REGEX`. A manifest's ``patient_id`` wins.
         val_fraction: share of ``train`` carved into ``val`` when the source has no ``val``;
@@ -94,6 +119,14 @@ def load_dataset(
             ``minmax``, or a named CT window (``lung``, ``mediastinum``, ``abdomen``, ``brain``,
             ``bone``).
         slices, mode: how volumes become 2-D images (above).
+        labels: multi-label manifests: the labels to use, in this order (names, or one string
+            of comma-separated names; case does not matter). Default: every finding of a
+            ``Finding Labels`` column (sorted), or every column except path, patient_id and
+            split whose values are all 1, 0, -1 or blank (other columns, e.g. CheXpert's Sex
+            and Age, are ignored). A single-label source given ``labels`` is an error.
+        uncertain: multi-label: what -1 becomes: ``ignore`` (NaN: masked from losses and
+            metrics), ``zeros`` or ``ones`` (:data:`UNCERTAIN_CHOICES`).
+        blank: multi-label: what a blank cell becomes: ``unknown`` (NaN, masked) or ``zeros``.
 
     Raises:
         MedtlError: a one-line message naming the file or value at fault.
@@ -105,26 +138,68 @@ def load_dataset(
         raise MedtlError(f"{source}: no such file or folder")
     regex = compile_patient_regex(patient_regex) if patient_regex else None
     view = make_view(window, slices, mode)
-    records, classes, arrays = _read_source(path, source, regex)
+    wanted = parse_label_names(labels)
+    policy = _LabelPolicy(wanted, _UNCERTAIN_VALUE[check_choice("uncertain", uncertain,
+                                                                  UNCERTAIN_CHOICES)],
+                          _BLANK_VALUE[check_choice("blank", blank, BLANK_CHOICES)])
+    records, classes, arrays = _read_source(path, source, regex, policy)
+    multilabel = any(r.targets is not None for r in records)
     skipped: list[tuple[str, str]] = []
     if not arrays:
         records, skipped = _probe_files(records, skip_bad)
         records = _patients_from_dicom(records)
         records = _expand_volumes(records, view)
-    _check_class_sizes(records, classes, str(source))
-    records = _assign_splits(records, classes, str(source), val_fraction, seed)
-    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays, view=view)
+    if multilabel:
+        _check_label_sizes(records, classes, str(source))
+    else:
+        _check_class_sizes(records, classes, str(source))
+    records = _assign_splits(records, classes, str(source), val_fraction, seed, multilabel)
+    return Dataset(records, classes, str(source), skipped=skipped, arrays=arrays, view=view,
+                   multilabel=multilabel)
+
+
+def parse_label_names(labels: Sequence[str] | str | None) -> list[str] | None:
+    """``--labels`` as a list: names, or one string of comma-separated names; ``None`` stays
+    ``None``. An empty or repeated name (case aside) is a :class:`MedtlError`."""
+    if labels is None:
+        return None
+    items = labels.split(",") if isinstance(labels, str) else list(labels)
+    names = [str(item).strip() for item in items]
+    if not names or not all(names):
+        raise MedtlError(f"--labels {labels!r}: an empty label name; give names separated by "
+                         "commas, e.g. --labels effusion,cardiomegaly")
+    seen: set[str] = set()
+    for name in names:
+        if name.lower() in seen:
+            raise MedtlError(f"--labels {labels!r}: label '{name}' is named twice")
+        seen.add(name.lower())
+    return names
+
+
+@dataclass(frozen=True)
+class _LabelPolicy:
+    """The multi-label options: the labels asked for (None: all), what -1 and blank become."""
+
+    labels: list[str] | None
+    uncertain: float
+    blank: float
 
 
 def _read_source(
-    path: Path, source: str | os.PathLike[str], regex: re.Pattern[str] | None
+    path: Path, source: str | os.PathLike[str], regex: re.Pattern[str] | None,
+    policy: _LabelPolicy | None = None,
 ) -> _Raw:
     """Records, classes and arrays of a folder, a manifest or an .npz, as the source has them
     (no files probed, no volumes expanded, no splits added)."""
+    policy = policy or _LabelPolicy(None, math.nan, math.nan)
+    if policy.labels is not None and not (path.is_file() and path.suffix.lower() == ".csv"):
+        kind = "a class folder" if path.is_dir() else f"a '{path.suffix}' file"
+        raise MedtlError(f"{source}: --labels picks the label columns of a multi-label CSV "
+                         f"manifest; this is {kind}, with one class per image")
     if path.is_dir():
         return _from_folder(path, regex)
     if path.suffix.lower() == ".csv":
-        return _from_manifest(path, regex)
+        return _from_manifest(path, regex, policy)
     if path.suffix.lower() == ".npz":
         if regex is not None:
             raise MedtlError(
@@ -137,14 +212,18 @@ def _read_source(
 
 
 def _assign_splits(
-    records: list[Record], classes: list[str], source: str, val_fraction: float, seed: int
+    records: list[Record], classes: list[str], source: str, val_fraction: float, seed: int,
+    multilabel: bool = False,
 ) -> list[Record]:
     """Unsplit images join train; a validation split is carved when the source has none."""
     records = [replace(r, split="train") if r.split is None else r for r in records]
-    _check_labels_in_train(records, classes, source)
+    if multilabel:
+        _check_positives_in_train(records, classes, source)
+    else:
+        _check_labels_in_train(records, classes, source)
     splits = {r.split for r in records}
     if "train" in splits and "val" not in splits and val_fraction > 0:
-        records = _carve(records, classes, val_fraction, seed)
+        records = _carve(records, classes, val_fraction, seed, multilabel)
     return records
 
 
@@ -337,24 +416,29 @@ def _sort_classes(names: set[str]) -> list[str]:
 # ---- CSV manifests ---------------------------------------------------------------------------
 
 
-def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
+def _from_manifest(manifest: Path, regex: re.Pattern[str] | None,
+                   policy: _LabelPolicy | None = None) -> _Raw:
+    policy = policy or _LabelPolicy(None, math.nan, math.nan)
     base = Path(os.path.abspath(manifest)).parent
     try:
         # utf-8-sig: spreadsheets often save a byte-order mark that would corrupt the first header.
         with open(manifest, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
-            missing = [c for c in ("path", "label") if c not in header]
-            if missing:
-                found = ", ".join(header) if header else "none"
-                raise MedtlError(
-                    f"{manifest}: no {' or '.join(repr(c) for c in missing)} column; a manifest "
-                    f"needs the header path,label[,patient_id,split] (found: {found})"
-                )
+            names = [(h or "").strip() for h in (reader.fieldnames or [])]
+            header = [h.lower() for h in names]
+            # Without a 'label' column a manifest may be multi-label: its rows will say.
+            if "path" not in header:
+                _no_columns(manifest, [c for c in ("path", "label") if c not in header and not
+                                       (c == "label" and _FINDINGS_COLUMN in header)], header)
             reader.fieldnames = header
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataReadError(str(manifest), f"cannot read manifest ({exc})") from exc
+    if "label" not in header:
+        return _multilabel_manifest(manifest, base, names, header, rows, regex, policy)
+    if policy.labels is not None:
+        raise MedtlError(f"{manifest}: --labels picks the label columns of a multi-label "
+                         "manifest; this one has a 'label' column (one class per image)")
     if not rows:
         raise MedtlError(f"{manifest}: the manifest has a header but no rows")
 
@@ -367,27 +451,194 @@ def _from_manifest(manifest: Path, regex: re.Pattern[str] | None) -> _Raw:
             raise MedtlError(f"{where}: empty path")
         if not label:
             raise MedtlError(f"{where}: empty label for {raw_path}")
-        file = Path(raw_path).expanduser()
-        if not file.is_absolute():
-            file = base / file
-        if not (file.is_file() or (file.is_dir() and is_volume_path(file))):
-            raise MedtlError(f"{where}: image not found: {raw_path} (looked for {file})")
-        split_value = (row.get("split") or "").strip().lower()
-        if split_value and split_value not in SPLIT_ORDER:
-            raise MedtlError(
-                f"{where}: split '{split_value}' is not one of train, val, test (or empty)"
-            )
-        # A manifest's patient ids are record numbers: pseudonymised before anything sees them.
-        raw_patient = (row.get("patient_id") or "").strip()
-        patient = patient_key(raw_patient) if raw_patient else None
-        if patient is None and regex is not None:
-            patient = patient_from_name(str(file), regex)
-        entries.append((os.path.abspath(file), label, split_value or None, patient))
+        file = _manifest_file(where, raw_path, base)
+        split_value, patient = _split_and_patient(where, row, file, regex)
+        entries.append((os.path.abspath(file), label, split_value, patient))
 
     classes = _sort_classes({label for _, label, _, _ in entries})
     index = {name: i for i, name in enumerate(classes)}
     records = [Record(p, index[label], split, pid) for p, label, split, pid in entries]
     return records, classes, {}
+
+
+def _no_columns(manifest: Path, missing: list[str], header: list[str], hint: str = "") -> None:
+    found = ", ".join(header) if header else "none"
+    raise MedtlError(
+        f"{manifest}: no {' or '.join(repr(c) for c in missing)} column; a manifest "
+        f"needs the header path,label[,patient_id,split] (found: {found}){hint}"
+    )
+
+
+def _manifest_file(where: str, raw_path: str, base: Path) -> Path:
+    """The file a manifest row names, checked to exist."""
+    file = Path(raw_path).expanduser()
+    if not file.is_absolute():
+        relative, file = file, base / file
+        # CheXpert's train.csv lies in CheXpert-v1.0-small/ but lists its images as
+        # CheXpert-v1.0-small/train/...: relative to the folder above the manifest's.
+        if (relative.parts and relative.parts[0] == base.name and not _listed_exists(file)
+                and _listed_exists(base.parent / relative)):
+            file = base.parent / relative
+    if not _listed_exists(file):
+        raise MedtlError(f"{where}: image not found: {raw_path} (looked for {file})")
+    return file
+
+
+def _listed_exists(file: Path) -> bool:
+    return file.is_file() or (file.is_dir() and is_volume_path(file))
+
+
+def _split_and_patient(where: str, row: dict[str, str], file: Path,
+                       regex: re.Pattern[str] | None,
+                       patient_column: str = "patient_id") -> tuple[str | None, str | None]:
+    split_value = (row.get("split") or "").strip().lower()
+    if split_value and split_value not in SPLIT_ORDER:
+        raise MedtlError(
+            f"{where}: split '{split_value}' is not one of train, val, test (or empty)"
+        )
+    # A manifest's patient ids are record numbers: pseudonymised before anything sees them.
+    raw_patient = (row.get(patient_column) or "").strip()
+    patient = patient_key(raw_patient) if raw_patient else None
+    if patient is None and regex is not None:
+        patient = patient_from_name(str(file), regex)
+    return split_value or None, patient
+
+
+# ---- multi-label manifests -------------------------------------------------------------------
+
+
+def _label_value(text: str | None) -> float | None:
+    """A multi-label cell: 1, 0 or -1 (``1.0``, ``0.0``, ``-1.0`` too), None when blank;
+    anything else is a ValueError."""
+    value = (text or "").strip()
+    if not value:
+        return None
+    number = float(value)  # ValueError for text
+    if number not in (1.0, 0.0, -1.0):
+        raise ValueError(value)
+    return number
+
+
+def _is_label_column(column: str, rows: list[tuple[int, dict[str, str]]]) -> bool:
+    """Whether every non-blank value of ``column`` is 1, 0 or -1, and one is not blank."""
+    seen = False
+    for _, row in rows:
+        try:
+            value = _label_value(row.get(column))
+        except ValueError:
+            return False
+        seen = seen or value is not None
+    return seen
+
+
+def _pick(manifest: Path, wanted: list[str], available: dict[str, str], what: str) -> list[str]:
+    """The names in ``available`` (lower case -> name) that ``wanted`` asks for, in its order;
+    an unknown one is a :class:`MedtlError` listing what there is."""
+    unknown = [w for w in wanted if w.lower() not in available]
+    if unknown:
+        shown = ", ".join(available.values()) or "none"
+        raise MedtlError(f"{manifest}: no {what} {', '.join(repr(u) for u in unknown)} "
+                         f"(--labels); {what}s here: {shown}")
+    return [available[w.lower()] for w in wanted]
+
+
+def _multilabel_manifest(manifest: Path, base: Path, names: list[str], header: list[str],
+                         rows: list[tuple[int, dict[str, str]]], regex: re.Pattern[str] | None,
+                         policy: _LabelPolicy) -> _Raw:
+    """A manifest without a ``label`` column: ChestX-ray14's ``Finding Labels`` or one column
+    per label. Records carry label 0 and their targets."""
+    repeated = sorted({h for h in header if h and header.count(h) > 1})
+    if repeated:
+        raise MedtlError(f"{manifest}: column '{repeated[0]}' appears more than once (case "
+                         "aside); each label needs one column")
+    # ChestX-ray14's Data_Entry_2017.csv names it "Patient ID": grouping by it is what keeps a
+    # patient's follow-up images on one side of a split.
+    patient_column = ("patient_id" if "patient_id" in header or "patient id" not in header
+                      else "patient id")
+    if _FINDINGS_COLUMN in header:
+        classes, table = _findings_targets(manifest, rows, policy)
+    else:
+        classes, table = _column_targets(manifest, names, header, rows, policy, patient_column)
+    if not rows:
+        raise MedtlError(f"{manifest}: the manifest has a header but no rows")
+    records = []
+    for (line, row), targets in zip(rows, table, strict=True):
+        where = f"{manifest}, line {line}"
+        raw_path = (row.get("path") or "").strip()
+        if not raw_path:
+            raise MedtlError(f"{where}: empty path")
+        file = _manifest_file(where, raw_path, base)
+        split_value, patient = _split_and_patient(where, row, file, regex, patient_column)
+        records.append(Record(os.path.abspath(file), 0, split_value, patient,
+                              targets=targets))
+    return records, classes, {}
+
+
+def _findings_targets(manifest: Path, rows: list[tuple[int, dict[str, str]]],
+                      policy: _LabelPolicy) -> tuple[list[str], list[tuple[float, ...]]]:
+    """ChestX-ray14: ``Effusion|Cardiomegaly`` lists the findings present, ``No Finding``
+    none; every finding the manifest names is a label, each known for every image."""
+    found: list[set[str]] = []
+    for line, row in rows:
+        where = f"{manifest}, line {line}"
+        cell = (row.get(_FINDINGS_COLUMN) or "").strip()
+        items = {item.strip() for item in cell.split("|") if item.strip()}
+        if not items:
+            raise MedtlError(f"{where}: empty 'Finding Labels' for "
+                             f"{(row.get('path') or '').strip()}; write 'No Finding' for none")
+        if any(item.lower() == NO_FINDING for item in items):
+            if len(items) > 1:
+                raise MedtlError(f"{where}: 'Finding Labels' says 'No Finding' and names "
+                                 f"findings ({cell})")
+            items = set()
+        found.append(items)
+    every = sorted(set().union(*found)) if found else []
+    classes = (every if policy.labels is None else
+               _pick(manifest, policy.labels, {f.lower(): f for f in every}, "finding"))
+    table = [tuple(1.0 if name in items else 0.0 for name in classes) for items in found]
+    return classes, table
+
+
+def _column_targets(manifest: Path, names: list[str], header: list[str],
+                    rows: list[tuple[int, dict[str, str]]], policy: _LabelPolicy,
+                    patient_column: str) -> tuple[list[str], list[tuple[float, ...]]]:
+    """One column per label (1, 0, -1, blank): the columns asked for, else every column whose
+    values say so."""
+    reserved = {*_RESERVED, patient_column}
+    spelled = {h: n for h, n in zip(header, names, strict=True) if h and h not in reserved}
+    if policy.labels is not None:
+        chosen = [h.lower() for h in _pick(manifest, policy.labels, spelled, "label column")]
+    else:
+        chosen = [h for h in spelled if _is_label_column(h, rows)]
+        ignored = [spelled[h] for h in spelled if h not in chosen]
+        if ignored:
+            logging.getLogger("medtl").info(
+                "%s: columns that are not labels (values other than 1, 0, -1 or blank) are "
+                "ignored: %s", manifest, ", ".join(ignored))
+        if not chosen:
+            _no_columns(manifest, ["label"], header,
+                        "; multi-label data needs one column per label holding 1, 0, -1 or "
+                        "blank, or a 'Finding Labels' column")
+        if len(chosen) == 1:
+            raise MedtlError(
+                f"{manifest}: one label column ('{spelled[chosen[0]]}') and no 'label' column: "
+                f"name it 'label' for one class per image, or pass --labels "
+                f"'{spelled[chosen[0]]}' for a multi-label model of one label")
+    values = {-1.0: policy.uncertain, 1.0: 1.0, 0.0: 0.0}
+    table = []
+    for line, row in rows:
+        targets = []
+        for column in chosen:
+            try:
+                value = _label_value(row.get(column))
+            except ValueError:
+                raise MedtlError(
+                    f"{manifest}, line {line}, column '{spelled[column]}': value "
+                    f"'{(row.get(column) or '').strip()}' is not 1, 0, -1 (uncertain) or blank"
+                ) from None
+            targets.append(policy.blank if value is None else values[value])
+        table.append(tuple(targets))
+    return [spelled[h] for h in chosen], table
 
 
 # ---- .npz (MedMNIST layout) ------------------------------------------------------------------
@@ -520,9 +771,44 @@ def _check_labels_in_train(records: list[Record], classes: list[str], source: st
             )
 
 
-def _carve(records: list[Record], classes: list[str], fraction: float, seed: int) -> list[Record]:
+def _check_label_sizes(records: list[Record], classes: list[str], source: str) -> None:
+    """Multi-label: each label needs 2 known positives and 2 known negatives in the source, or
+    neither a split nor an AUC can be made of it."""
+    targets = np.array([r.targets for r in records], dtype=np.float64).reshape(
+        len(records), len(classes))
+    for k, name in enumerate(classes):
+        positives = int(np.sum(targets[:, k] == 1.0))
+        negatives = int(np.sum(targets[:, k] == 0.0))
+        if positives < 2 or negatives < 2:
+            raise MedtlError(
+                f"{source}: label '{name}' has {positives} known positive and {negatives} "
+                f"known negative image(s) ({len(records) - positives - negatives} unknown); "
+                "at least 2 of each are needed: leave it out with --labels (naming the others)"
+            )
+
+
+def _check_positives_in_train(records: list[Record], classes: list[str], source: str) -> None:
+    """Multi-label: a label present in val or test must be present in train."""
+    in_train = np.array([r.split == "train" for r in records], dtype=bool)
+    if not in_train.any():
+        return  # an evaluation-only source: nothing to compare against
+    present = np.array([r.targets for r in records], dtype=np.float64).reshape(
+        len(records), len(classes)) == 1.0
+    for k in np.flatnonzero(~present[in_train].any(axis=0)):
+        elsewhere = np.flatnonzero(present[:, k] & ~in_train)
+        if len(elsewhere):
+            r = records[int(elsewhere[0])]
+            raise MedtlError(f"{source}: label '{classes[k]}' is present in {r.split} but in "
+                             f"no train image (e.g. {r.uid})")
+
+
+def _carve(records: list[Record], classes: list[str], fraction: float, seed: int,
+           multilabel: bool = False) -> list[Record]:
     train_idx = [i for i, r in enumerate(records) if r.split == "train"]
-    labels = [records[i].label for i in train_idx]
+    labels: list[int] | np.ndarray = (
+        np.array([records[i].targets for i in train_idx], dtype=np.float64).reshape(
+            len(train_idx), len(classes))
+        if multilabel else [records[i].label for i in train_idx])
     groups = [records[i].patient_id for i in train_idx]
     val_pos = carve_validation(labels, groups, fraction=fraction, seed=seed, class_names=classes)
     to_val = {train_idx[int(p)] for p in val_pos}

@@ -138,6 +138,8 @@ def kfold_indices(
 
     Uses :class:`~sklearn.model_selection.StratifiedGroupKFold` when any group is known and
     :class:`~sklearn.model_selection.StratifiedKFold` otherwise, both shuffled with ``seed``.
+    Multi-label ``labels`` (an ``(n, K)`` matrix of 1, 0 and NaN): iterative stratification
+    over patients (:func:`multilabel_folds`).
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -145,6 +147,8 @@ def kfold_indices(
     n = len(y)
     if n_splits < 2:
         raise MedtlError(f"number of folds must be at least 2, got {n_splits}")
+    if y.ndim == 2:
+        return multilabel_folds(y, groups, n_splits=n_splits, seed=seed)
     x = np.zeros((n, 1))
     with warnings.catch_warnings():
         # "The least populated class in y has only N members": a small class then sits in fewer
@@ -183,11 +187,17 @@ def carve_validation(
     approximately ``1/k`` (0.2 -> 5 folds) and no patient is on both sides. Without patients:
     ``StratifiedShuffleSplit`` with exactly ``round(fraction * n)`` images (at least one per
     class). Both are deterministic for a given ``seed``.
+
+    Multi-label ``labels`` (an ``(n, K)`` matrix of 1, 0 and NaN): the same, with iterative
+    stratification over the labels (:func:`multilabel_folds`).
     """
     from sklearn.model_selection import StratifiedShuffleSplit
 
     if not 0.0 < fraction < 1.0:
         raise MedtlError(f"validation fraction must be between 0 and 1, got {fraction}")
+    if np.ndim(labels) == 2:
+        return _carve_multilabel(np.asarray(labels, dtype=np.float64), groups,
+                                 fraction=fraction, seed=seed)
     y = np.asarray(labels, dtype=np.int64)
     n = len(y)
     present, counts = np.unique(y, return_counts=True)
@@ -224,12 +234,101 @@ def carve_validation(
     return np.sort(val)
 
 
+# ---- multi-label: iterative stratification (Sechidis et al. 2011) over patients ---------------
+
+
+def _iterstrat() -> tuple[type, type]:
+    try:
+        from iterstrat.ml_stratifiers import (
+            MultilabelStratifiedKFold,
+            MultilabelStratifiedShuffleSplit,
+        )
+    except ImportError:  # a core dependency, missing only from an environment not reinstalled
+        raise MedtlError("multi-label splits need the iterative-stratification package: "
+                         "pip install iterative-stratification") from None
+    return MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
+
+
+def patient_label_matrix(labels: np.ndarray,
+                         groups: Sequence[str | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's group (:func:`group_codes`) and one row per group: label ``k`` is present
+    when any image of the patient has it (1); unknown (NaN) counts as absent.
+
+    Stratifying images would split a patient; stratifying patients by what any of their
+    images shows keeps every patient whole and the label shares alike on both sides.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    codes = group_codes(groups if groups is not None else [None] * len(y))
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    present = np.zeros((n_groups, y.shape[1]), dtype=bool)
+    np.logical_or.at(present, codes, y == 1.0)  # NaN == 1.0 is False: unknown counts as 0
+    return codes, present
+
+
+def _indicator(present: np.ndarray) -> np.ndarray:
+    # iterstrat accepts only scikit-learn's multilabel-indicator layout, which needs two columns
+    # or more: a single label gets a constant zero companion, which weighs in nowhere.
+    if present.shape[1] == 1:
+        present = np.hstack([present, np.zeros_like(present)])
+    return present.astype(np.int64)
+
+
+def multilabel_folds(labels: np.ndarray, groups: Sequence[str | None] | None = None, *,
+                     n_splits: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train, held_out)`` image index pairs of a multi-label k-fold: iterstrat's
+    ``MultilabelStratifiedKFold`` (shuffled with ``seed``) over one row per patient
+    (:func:`patient_label_matrix`; an image with no patient is its own), so each patient's
+    images are in one fold and each label's positive patients are spread evenly."""
+    kfold, _ = _iterstrat()
+    if n_splits < 2:
+        raise MedtlError(f"number of folds must be at least 2, got {n_splits}")
+    codes, present = patient_label_matrix(labels, groups)
+    n_groups = len(present)
+    if n_groups < n_splits:
+        grouped = groups is not None and any(g is not None for g in groups)
+        raise MedtlError(f"cannot make {n_splits} patient-grouped folds from {n_groups} patients"
+                         if grouped else
+                         f"cannot make {n_splits} folds from {n_groups} images")
+    splitter = kfold(n_splits=n_splits, shuffle=True, random_state=seed)
+    folds = []
+    for _, held in splitter.split(np.zeros((n_groups, 1)), _indicator(present)):
+        in_held = np.isin(codes, held)
+        folds.append((np.flatnonzero(~in_held), np.flatnonzero(in_held)))
+    return folds
+
+
+def _carve_multilabel(y: np.ndarray, groups: Sequence[str | None] | None, *, fraction: float,
+                      seed: int) -> np.ndarray:
+    """carve_validation for an ``(n, K)`` target matrix: with patients, the first of
+    ``round(1 / fraction)`` multi-label stratified folds over patients; without, iterstrat's
+    ``MultilabelStratifiedShuffleSplit`` with ``round(fraction * n)`` images."""
+    _, shuffle_split = _iterstrat()
+    n = len(y)
+    if groups is not None and any(g is not None for g in groups):
+        n_groups = len(set(group_codes(groups).tolist()))
+        if n_groups < 2:
+            raise MedtlError(
+                "cannot carve a validation split: all training images belong to one patient"
+            )
+        k = min(max(2, round(1.0 / fraction)), n_groups)
+        return multilabel_folds(y, groups, n_splits=k, seed=seed)[0][1]
+    n_val = max(1, round(fraction * n))
+    if n - n_val < 1:
+        raise MedtlError(f"too few training images ({n}) to carve a {fraction:.0%} validation "
+                         "split")
+    _, present = patient_label_matrix(y, None)
+    splitter = shuffle_split(n_splits=1, test_size=n_val, random_state=seed)
+    _, val = next(splitter.split(np.zeros((n, 1)), _indicator(present)))
+    return np.sort(val)
+
+
 def cross_validation_folds(dataset: Dataset, n_splits: int, *, seed: int = 0,
                            val_fraction: float = 0.2) -> list[Dataset]:
     """One dataset per fold over the train and val records: the fold as ``heldout``, a
     validation part carved from the rest as ``val`` (for early stopping and choices), the
     remainder ``train``. Stratified, and grouped by patient when patients are known, so no
     patient is in two folds nor on both sides of a fold. Test records take no part.
+    Multi-label datasets are stratified on their labels (:func:`multilabel_folds`).
     """
     pool = dataset.subset(i for i, r in enumerate(dataset.records)
                           if r.split in ("train", "val"))
