@@ -526,6 +526,35 @@ def prediction_rows(images: Sequence[Any], labels: Sequence[int] | None, proba: 
     return rows
 
 
+def multilabel_prediction_rows(images: Sequence[Any], y: np.ndarray | None, proba: np.ndarray,
+                               classes: Sequence[str], thresholds: Mapping[str, Any] | None,
+                               split: str | None, show: Callable[[str], str] | None = None,
+                               ) -> list[dict[str, Any]]:
+    """One row per image of a multi-label model: path (and slice / key, index), split, then
+    for each label ``L`` in order: ``L`` (truth 1, 0 or "" when unknown; no column at all when
+    ``y`` is None, as in medtl predict), ``prob_L`` and ``pred_L`` (1 when ``prob_L >=`` the
+    label's threshold, else 0). A row whose probabilities are not all finite (an unreadable
+    image) has "" in both. ``thresholds`` None: 0.5 for every label.
+    """
+    from medtl.evaluation.multilabel import threshold_vector
+
+    cut = threshold_vector(thresholds, classes)
+    # The location columns exactly as prediction_rows writes them.
+    base = [{k: v for k, v in r.items() if not k.startswith("prob_") and k != "prediction"}
+            for r in prediction_rows(images, None, proba, classes, split, show=show)]
+    rows = []
+    for i, row in enumerate(base):
+        ok = bool(np.isfinite(proba[i]).all())
+        for c, name in enumerate(classes):
+            if y is not None:
+                v = y[i][c]
+                row[str(name)] = "" if v != v else int(v)  # NaN: unknown
+            row[f"prob_{name}"] = float(proba[i, c]) if ok else ""
+            row[f"pred_{name}"] = int(proba[i, c] >= cut[c]) if ok else ""
+        rows.append(row)
+    return rows
+
+
 class Run:
     """A run directory on disk: its config, metrics, predictions and model."""
 

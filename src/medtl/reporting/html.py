@@ -206,7 +206,11 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
                       figures: Mapping[str, bytes | FigureFailure] | None = None,
                       errors: Sequence[Mapping[str, Any]] | None = None,
                       explanations: Mapping[str, Any] | None = None) -> str:
-    """The HTML of ``RUN/report.html``."""
+    """The HTML of ``RUN/report.html``; a multi-label run (``config["task"] ==
+    "multilabel"``) gets :func:`render_multilabel_report`'s page."""
+    if config.get("task") == "multilabel":
+        return render_multilabel_report(config, metrics, figures=figures, errors=errors,
+                                        explanations=explanations)
     classes = list(config.get("classes", []))
     splits = [s for s, m in metrics.items()
               if isinstance(m, Mapping) and "accuracy" in m]
@@ -481,6 +485,142 @@ def write_run_report(run_dir: Path, config: Mapping[str, Any], metrics: Mapping[
     atomic_write(path, render_run_report(config, metrics, figures=figures, errors=errors,
                                          explanations=explanations))
     return path
+
+
+# ------------------------------------------------------------------------------ multi-label run
+def multilabel_arrays(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{split: (y, proba)}`` from a multi-label run's predictions.csv rows (as read, strings,
+    or as medtl.run.multilabel_prediction_rows made them): ``y`` (n, K) with NaN where a label
+    is unknown, ``proba`` (n, K) with NaN for an unreadable image. Splits in order of rows."""
+    def value(v: Any) -> float:
+        try:
+            return float(v)
+        except (TypeError, ValueError):  # "" or None: unknown / unreadable
+            return float("nan")
+
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        grouped.setdefault(str(r.get("split", "")), []).append(r)
+    return {split: (np.array([[value(r.get(str(c))) for c in classes] for r in rs],
+                             dtype=float).reshape(len(rs), len(classes)),
+                    np.array([[value(r.get(f"prob_{c}")) for c in classes] for r in rs],
+                             dtype=float).reshape(len(rs), len(classes)))
+            for split, rs in grouped.items()}
+
+
+def multilabel_run_figures(*, classes: Sequence[str],
+                           splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                           metrics: Mapping[str, Any],
+                           history: Sequence[Mapping[str, Any]] = ()
+                           ) -> dict[str, bytes | FigureFailure]:
+    """A multi-label report's plots, as ``{caption: png}``: for each split of ``splits``
+    (``{split: (y, proba)}``, e.g. from :func:`multilabel_arrays`) the per-label ROC grid and,
+    from ``metrics[split]``, the co-occurrence of errors; then the training curves. Each figure
+    is guarded as in :func:`run_figures`."""
+    figs: dict[str, bytes | FigureFailure] = {}
+    for split, (y, proba) in splits.items():
+        _draw(figs, f"Per-label ROC curves, {split}",
+              lambda y=y, proba=proba, split=split: plots.roc_grid_png(
+                  y, proba, classes, title=f"Per-label ROC curves, {split}"))
+        m = metrics.get(split)
+        if isinstance(m, Mapping) and m.get("error_cooccurrence"):
+            chosen = (m.get("thresholds") or {}).get("chosen_on", "val")
+            _draw(figs, f"Co-occurrence of errors, {split} (thresholds chosen on {chosen})",
+                  lambda m=m, split=split: plots.error_cooccurrence_png(
+                      m, title=f"Co-occurrence of errors, {split}"))
+    if history and any("val_auc" in r or "train_loss" in r or "loss" in r for r in history):
+        _draw(figs, "Training curves", lambda: plots.training_curves_png(history))
+    return figs
+
+
+def render_multilabel_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
+                             figures: Mapping[str, bytes | FigureFailure] | None = None,
+                             errors: Sequence[Mapping[str, Any]] | None = None,
+                             explanations: Mapping[str, Any] | None = None) -> str:
+    """The HTML of a multi-label run's ``report.html``: macro and micro AUC and mean average
+    precision per split, a per-label table per split, then ``figures``
+    (:func:`multilabel_run_figures`). No confusion matrix, operating points or single ROC:
+    each label has its own threshold and curve."""
+    classes = [str(c) for c in config.get("classes", [])]
+    splits = [s for s, m in metrics.items()
+              if isinstance(m, Mapping) and "labels" in m and "macro_auc" in m]
+    parts = [f"<h1>medtl run: {_e(config.get('backbone', ''))}, "
+             f"{_e(config.get('strategy', ''))}, multi-label</h1>",
+             _multilabel_summary_paragraph(metrics, classes),
+             _multilabel_data_html(config.get("data", {}), classes),
+             _config_html(config),
+             _multilabel_metrics_html(metrics, splits)]
+    if figures:
+        parts.append(_figures_html(figures))
+    if errors is not None:
+        parts.append(_errors_html(errors, splits[-1] if splits else "test"))
+    if explanations is not None:
+        parts.append(_gallery_html(explanations, splits[-1] if splits else "test"))
+    parts.append(_cost_html(metrics))
+    parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
+                 f"{_e(config.get('created', ''))}</p>")
+    return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
+
+
+def _multilabel_summary_paragraph(metrics: Mapping[str, Any], classes: Sequence[str]) -> str:
+    test = metrics.get("test")
+    if not isinstance(test, Mapping) or "macro_auc" not in test:
+        return ""
+    return (f"<p>On {test['n']:,} test images and {len(classes)} labels: macro AUC "
+            f"{_with_ci(test, 'macro_auc')}, micro AUC {_with_ci(test, 'micro_auc')}, mean "
+            f"average precision {_with_ci(test, 'map')}.</p>")
+
+
+def _multilabel_data_html(data: Mapping[str, Any], classes: Sequence[str]) -> str:
+    """Source, fingerprint, and per split the images where each label is present (an image
+    may have several labels or none, so there is no total)."""
+    parts = ["<h2>Data</h2>",
+             f"<p><code>{_e(data.get('source'))}</code>, fingerprint "
+             f"<code>{_e(str(data.get('fingerprint', ''))[:16])}</code></p>"]
+    counts = data.get("counts") or {}
+    if counts:
+        parts.append("<p class=note>Images where each label is present.</p>" + _table(
+            ["split", *map(_e, classes)],
+            [[_e(s), *(_fmt(c.get(k, 0)) for k in classes)] for s, c in counts.items()]))
+    if data.get("skipped"):
+        parts.append(f"<p class=note>{len(data['skipped'])} unreadable images skipped.</p>")
+    return "".join(parts)
+
+
+_ML_FIGURES = (("n", "images"), ("macro_auc", "macro AUC"), ("micro_auc", "micro AUC"),
+               ("map", "mean average precision"))
+
+
+def _multilabel_metrics_html(metrics: Mapping[str, Any], splits: Sequence[str]) -> str:
+    parts = ["<h2>Metrics</h2><p class=note>Unknown labels never count. 95% confidence "
+             "intervals in brackets: macro AUC (mean over labels with both classes known), "
+             "micro AUC (all known image-label pairs pooled) and mean average precision by a "
+             "percentile bootstrap of the images (2,000 resamples); a label's AUC by DeLong's "
+             "method; sensitivity and specificity by Wilson's score interval.</p>",
+             _table(["figure", *map(_e, splits)],
+                    [[name, *(_with_ci(metrics[s], k) for s in splits)]
+                     for k, name in _ML_FIGURES])]
+    for s in splits:
+        labels = metrics[s].get("labels") or {}
+        th = metrics[s].get("thresholds") or {}
+        chosen = th.get("chosen_on", "val")
+        note = (f"Each label is called present when its probability reaches its threshold, "
+                f"chosen on {_e(chosen)}"
+                + (" by Youden's J" if th.get("rule") == "youden" else "")
+                + (f"; 0.5 for {_e(', '.join(th['fallback']))}, which validation lacks a "
+                   "positive or a negative of" if th.get("fallback") else "") + ".")
+        parts.append(
+            f"<h3>Per label, {_e(s)}</h3><p class=note>{note}</p>" + _table(
+                ["label", "known", "positive", "AUC (95% CI)", "average precision",
+                 "threshold", "sensitivity (95% CI)", "specificity (95% CI)", "precision",
+                 "F1"],
+                [[_e(name), _fmt(v.get("n_known")), _fmt(v.get("n_positive")),
+                  _with_ci(v, "auc"), _fmt(v.get("average_precision")),
+                  _fmt(v.get("threshold")), _with_ci(v, "sensitivity"),
+                  _with_ci(v, "specificity"), _fmt(v.get("precision")), _fmt(v.get("f1"))]
+                 for name, v in labels.items()], css="perlabel"))
+    return "".join(parts)
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -26,6 +26,7 @@ from medtl.errors import MedtlError
 
 __all__ = [
     "confusion_png",
+    "error_cooccurrence_png",
     "grouped_png",
     "learning_curve_png",
     "png_to_data_uri",
@@ -34,6 +35,7 @@ __all__ = [
     "roc_band",
     "roc_overlay_png",
     "roc_ovr_overlay_png",
+    "roc_grid_png",
     "roc_png",
     "scatter_cost_png",
     "training_curves_png",
@@ -252,6 +254,93 @@ def roc_ovr_overlay_png(runs: Sequence[tuple[str, Any, Any]], class_names: Seque
         ax.yaxis.label.set_fontsize(7)
     for ax in axes[k:]:
         ax.set_axis_off()
+    return _png(fig)
+
+
+_GRID_COLUMNS = 4
+_GRID_PANEL_IN = 2.6
+
+
+def roc_grid_png(y: Any, proba: Any, classes: Sequence[str], *,
+                 title: str = "Per-label ROC curves") -> bytes:
+    """A multi-label model's ROC curves: one small panel per label, its AUC in the title.
+
+    ``y`` is ``(n, K)`` with 1, 0 or NaN (unknown) and ``proba`` ``(n, K)`` independent
+    probabilities; each panel uses only the rows where its label is known (and its
+    probability finite). A label lacking positives or negatives there gets a panel that says so.
+    """
+    t = np.asarray(y, dtype=float)
+    p = np.asarray(proba, dtype=float)
+    k = len(classes)
+    if t.ndim != 2 or t.shape != p.shape or t.shape[1] != k:
+        raise MedtlError(f"ROC grid needs targets and probabilities of shape (n, {k}); got "
+                         f"{t.shape} and {p.shape}")
+    cols = max(1, min(k, _GRID_COLUMNS))
+    rows = max(1, math.ceil(k / cols))
+    fig = _figure((_GRID_PANEL_IN * cols, _GRID_PANEL_IN * rows + 0.4))
+    fig.suptitle(title)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for j, (ax, name) in enumerate(zip(axes, classes, strict=False)):
+        label = str(name)[:_LABEL_CHARS]
+        known = ~np.isnan(t[:, j]) & np.isfinite(p[:, j])
+        yj, sj = t[known, j].astype(int), p[known, j]
+        n_pos = int(yj.sum())
+        if n_pos == 0 or n_pos == len(yj):
+            _note(ax, "no known labels" if len(yj) == 0 else
+                  "no positives" if n_pos == 0 else "no negatives")
+            ax.set_title(label, fontsize=9)
+            continue
+        fpr, tpr, _ = roc_curve(yj, sj)
+        ax.plot(fpr, tpr, color="C0", linewidth=1.5,
+                label=f"{n_pos} pos / {len(yj) - n_pos} neg")
+        _roc_axes(ax, f"{label} (AUC {_trapezoid_auc(fpr, tpr):.3f})", fontsize=6)
+        ax.title.set_fontsize(9)
+        ax.xaxis.label.set_fontsize(6)
+        ax.yaxis.label.set_fontsize(6)
+        ax.tick_params(labelsize=6)
+    for ax in axes[k:]:
+        ax.set_axis_off()
+    return _png(fig)
+
+
+def error_cooccurrence_png(summary: Mapping[str, Any], *,
+                           title: str = "Co-occurrence of errors") -> bytes:
+    """Heat map of ``summary["error_cooccurrence"]`` (medtl.evaluation.multilabel): cell (i, j)
+    counts the images where labels i and j are both wrong at their thresholds, the diagonal
+    each label's errors. Counts are printed while they fit a cell."""
+    co = summary.get("error_cooccurrence") if isinstance(summary, Mapping) else None
+    if not isinstance(co, Mapping) or "counts" not in co:
+        raise MedtlError("error co-occurrence plot needs a multi-label summary with "
+                         "'error_cooccurrence' {labels, counts}")
+    m = np.asarray(co["counts"], dtype=float)
+    names = [str(c) for c in co.get("labels") or range(len(m))]
+    k = len(names)
+    if m.ndim != 2 or m.shape != (k, k) or k == 0:
+        raise MedtlError(f"error co-occurrence counts must be {k}x{k}, got shape {m.shape}")
+    if (m < 0).any() or not np.isfinite(m).all():
+        raise MedtlError("error co-occurrence counts must be finite and non-negative")
+    side = min(max(4.0, 0.42 * k + 2.0), _MAX_SIDE_IN)
+    fig = _figure((side + 1.0, side))
+    ax = fig.add_subplot()
+    top = max(float(m.max()), 1.0)
+    im = ax.imshow(m, cmap=colormaps[_CMAP], norm=Normalize(0.0, top))
+    cell_pt = 72 * side / (k + 2)
+    digits = len(str(int(top)))
+    font = min(9.0, 0.8 * cell_pt / (0.6 * digits), 0.6 * cell_pt)
+    if font >= _MIN_FONT:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=font,
+                        color=_cell_text_colour(m[i, j] / top),
+                        fontweight="bold" if i == j else "normal")
+    labels = [n if len(n) <= _LABEL_CHARS else n[:_LABEL_CHARS - 1] + "…" for n in names]
+    tick_font = max(_MIN_FONT, min(9.0, 0.7 * cell_pt))
+    ax.set_xticks(range(k), labels, rotation=45 if k > 3 else 0, ha="right" if k > 3 else
+                  "center", fontsize=tick_font)
+    ax.set_yticks(range(k), labels, fontsize=tick_font)
+    ax.set(title=title, xlabel="label also wrong", ylabel="label wrong")
+    cbar = fig.colorbar(im, ax=ax, shrink=0.8)
+    cbar.set_label("images (diagonal: errors of the label)")
     return _png(fig)
 
 
