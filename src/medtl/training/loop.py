@@ -10,6 +10,11 @@ history. What a batch is (uint8 images to augment and normalise, or feature vect
 AdamW over caller-built parameter groups (discriminative learning rates are the caller's), with
 a per-step linear warm-up then cosine schedule, or a constant rate (``schedule="constant"``).
 
+Multi-label targets (float (n, K): 1 present, 0 absent, NaN unknown) train with binary
+cross-entropy on the logits, masked: an unknown entry adds nothing to the loss nor to any
+gradient (:class:`MaskedBCEWithLogits`); validation scores sigmoid probabilities. Options that
+mix or reweight whole classes (balanced sampler, mixup/CutMix, label smoothing) are refused.
+
 An optional term of the loss sees unlabelled samples too (``Unlabelled``: domain alignment,
 medtl.training.align): each training batch is paired with a batch of them, and the term is
 computed on the two batches' features as the model predicts them.
@@ -377,6 +382,48 @@ def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return out
 
 
+def positive_weights(y: np.ndarray) -> np.ndarray:
+    """Multi-label: each label's ``pos_weight``, n_negative / n_positive over its known
+    (non-NaN) targets, as BCEWithLogitsLoss takes it; 1 for a label without a known positive
+    or negative (nothing to balance)."""
+    y = np.asarray(y, dtype=np.float64)
+    pos = (y == 1).sum(axis=0)
+    neg = (y == 0).sum(axis=0)
+    out = np.ones(y.shape[1])
+    ok = (pos > 0) & (neg > 0)
+    out[ok] = neg[ok] / pos[ok]
+    return out
+
+
+def masked_bce_parts(logits: torch.Tensor, target: torch.Tensor,
+                     pos_weight: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the binary cross-entropies of the known entries, how many are known).
+
+    ``mask`` (bool, as ``target``) says which entries are known; by default those that are not
+    NaN. An unknown entry's target is never read: it is replaced by 0 before the loss and its
+    loss by 0 after (``torch.where``, so its gradient is exactly 0, not NaN times 0)."""
+    known = ~torch.isnan(target) if mask is None else mask.to(torch.bool)
+    t = torch.where(known, target, torch.zeros_like(target)).to(logits.dtype)
+    each = nn.functional.binary_cross_entropy_with_logits(logits, t, pos_weight=pos_weight,
+                                                          reduction="none")
+    return torch.where(known, each, torch.zeros_like(each)).sum(), known.sum()
+
+
+class MaskedBCEWithLogits(nn.Module):
+    """The multi-label criterion: binary cross-entropy on the logits with per-label
+    ``pos_weight``, averaged over the known entries of the batch; a batch with none known
+    gives 0 (and zero gradients)."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total, count = masked_bce_parts(logits, target, self.pos_weight)
+        return total / count.clamp(min=1)
+
+
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """torch's global generator seeded for this block only (new layers' initial weights); the
@@ -429,6 +476,12 @@ def fit(
     _check_config(config, param_groups)
     inputs.check(x_train, y_train, "train")
     inputs.check(x_val, y_val, "val")
+    if (y_train.ndim == 2) != (y_val.ndim == 2) or (
+            y_train.ndim == 2 and y_train.shape[1] != y_val.shape[1]):
+        raise MedtlError(f"train targets {tuple(y_train.shape)} and val targets "
+                         f"{tuple(y_val.shape)} are not of one task")
+    if y_train.ndim == 2:
+        check_multilabel_config(config)
     if unlabelled is not None:
         _check_unlabelled(model, unlabelled, inputs)
     device = torch.device(config.device)
@@ -483,7 +536,7 @@ def _epochs(state: LoopState, cbs: Sequence[Callback], inputs: Inputs, data, cri
         distributed.sync_buffers([model] + ([state.ema] if state.ema is not None else []),
                                  distributed.current())
         proba, val_loss = _evaluate(state.scored, inputs, x_val, y_val, config.batch_size,
-                                    device)
+                                    device, multilabel=y_val.ndim == 2)
         state.score = selection_score(y_val.numpy(), proba)
         state.row = {"epoch": state.epoch, "train_loss": loss, **extra, "val_loss": val_loss,
                      **val_summary(y_val.numpy(), proba), **lrs,
@@ -501,11 +554,6 @@ def _start(model: nn.Module, param_groups: list[dict], y_train: torch.Tensor,
                                   weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(y_train) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, steps_per_epoch))
-    n_classes = int(max(int(y_train.max()), int(y_val.max()))) + 1
-    weight = None
-    if config.class_weight == "balanced":
-        weight = torch.as_tensor(balanced_class_weights(y_train.numpy(), n_classes),
-                                 dtype=torch.float32, device=device)
     state = LoopState(model, optimizer, scheduler, config)
     if config.ema is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -513,6 +561,17 @@ def _start(model: nn.Module, param_groups: list[dict], y_train: torch.Tensor,
         # Buffers too: BatchNorm's running statistics follow the averaged weights.
         state.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema),
                                   use_buffers=True)
+    if y_train.ndim == 2:
+        pos_weight = None
+        if config.class_weight == "balanced":
+            pos_weight = torch.as_tensor(positive_weights(y_train.numpy()),
+                                         dtype=torch.float32, device=device)
+        return state, MaskedBCEWithLogits(pos_weight)
+    n_classes = int(max(int(y_train.max()), int(y_val.max()))) + 1
+    weight = None
+    if config.class_weight == "balanced":
+        weight = torch.as_tensor(balanced_class_weights(y_train.numpy(), n_classes),
+                                 dtype=torch.float32, device=device)
     return state, nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
@@ -660,14 +719,16 @@ def _shown(record: dict | None) -> str:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x_uint8: torch.Tensor, config: TrainConfig) -> np.ndarray:
-    """Class probabilities (n, n_classes), float64, in eval mode and in batches."""
+def predict_proba(model: nn.Module, x_uint8: torch.Tensor, config: TrainConfig, *,
+                  multilabel: bool = False) -> np.ndarray:
+    """Class probabilities (n, n_classes), float64, in eval mode and in batches; multi-label:
+    each label's sigmoid (rows do not sum to 1)."""
     device = torch.device(config.device)
     # The layout training used: a reloaded model must run the same kernels to give the same bits.
     model.to(device=device, memory_format=torch.channels_last)
     with torch_threads(config.threads):
         return _evaluate(model, ImageInputs(config.mean, config.std), x_uint8, None,
-                         config.batch_size, device)[0]
+                         config.batch_size, device, multilabel=multilabel)[0]
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -728,11 +789,43 @@ def _check_config(config: TrainConfig, param_groups: list[dict]) -> None:
 
 
 def _check_labels(x: torch.Tensor, y: torch.Tensor, split: str) -> None:
+    if y.ndim == 2 and y.dtype.is_floating_point:
+        _check_targets(x, y, split)
+        return
     if y.dtype != torch.int64 or y.shape != (x.shape[0],):
         raise MedtlError(f"{split} labels must be int64 ({x.shape[0]},); got {y.dtype} "
                          f"{tuple(y.shape)}")
     if len(y) == 0:
         raise MedtlError(f"{split} split is empty")
+
+
+def _check_targets(x: torch.Tensor, y: torch.Tensor, split: str) -> None:
+    """Multi-label targets: float (n, K), each 1, 0 or NaN (unknown), some known."""
+    if y.shape[0] != x.shape[0] or y.shape[1] < 1:
+        raise MedtlError(f"{split} multi-label targets must be float ({x.shape[0]}, K); got "
+                         f"{tuple(y.shape)}")
+    if len(y) == 0:
+        raise MedtlError(f"{split} split is empty")
+    known = ~torch.isnan(y)
+    if not bool(((y == 0) | (y == 1) | ~known).all()):
+        raise MedtlError(f"{split} multi-label targets must be 1, 0 or NaN (unknown)")
+    if not bool(known.any()):
+        raise MedtlError(f"{split} split has no known target: every label is unknown")
+
+
+def check_multilabel_config(config: TrainConfig) -> None:
+    """The settings that have no meaning for multi-label targets, refused in one line."""
+    if config.sampler == "balanced":
+        raise MedtlError("--sampler balanced: multi-label images hold several labels at once, "
+                         "so no draw balances them; use --class-weight balanced (per-label "
+                         "positive weights)")
+    if config.mix != "none":
+        raise MedtlError(f"--mix {config.mix}: mixup/CutMix mix one class per image; not "
+                         "supported with multi-label targets (use --mix none, or an --augment "
+                         "preset without mixing)")
+    if config.label_smoothing > 0:
+        raise MedtlError(f"--label-smoothing {config.label_smoothing}: smooths a softmax over "
+                         "classes; not supported with multi-label targets")
 
 
 def data_digest(*tensors: torch.Tensor) -> str:
@@ -745,6 +838,10 @@ def data_digest(*tensors: torch.Tensor) -> str:
             digest.update(type(t).__name__.encode() + b"|" + t.digest_bytes())
             continue
         a = t.detach().cpu().contiguous().numpy()
+        if a.dtype.kind == "f" and np.isnan(a).any():
+            # Multi-label targets: every NaN hashed as the one canonical NaN, whatever its
+            # payload bits, so that the same unknown entries give the same digest.
+            a = np.where(np.isnan(a), np.array(np.nan, dtype=a.dtype), a)
         digest.update(f"{a.shape}|{a.dtype.str}|".encode())
         digest.update(memoryview(a).cast("B"))
     return digest.hexdigest()
@@ -826,8 +923,13 @@ def _to_float(x_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor | None,
-              batch_size: int, device: torch.device) -> tuple[np.ndarray, float | None]:
+              batch_size: int, device: torch.device, *, multilabel: bool = False,
+              ) -> tuple[np.ndarray, float | None]:
+    """Probabilities (softmax; multi-label: sigmoids) and the mean validation loss: plain
+    cross-entropy, or multi-label the unweighted binary cross-entropy over known entries."""
     model.eval()
+    if multilabel:
+        return _evaluate_multilabel(model, inputs, x, y, batch_size, device)
     probas, loss_sum = [], 0.0
     for idx, images in load_batches(x, index_batches(len(x), batch_size)):
         xb = inputs.eval_batch(images, device)
@@ -842,12 +944,39 @@ def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor
     return proba, (loss_sum / len(x) if y is not None else None)
 
 
-def _global_mean(criterion: nn.CrossEntropyLoss, group) -> Callable:
+def _evaluate_multilabel(model: nn.Module, inputs: Inputs, x: torch.Tensor,
+                         y: torch.Tensor | None, batch_size: int, device: torch.device,
+                         ) -> tuple[np.ndarray, float | None]:
+    probas, loss_sum, known = [], 0.0, 0
+    for idx, images in load_batches(x, index_batches(len(x), batch_size)):
+        xb = inputs.eval_batch(images, device)
+        with _autocast(device):
+            logits = model(xb)
+        logits = logits.float()
+        if y is not None:
+            total, count = masked_bce_parts(logits, y[idx].to(device))
+            loss_sum += float(total)
+            known += int(count)
+        probas.append(torch.sigmoid(logits.double()).cpu().numpy())
+    proba = np.concatenate(probas)
+    return proba, (loss_sum / max(known, 1) if y is not None else None)
+
+
+def _global_mean(criterion: nn.Module, group) -> Callable:
     """Under DDP, the loss whose gradients DDP's average makes the global batch's: each process
     sums its samples' losses and divides by the global count (the global sum of the class
-    weights of the batch's targets, as CrossEntropyLoss's mean does), times N."""
+    weights of the batch's targets, as CrossEntropyLoss's mean does; multi-label: the global
+    number of known entries), times N."""
     if group is None:
         return criterion
+    if isinstance(criterion, MaskedBCEWithLogits):
+        def masked(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            # Each process's known entries over the global batch's known count, times N:
+            # DDP's average then gives the global batch's mean over its known entries.
+            total, count = masked_bce_parts(logits, target, criterion.pos_weight)
+            every = distributed.all_sum(count.to(logits.dtype), group)
+            return total * group.world_size / every.clamp(min=1)
+        return masked
     summed = nn.CrossEntropyLoss(weight=criterion.weight, reduction="sum",
                                  label_smoothing=criterion.label_smoothing)
 

@@ -5,7 +5,8 @@ Its parameters are the fields of ``TrainOptions`` (``get_params``, ``set_params`
 ``repr`` come from scikit-learn); ``fit`` looks the strategy up in the registry and keeps what
 it learned in attributes ending in ``_``: ``model_`` (the fitted model, ``medtl.transfer.fitted``),
 ``classes_``, ``history_``, ``stages_``, ``timing_``, ``balanced_``, ``skipped_``,
-``align_`` (--align: the target it was aligned to).
+``align_`` (--align: the target it was aligned to), ``multilabel_`` (trained on multi-label
+targets: ``predict_proba`` then gives each label's sigmoid, (n, K), rows not summing to 1).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
                                            resume=resume)
         self.model_: FittedModel = outcome.model
         self.classes_ = list(outcome.model.classes)
+        self.multilabel_ = outcome.model.multilabel
         self.history_ = outcome.history
         self.stages_ = outcome.stages
         self.balanced_ = outcome.balanced
@@ -96,7 +98,10 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         self.align_ = outcome.align
         self.timing_ = {"train_s": time.perf_counter() - t0 + outcome.resumed_s,
                         "resumed_s": outcome.resumed_s, "feature_s": outcome.feature_s}
-        if self.calibrate:
+        if self.calibrate and self.model_.multilabel:
+            log.info("calibration: skipped, temperature scaling rescales one softmax and a "
+                     "multi-label model's labels are independent sigmoids")
+        elif self.calibrate:
             self._fit_temperature(val)
         self.model_.ood = fit_ood(self.model_, train, val, seed=self.seed)
         return self
@@ -126,8 +131,13 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         return self.model_.predict_proba(data, calibrated=calibrated)
 
     def predict(self, data) -> np.ndarray:
-        """Class indices (into ``classes_``) of the most probable class."""
-        return np.nanargmax(self.predict_proba(data), axis=1)
+        """Class indices (into ``classes_``) of the most probable class. Multi-label: (n, K)
+        0/1 at 0.5 per label (the run's per-label thresholds, chosen on validation, are the
+        evaluation's); rows of unreadable images are 0."""
+        proba = self.predict_proba(data)
+        if self.model_.multilabel:
+            return (np.nan_to_num(proba, nan=0.0) >= 0.5).astype(np.int64)
+        return np.nanargmax(proba, axis=1)
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
@@ -147,6 +157,7 @@ class TransferClassifier(ClassifierMixin, BaseEstimator):
         clf = cls.from_options(model.options)
         clf.model_ = model
         clf.classes_ = list(model.classes)
+        clf.multilabel_ = model.multilabel
         return clf
 
 

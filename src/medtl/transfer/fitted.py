@@ -13,6 +13,11 @@ The model directory (``RUN/model/``) holds ``model.json`` and the weights (safet
 scikit-learn head as skops) and ``ood.npz``, the out-of-distribution detector on the pooled
 features (medtl.transfer.ood); it is enough to predict with no other file. Bundles written by
 medtl 0.1 (no ``kind`` in model.json), or before the detector (no ``ood.npz``), still load.
+
+A multi-label model (``multilabel`` True; model.json's ``"multilabel": true``, written only
+then) names its labels in ``classes`` and predicts (n, K) independent sigmoids: each column is
+P(label present) and rows do not sum to 1. Its ``torch_module`` still gives logits (apply a
+sigmoid, not a softmax), and it is never temperature-scaled.
 """
 
 from __future__ import annotations
@@ -49,8 +54,11 @@ class FittedModel(ABC):
     kind: ClassVar[str]
 
     def __init__(self, classes: list[str], preprocessing: Preprocessing,
-                 options: TrainOptions, temperature: float | None = None) -> None:
+                 options: TrainOptions, temperature: float | None = None, *,
+                 multilabel: bool = False) -> None:
         self.classes = list(classes)
+        # Multi-label: ``classes`` are labels and probabilities independent sigmoids.
+        self.multilabel = bool(multilabel)
         self.preprocessing = preprocessing
         self.options = options
         self.temperature = temperature
@@ -168,8 +176,9 @@ class FittedModel(ABC):
         return None
 
     def calibrate(self, proba: np.ndarray) -> np.ndarray:
-        """Temperature scaling fitted on validation, if any (every arg-max is kept)."""
-        if self.temperature is None:
+        """Temperature scaling fitted on validation, if any (every arg-max is kept); never for
+        a multi-label model (its sigmoids are not one distribution to rescale)."""
+        if self.temperature is None or self.multilabel:
             return proba
         from scipy.special import softmax
 
@@ -193,6 +202,8 @@ class FittedModel(ABC):
             "temperature": self.temperature,
             **self._save_weights(directory),
         }
+        if self.multilabel:  # only then: single-label model.json files stay as they were
+            meta["multilabel"] = True
         if self.ood is not None:
             self.ood.save(directory)
         else:
@@ -211,6 +222,11 @@ class FittedModel(ABC):
         kind = meta.get("kind") or ("network" if (directory / "model.safetensors").exists()
                                     else "frozen")  # medtl 0.1 wrote no kind
         cls = {c.kind: c for c in (FrozenModel, NetworkModel)}[kind]
+        multilabel = meta.get("multilabel", False)
+        if not isinstance(multilabel, bool):
+            raise MedtlError(f"{directory / MODEL_JSON}: multilabel {str(multilabel)[:40]!r} "
+                             "is not true or false")
+        meta["multilabel"] = multilabel
         model = cls._load(directory, meta, options)
         model.temperature = meta["temperature"]
         model.ood = MahalanobisDetector.load(directory, dim=int(model.backbone.num_features))
@@ -234,7 +250,8 @@ def read_model_meta(directory: str | Path, **runtime: Any) -> tuple[dict[str, An
 
 # ------------------------------------------------------------------------------ frozen
 class FeaturesThenHead(nn.Module):
-    """A frozen backbone's pooled features followed by a head: pixels to class logits."""
+    """A frozen backbone's pooled features followed by a head: pixels to class logits
+    (multi-label: per-label logits, whose sigmoids are the probabilities)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -252,8 +269,8 @@ class FrozenModel(FittedModel):
 
     def __init__(self, backbone: nn.Module, head: LinearHead | SklearnHead, classes: list[str],
                  preprocessing: Preprocessing, options: TrainOptions,
-                 temperature: float | None = None) -> None:
-        super().__init__(classes, preprocessing, options, temperature)
+                 temperature: float | None = None, *, multilabel: bool = False) -> None:
+        super().__init__(classes, preprocessing, options, temperature, multilabel=multilabel)
         self._backbone = backbone.eval()
         self.head = head
         self.extractor = make_extractor(backbone, preprocessing, options, self.device)
@@ -283,7 +300,7 @@ class FrozenModel(FittedModel):
             else:
                 with torch.no_grad():
                     logits = self.head.eval()(torch.from_numpy(x[ok]).float())
-                    out[ok] = torch.softmax(logits, 1).double().numpy()
+                    out[ok] = _probabilities(logits, self.multilabel).double().numpy()
         return self.calibrate(out) if calibrated else out
 
     def predict_proba(self, data, *, calibrated: bool = True, cache: bool = True) -> np.ndarray:
@@ -347,8 +364,8 @@ class FrozenModel(FittedModel):
             raise MedtlError(f"{directory / MODEL_JSON}: feature_dim {meta['feature_dim']} is "
                              f"not the {dim} features of {options.backbone}")
         if (directory / "head.skops").exists():
-            head: LinearHead | SklearnHead = SklearnHead.load(directory / "head.skops",
-                                                              options.head)
+            head: LinearHead | SklearnHead = SklearnHead.load(
+                directory / "head.skops", options.head, multilabel=meta["multilabel"])
             if getattr(head.estimator_, "n_features_in_", dim) != dim:
                 raise MedtlError(f"{directory / 'head.skops'}: expects "
                                  f"{head.estimator_.n_features_in_} features, the backbone "
@@ -357,8 +374,13 @@ class FrozenModel(FittedModel):
             with seeded(0):
                 head = LinearHead(dim, len(meta["classes"]))
             _load_weights(head, directory / "head.safetensors")
+        if isinstance(head, SklearnHead) and head.multilabel and \
+                len(head.estimator_.estimators_) != len(meta["classes"]):
+            raise MedtlError(f"{directory / 'head.skops'}: {len(head.estimator_.estimators_)} "
+                             f"one-vs-rest estimators for {len(meta['classes'])} labels")
         return cls(backbone, head.eval() if isinstance(head, nn.Module) else head,
-                   meta["classes"], meta["preprocessing"], options)
+                   meta["classes"], meta["preprocessing"], options,
+                   multilabel=meta["multilabel"])
 
 
 def make_extractor(backbone: nn.Module, preprocessing: Preprocessing, options: TrainOptions,
@@ -377,8 +399,9 @@ class NetworkModel(FittedModel):
     kind = "network"
 
     def __init__(self, network: nn.Module, classes: list[str], preprocessing: Preprocessing,
-                 options: TrainOptions, temperature: float | None = None) -> None:
-        super().__init__(classes, preprocessing, options, temperature)
+                 options: TrainOptions, temperature: float | None = None, *,
+                 multilabel: bool = False) -> None:
+        super().__init__(classes, preprocessing, options, temperature, multilabel=multilabel)
         self.network = network
 
     @property
@@ -396,7 +419,7 @@ class NetworkModel(FittedModel):
         config = self.loop_config()
         out = np.full((len(data), len(self.classes)), np.nan)
         for x, keep in self._decoded_chunks(data, config, cache):
-            out[keep] = predict_proba(self.network, x, config)
+            out[keep] = predict_proba(self.network, x, config, multilabel=self.multilabel)
         return self.calibrate(out) if calibrated else out
 
     def _decoded_chunks(self, data, config, cache: bool):
@@ -423,12 +446,13 @@ class NetworkModel(FittedModel):
         feats = np.full((len(data), int(self.network.num_features)), np.nan, dtype=np.float32)
         out = np.full((len(data), len(self.classes)), np.nan)
         for x, keep in self._decoded_chunks(data, config, cache):
-            feats[keep], out[keep] = _features_then_proba(self.network, x, config)
+            feats[keep], out[keep] = _features_then_proba(self.network, x, config,
+                                                          multilabel=self.multilabel)
         return feats, (self.calibrate(out) if calibrated else out)
 
     def _proba_of_features(self, features: torch.Tensor) -> np.ndarray:
         logits = self.network.classifier(features)
-        return torch.softmax(logits.float().double(), dim=1).cpu().numpy()
+        return _probabilities(logits.float().double(), self.multilabel).cpu().numpy()
 
     def loop_config(self, **changes: Any):
         """The training loop's settings for this model (batches, device, normalisation)."""
@@ -498,12 +522,18 @@ class NetworkModel(FittedModel):
         _load_weights(network, directory / "model.safetensors")
         network.weights_info = meta["weights_info"]  # provenance only, as for frozen models
         network.eval()
-        return cls(network, meta["classes"], meta["preprocessing"], options)
+        return cls(network, meta["classes"], meta["preprocessing"], options,
+                   multilabel=meta.get("multilabel", False))
+
+
+def _probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Softmax over classes; multi-label: each label's sigmoid."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
 
 
 @torch.no_grad()
-def _features_then_proba(network: nn.Module, x_uint8: torch.Tensor, config,
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def _features_then_proba(network: nn.Module, x_uint8: torch.Tensor, config, *,
+                         multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """training.loop.predict_proba's batches, device, layout and autocast, keeping the pooled
     features on the way: the probabilities are the same numbers predict_proba gives."""
     from medtl.training.loop import ImageInputs, _autocast, torch_threads
@@ -521,7 +551,7 @@ def _features_then_proba(network: nn.Module, x_uint8: torch.Tensor, config,
                 f = network.forward_features(xb)
                 logits = network.classifier(f)
             feats.append(f.float().cpu().numpy())
-            probas.append(torch.softmax(logits.float().double(), dim=1).cpu().numpy())
+            probas.append(_probabilities(logits.float().double(), multilabel).cpu().numpy())
     return np.concatenate(feats), np.concatenate(probas)
 
 

@@ -70,15 +70,34 @@ class StageResult:
 
 
 def val_figures(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | int | None]:
-    """Validation AUC (accuracy where undefined), accuracy, log-loss and n: what decide reads."""
+    """Validation AUC (accuracy where undefined), accuracy, log-loss and n: what decide reads.
+
+    Multi-label ``y_true`` (n, K), NaN unknown: the mean AUC over labels, the accuracy of
+    ``p >= 0.5`` over known entries, the mean binary cross-entropy over known entries, and n
+    the number of images."""
     from medtl.training.selection import selection_score
 
+    if np.ndim(y_true) == 2:
+        return _multilabel_figures(y_true, proba)
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     p_true = np.clip(proba[np.arange(len(y_true)), y_true], 1e-7, 1.0)
     return {"val_auc": float(selection_score(y_true, proba)),
             "val_accuracy": float(np.mean(proba.argmax(axis=1) == y_true)),
             "val_log_loss": float(-np.mean(np.log(p_true))), "n_val": int(len(y_true))}
+
+
+def _multilabel_figures(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | int | None]:
+    from medtl.training.selection import selection_score, val_summary
+
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(proba, dtype=np.float64), 1e-7, 1 - 1e-7)
+    known = ~np.isnan(y)
+    bce = -(np.where(y == 1, np.log(p), np.log1p(-p)))[known]
+    return {"val_auc": float(selection_score(y, proba)),
+            "val_accuracy": float(val_summary(y, proba)["val_accuracy"]),
+            "val_log_loss": float(bce.mean()) if bce.size else float("nan"),
+            "n_val": int(len(y))}
 
 
 def decide(new: StageResult, best: StageResult, min_delta: float = MIN_DELTA,

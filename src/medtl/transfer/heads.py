@@ -5,6 +5,11 @@ layer, which makes one learning rate work across backbones whose features differ
 scikit-learn heads are chosen on validation AUC over a small grid (Kim et al.'s "feature
 extractor hybrid"), then kept as fitted on the training split only, so validation figures stay
 honest.
+
+Multi-label targets ((n, K) floats, NaN unknown): the torch head's K outputs are independent
+sigmoids (masked binary cross-entropy, training.loop); a scikit-learn head is one-vs-rest
+(:class:`MaskedOneVsRest`), one binary estimator per label fitted on the rows where that label
+is known, the grid point chosen on the mean validation AUC over labels.
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ IMBALANCE_RATIO = 0.5
 
 def needs_balancing(y: np.ndarray) -> bool:
     """Minority/majority class ratio below 0.5: weight classes so the head does not simply
-    learn the prevalence (Kermany's train split is 74 % pneumonia, for instance)."""
+    learn the prevalence (Kermany's train split is 74 % pneumonia, for instance).
+
+    Multi-label ``y`` (n, K): some label's positive/negative ratio among its known targets is
+    below 0.5, either way round (a label never or always present counts as imbalanced)."""
+    if np.ndim(y) == 2:
+        ratios = label_balance(y)
+        return bool(len(ratios) and min(ratios) < IMBALANCE_RATIO)
     counts = np.bincount(np.asarray(y, dtype=np.int64))
     counts = counts[counts > 0]
     return bool(len(counts) > 1 and counts.min() / counts.max() < IMBALANCE_RATIO)
@@ -153,6 +164,80 @@ def _prototype(seed: int, cw: str | None):
 SKLEARN_HEADS = tuple(HEADS)  # the built-in ones, in the order the docs list them
 
 
+def label_balance(y: np.ndarray) -> list[float]:
+    """Multi-label: each label's min(positives, negatives) / max(...) over its known targets
+    (0 for a label with known targets of one value only; labels never known are left out)."""
+    y = np.asarray(y, dtype=np.float64)
+    out = []
+    for k in range(y.shape[1]):
+        pos, neg = int((y[:, k] == 1).sum()), int((y[:, k] == 0).sum())
+        if pos + neg:
+            out.append(min(pos, neg) / max(pos, neg))
+    return out
+
+
+class HeadDataError(MedtlError, ValueError):
+    """Data a head cannot be fitted on: one line for the user (MedtlError), and a candidate
+    ``auto``'s frozen stage leaves out (it catches ValueError) rather than a failed run."""
+
+
+class MaskedOneVsRest(ClassifierMixin, BaseEstimator):
+    """Multi-label one-vs-rest: ``estimators_[k]`` is a binary classifier of label k, fitted on
+    the rows where label k is known (not NaN); ``predict_proba`` is (n, K) P(label present).
+
+    Unlike scikit-learn's OneVsRestClassifier, unknown targets are left out per label rather
+    than read as absent. A label whose known training (or, for a head calibrated on
+    validation, validation) targets are of one value only cannot be learnt: MedtlError."""
+
+    def __init__(self, estimator: Any = None, labels: Sequence[str] | None = None) -> None:
+        self.estimator = estimator
+        self.labels = labels
+
+    def _name(self, k: int) -> str:
+        return str(self.labels[k]) if self.labels is not None else f"label {k}"
+
+    def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None = None,
+            y_val: np.ndarray | None = None, probabilistic: Callable | None = None,
+            ) -> MaskedOneVsRest:
+        """``probabilistic(est, x_val, y_val)``: what makes a fitted binary estimator give
+        probabilities (SklearnHead._probabilistic), fed label k's known validation rows."""
+        x = np.asarray(x)
+        y = np.asarray(y, dtype=np.float64)
+        self.estimators_ = []
+        for k in range(y.shape[1]):
+            known = ~np.isnan(y[:, k])
+            t = y[known, k].astype(np.int64)
+            if len(np.unique(t)) < 2:
+                raise HeadDataError(f"{self._name(k)}: the training split's known targets are all "
+                                 f"{'positive' if len(t) and t[0] == 1 else 'negative'}; a "
+                                 "one-vs-rest head needs both to learn it")
+            est = clone(self.estimator).fit(x[known], t)
+            if probabilistic is not None and not hasattr(est, "predict_proba"):
+                kv = ~np.isnan(y_val[:, k])
+                tv = y_val[kv, k].astype(np.int64)
+                if len(np.unique(tv)) < 2:
+                    raise HeadDataError(f"{self._name(k)}: the validation split's known targets "
+                                     "are of one value only; Platt scaling of this head "
+                                     "needs both")
+                est = probabilistic(est, x_val[kv], tv)
+            self.estimators_.append(est)
+        self.n_features_in_ = x.shape[1]
+        self.classes_ = np.arange(y.shape[1])
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "estimators_")
+        out = np.empty((len(x), len(self.estimators_)))
+        for k, est in enumerate(self.estimators_):
+            proba = est.predict_proba(x)
+            # The column of class 1 (a binary estimator's classes_ are [0, 1]).
+            out[:, k] = proba[:, list(est.classes_).index(1)]
+        return out
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (self.predict_proba(x) >= 0.5).astype(np.int64)
+
+
 @dataclass
 class SklearnHead:
     """A scikit-learn classifier chosen on validation; ``predict_proba`` on features."""
@@ -165,21 +250,35 @@ class SklearnHead:
     search_: list[dict[str, Any]] = field(default_factory=list)
 
     def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-            ) -> SklearnHead:
+            labels: Sequence[str] | None = None) -> SklearnHead:
+        """Choose the grid point on validation; multi-label ``y`` (n, K): one-vs-rest
+        (:class:`MaskedOneVsRest`, ``labels`` name them in messages), the grid point chosen
+        on the mean validation AUC over labels, one setting shared by all labels."""
         check_choice("head", self.head, HEADS)
+        multilabel = np.ndim(y) == 2
+        # kNN: a grid point needs as many images as neighbours (each label's known ones).
+        n_fit = (int(np.min((~np.isnan(np.asarray(y, dtype=np.float64))).sum(axis=0)))
+                 if multilabel else len(x))
         best = None
         for params, est in HEADS[self.head](self.seed, self.class_weight):
             k = params.get("n_neighbors")
-            if k is not None and k > len(x):
+            if k is not None and k > n_fit:
                 continue
-            est = clone(est).fit(x, y)
-            est = self._probabilistic(est, x_val, y_val)
+            if multilabel:
+                est = MaskedOneVsRest(est, labels).fit(x, y, x_val, y_val, self._probabilistic)
+            else:
+                est = clone(est).fit(x, y)
+                est = self._probabilistic(est, x_val, y_val)
             score = selection_score(y_val, est.predict_proba(x_val))
             self.search_.append({**params, "val_score": score})
             if best is None or score > best[0]:
                 best = (score, params, est)
         _, self.params_, self.estimator_ = best
         return self
+
+    @property
+    def multilabel(self) -> bool:
+        return isinstance(self.estimator_, MaskedOneVsRest)
 
     def _probabilistic(self, est, x_val, y_val):
         # An estimator without probabilities of its own (SVC) gets Platt scaling fitted on
@@ -201,6 +300,9 @@ class SklearnHead:
         """Values set by fitting: weights for logreg/svm, split nodes for rf, class means for
         prototype, 0 for kNN."""
         est = self.estimator_
+        if isinstance(est, MaskedOneVsRest):
+            return sum(SklearnHead(self.head, estimator_=e).n_parameters
+                       for e in est.estimators_)
         inner = est.steps[-1][1] if isinstance(est, Pipeline) else est
         if isinstance(inner, LogisticRegression):
             return int(inner.coef_.size + inner.intercept_.size)
@@ -216,8 +318,23 @@ class SklearnHead:
     def as_linear(self) -> nn.Linear | None:
         """A fitted ``StandardScaler -> LogisticRegression`` pipeline as one ``nn.Linear`` whose
         softmax equals the pipeline's ``predict_proba`` (binary: logits -z/2 and z/2); ``None``
-        for heads that are no linear map of the features."""
+        for heads that are no linear map of the features.
+
+        Multi-label (one-vs-rest): one ``nn.Linear`` with K outputs whose SIGMOID equals
+        ``predict_proba``, label k's row the difference of its binary estimator's two softmax
+        rows."""
         est = self.estimator_
+        if isinstance(est, MaskedOneVsRest):
+            layers = [SklearnHead(self.head, estimator_=e).as_linear() for e in est.estimators_]
+            if any(layer is None for layer in layers):
+                return None
+            weight = torch.stack([lin.weight[1] - lin.weight[0] for lin in layers])
+            bias = torch.stack([lin.bias[1] - lin.bias[0] for lin in layers])
+            linear = nn.Linear(weight.shape[1], weight.shape[0])
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+            return linear.requires_grad_(False)
         if not (isinstance(est, Pipeline) and len(est.steps) == 2
                 and isinstance(est.steps[0][1], StandardScaler)
                 and isinstance(est.steps[-1][1], LogisticRegression | PrototypeClassifier)):
@@ -225,10 +342,14 @@ class SklearnHead:
         return logreg_as_linear(est)
 
     @classmethod
-    def load(cls, path: Path, head: str) -> SklearnHead:
+    def load(cls, path: Path, head: str, *, multilabel: bool = False) -> SklearnHead:
+        """A head file; ``multilabel``: it must hold a :class:`MaskedOneVsRest` (the only case
+        where that type is trusted), and a single-label one must not."""
         import skops.io as sio
 
         trusted = list(HEAD_TRUSTED_TYPES.get(head, ()))
+        if multilabel:
+            trusted.append(_OVR_TYPE)
         try:
             untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in trusted]
         except Exception as exc:  # not a zip, no schema: skops raises several types
@@ -237,11 +358,24 @@ class SklearnHead:
             raise MedtlError(f"{path}: refusing to load types a {head} head does not hold: "
                              f"{untrusted}")
         estimator = sio.load(path, trusted=trusted)
+        if isinstance(estimator, MaskedOneVsRest) != multilabel:
+            raise MedtlError(f"{path}: holds a {'multi' if not multilabel else 'single'}-label "
+                             f"head, the model is {'multi' if multilabel else 'single'}-label")
         try:
-            _check_index_structures(estimator)
+            if multilabel:
+                if (not isinstance(estimator.estimators_, list) or not estimator.estimators_
+                        or any(isinstance(e, MaskedOneVsRest) for e in estimator.estimators_)):
+                    raise ValueError("one-vs-rest head without binary estimators")
+                for e in estimator.estimators_:
+                    _check_index_structures(e)
+            else:
+                _check_index_structures(estimator)
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
             raise MedtlError(f"{path}: not a head medtl wrote ({type(exc).__name__})") from exc
         return cls(head=head, estimator_=estimator)
+
+
+_OVR_TYPE = f"{MaskedOneVsRest.__module__}.{MaskedOneVsRest.__qualname__}"
 
 
 def _check_index_structures(estimator) -> None:
@@ -349,6 +483,9 @@ class LinearHeadTrainer:
 
     def fit(self, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
             num_classes: int) -> LinearHead:
+        """Multi-label ``y`` (n, K) floats with NaN unknown: K sigmoid outputs trained with the
+        loop's masked binary cross-entropy (``balanced``: per-label positive weights), the best
+        epoch on the mean validation AUC over labels."""
         from medtl.training.loop import Inputs, TrainConfig, fit, seeded
 
         xt = torch.from_numpy(np.asarray(x)).float()
@@ -364,10 +501,16 @@ class LinearHeadTrainer:
 
         with progress_bar("train head", self.epochs, quiet=self.quiet) as advance:
             result = fit(head, [{"name": "head", "params": head.parameters(), "lr": self.lr}],
-                         xt, torch.from_numpy(np.asarray(y)).long(),
-                         torch.from_numpy(np.asarray(x_val)).float(),
-                         torch.from_numpy(np.asarray(y_val)).long(), config,
+                         xt, _targets(y), torch.from_numpy(np.asarray(x_val)).float(),
+                         _targets(y_val), config,
                          inputs=Inputs(), on_epoch_end=lambda epoch: advance(1))
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         return head.eval()
+
+
+def _targets(y: np.ndarray) -> torch.Tensor:
+    """Class indices as int64; multi-label (n, K) targets as float32, NaN kept (masked)."""
+    y = np.asarray(y)
+    return (torch.from_numpy(y.astype(np.float32)) if y.ndim == 2
+            else torch.from_numpy(y).long())

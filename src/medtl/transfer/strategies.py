@@ -8,6 +8,11 @@ cached features and give a ``FrozenModel``; ``fine-tune``, ``full``, ``scratch``
 
 A strategy from outside the package is a subclass of ``Strategy`` with ``@register_strategy``;
 nothing outside this module branches on a strategy's name (docs/extending.md).
+
+Multi-label data (``train.multilabel``; labels an (n, K) float matrix, NaN unknown) goes through
+every strategy: sigmoid outputs and masked binary cross-entropy with per-label positive weights
+(training.loop), one-vs-rest hybrid heads (heads.MaskedOneVsRest), ``auto``'s decisions on the
+mean validation AUC over labels; the model's ``multilabel`` is set from the data.
 """
 
 from __future__ import annotations
@@ -127,9 +132,32 @@ class Strategy:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- shared helpers
-    def use_class_weights(self, y: np.ndarray, classes: list[str]) -> bool:
-        """Whether the loss weights classes 'balanced' (the sampler, when chosen, instead)."""
+    def check_multilabel(self) -> None:
+        """The options multi-label targets cannot take, refused (one line) before any image is
+        decoded or trained on."""
         o = self.options
+        if o.sampler == "balanced":
+            raise MedtlError("--sampler balanced: multi-label images hold several labels at "
+                             "once, so no draw balances them; use --class-weight balanced "
+                             "(per-label positive weights)")
+        if self.takes("mix") and o.resolved_mix != "none":
+            preset = (f" (the --augment {o.augment} preset's)" if o.mix in (None, "none")
+                      else "")
+            raise MedtlError(f"--mix {o.resolved_mix}{preset}: mixup/CutMix mix one class per "
+                             "image; not supported with multi-label targets (use --mix none)")
+        if o.label_smoothing > 0:
+            raise MedtlError(f"--label-smoothing {o.label_smoothing}: smooths a softmax over "
+                             "classes; not supported with multi-label targets")
+
+    def use_class_weights(self, y: np.ndarray, classes: list[str]) -> bool:
+        """Whether the loss weights classes 'balanced' (the sampler, when chosen, instead).
+
+        Multi-label ``y`` (n, K): per-label positive weights (n_negative / n_positive over the
+        known training targets); "auto" turns them on when some label's positive/negative
+        ratio is below IMBALANCE_RATIO, either way round."""
+        o = self.options
+        if np.ndim(y) == 2:
+            return self._use_label_weights(y, classes)
         counts = np.bincount(y, minlength=len(classes))
         summary = dict(zip(classes, counts.tolist(), strict=True))
         if o.sampler == "balanced":
@@ -140,6 +168,20 @@ class Strategy:
                 ratio = counts[counts > 0].min() / counts.max()
                 log.info("class imbalance %s (minority/majority %.2f < %.1f): classes weighted "
                          "'balanced'", summary, ratio, IMBALANCE_RATIO)
+                return True
+            return False
+        return o.class_weight == "balanced"
+
+    def _use_label_weights(self, y: np.ndarray, classes: list[str]) -> bool:
+        o = self.options
+        y = np.asarray(y, dtype=np.float64)
+        summary = {c: f"{int((y[:, k] == 1).sum())}+/{int((y[:, k] == 0).sum())}-"
+                   for k, c in enumerate(classes)}
+        if o.class_weight == "auto":
+            if needs_balancing(y):
+                log.info("label imbalance %s (positive/negative below %.1f for some label): "
+                         "per-label positive weights n_negative/n_positive", summary,
+                         IMBALANCE_RATIO)
                 return True
             return False
         return o.class_weight == "balanced"
@@ -225,6 +267,8 @@ class FrozenStrategy(Strategy):
 
     def fit(self, train, val, *, checkpoint_dir=None, resume=False) -> FitOutcome:
         o = self.options
+        if train.multilabel:
+            self.check_multilabel()
         t0 = time.perf_counter()
         with seeded(o.seed):  # weights="random" backbones: the same ones every time
             backbone = create_backbone(o.backbone, weights=o.weights, in_chans=o.in_chans)
@@ -246,7 +290,7 @@ class FrozenStrategy(Strategy):
         classes = list(train.classes)
         balanced = self.use_class_weights(y, classes)
         head, history = self.fit_head(x, y, xv, yv, classes, balanced)
-        model = FrozenModel(backbone, head, classes, pre, o)
+        model = FrozenModel(backbone, head, classes, pre, o, multilabel=train.multilabel)
         model.extractor = extractor  # keeps its engine and the features it already has
         return FitOutcome(model=model, history=history, balanced=balanced, feature_s=feature_s,
                           skipped=skipped, head_params=getattr(head, "params_", None))
@@ -300,8 +344,8 @@ class HybridStrategy(FrozenStrategy):
 
     def fit_head(self, x, y, xv, yv, classes, balanced):
         o = self.options
-        head = SklearnHead(o.head, seed=o.seed,
-                           class_weight="balanced" if balanced else None).fit(x, y, xv, yv)
+        head = SklearnHead(o.head, seed=o.seed, class_weight="balanced" if balanced else None
+                           ).fit(x, y, xv, yv, **_labels(y, classes))
         for row in head.search_:
             log.info("hybrid %s %s", o.head, row)
         log.info("hybrid %s: chose %s on validation AUC", o.head, head.params_)
@@ -363,12 +407,14 @@ class NetworkStrategy(Strategy):
 
     def fit(self, train, val, *, checkpoint_dir=None, resume=False) -> FitOutcome:
         o = self.options
+        if train.multilabel:
+            self.check_multilabel()
         t0 = time.perf_counter()
         classes = list(train.classes)
         network = self.build(len(classes))
         self.mark_trainable(network)
         pre = Preprocessing.for_spec(network.spec, o.image_size, channels=o.in_chans)
-        model = NetworkModel(network, classes, pre, o)
+        model = NetworkModel(network, classes, pre, o, multilabel=train.multilabel)
         if o.sync_bn:  # in place: the same parameters, the same state_dict keys
             distributed.sync_batchnorm(network, model.device)
         _log_weights(network, f"; strategy {self.name}{' --gradual' if o.gradual else ''}")
@@ -892,7 +938,8 @@ class _Climb:
             cw = "balanced" if self.outcome.balanced else None
             for name in HEADS:
                 try:
-                    head = SklearnHead(name, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+                    head = SklearnHead(name, seed=o.seed, class_weight=cw).fit(
+                        x, y, xv, yv, **_labels(y, self.model.classes))
                 except (ValueError, TypeError) as exc:  # e.g. too few images of a class for
                     # the SVM's Platt scaling, or for any kNN grid point: a candidate less
                     log.warning("frozen stage: head %s left out: %s", name, exc)
@@ -932,7 +979,8 @@ class _Climb:
 
         _, _, xv, yv = self.data
         return val_figures(yv.numpy(), predict_proba(self.model.network, xv,
-                                                     self.model.loop_config()))
+                                                     self.model.loop_config(),
+                                                     multilabel=self.model.multilabel))
 
     def _end_with_hybrid(self, chosen, train, val) -> None:
         """The run is the frozen stage's hybrid head: a FrozenModel on the (untouched)
@@ -943,16 +991,23 @@ class _Climb:
         if head is None:
             x, y, xv, yv = self._frozen_features(train, val)
             cw = "balanced" if self.outcome.balanced else None
-            head = SklearnHead(chosen.head, seed=o.seed, class_weight=cw).fit(x, y, xv, yv)
+            head = SklearnHead(chosen.head, seed=o.seed, class_weight=cw).fit(
+                x, y, xv, yv, **_labels(y, self.model.classes))
         backbone = copy.deepcopy(self.model.network)
         backbone.reset_classifier(0)
         backbone.eval()
         options = o.replace(head=chosen.head)
         model = FrozenModel(backbone, head, self.model.classes, self.model.preprocessing,
-                            options)
+                            options, multilabel=self.model.multilabel)
         self.outcome.model = model
         self.outcome.head_name = chosen.head
         self.outcome.head_params = head.params_
+
+
+def _labels(y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """SklearnHead.fit's ``labels`` keyword for multi-label targets (names in its messages);
+    nothing for class indices, whose call stays as it was."""
+    return {"labels": list(classes)} if np.ndim(y) == 2 else {}
 
 
 def _as_result(candidate: dict[str, Any]):
