@@ -112,7 +112,8 @@ def bench(data: str | Path, *, backbones: Sequence[str], strategies: Sequence[st
     from medtl.data import load_dataset
 
     load_dataset(data, **{k: v for k, v in train_options.items()
-                          if k in ("patient_regex", "window", "slices", "mode") and v is not None})
+                          if k in ("patient_regex", "window", "slices", "mode", "labels",
+                                   "uncertain", "blank") and v is not None})
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = [c for c in cells if not (out / "cells" / c.name / "config.json").is_file()]

@@ -57,6 +57,16 @@ PathsOption = Annotated[str, typer.Option(
 PatientRegex = Annotated[str | None, typer.Option(
     help="Regex whose first group is the patient id in a file name; validation is then carved "
          "by patient. Kermany: '(person\\d+|IM-\\d+)'.")]
+LabelColumns = Annotated[str | None, typer.Option(
+    "--labels", help="Multi-label manifests: the labels to use, comma-separated, in this order "
+                     "(default: every column of 1/0/-1/blank values, or every finding of a "
+                     "'Finding Labels' column).")]
+Uncertain = Annotated[str, typer.Option(
+    help="Multi-label: what -1 (uncertain) becomes: ignore (unknown, masked) | zeros | ones "
+         "(CheXpert's U-Ignore, U-Zeros, U-Ones).")]
+Blank = Annotated[str, typer.Option(
+    help="Multi-label: what a blank cell becomes: unknown (masked) | zeros (unmentioned = "
+         "absent, as CheXpert is often read).")]
 
 
 def _metrics_table(title: str, metrics: dict) -> Table:
@@ -81,6 +91,43 @@ def _metrics_table(title: str, metrics: dict) -> Table:
             t.add_row(f"{split}, per volume", str(v["n"]),
                       *(cell(v, k) for k in ("auc", "accuracy", "sensitivity", "specificity")))
     return t
+
+
+def _multilabel_table(title: str, metrics: dict) -> Table:
+    """A multi-label run's figures: macro and micro AUC and mAP per split, then each label's
+    AUC, sensitivity and specificity at its threshold (chosen on val) on the last split."""
+    t = Table(title=title)
+    for name in ("split / label", "n (positive)", "AUC (95% CI)", "AP", "sensitivity",
+                 "specificity", "threshold"):
+        t.add_column(name, justify="left" if name.startswith("split") else "right")
+
+    def cell(m: dict, k: str) -> str:
+        if m.get(k) is None:
+            return "–"
+        ci = m.get(f"{k}_ci95")
+        return f"{m[k]:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+    splits = [s for s, m in metrics.items() if isinstance(m, dict) and "macro_auc" in m]
+    for split in splits:
+        m = metrics[split]
+        t.add_row(f"{split}: macro", str(m["n"]), cell(m, "macro_auc"), cell(m, "map"), "", "",
+                  "")
+        t.add_row(f"{split}: micro", "", cell(m, "micro_auc"), "", "", "", "")
+    if splits:
+        last = metrics[splits[-1]]
+        for name, lab in last["labels"].items():
+            t.add_row(f"{splits[-1]}: {name}", f"{lab['n_known']} ({lab['n_positive']})",
+                      cell(lab, "auc"), _fmt(lab.get("average_precision")),
+                      cell(lab, "sensitivity"), cell(lab, "specificity"),
+                      _fmt(lab.get("threshold")))
+    return t
+
+
+def _results_table(title: str, metrics: dict) -> Table:
+    """The figures table of a run: per label for a multi-label one."""
+    if any(isinstance(m, dict) and "macro_auc" in m for m in metrics.values()):
+        return _multilabel_table(title, metrics)
+    return _metrics_table(title, metrics)
 
 
 def _operating_points(metrics: dict) -> str:
@@ -172,10 +219,14 @@ def info(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
     patient_regex: PatientRegex = None,
     skip_bad: SkipBad = False,
+    labels: LabelColumns = None,
+    uncertain: Uncertain = "ignore",
+    blank: Blank = "unknown",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Summarise a dataset: classes, counts per split, patients, image sizes, problems.
+    """Summarise a dataset: classes, counts per split, patients, image sizes, problems
+    (multi-label: positive / negative / unknown images per label, and co-occurrence).
 
     Every image is decoded once, so unreadable files are found here rather than mid-training.
 
@@ -183,19 +234,15 @@ def info(
     """
     from medtl.data import dataset_summary
 
-    summary = dataset_summary(data, patient_regex=patient_regex, skip_bad=skip_bad, quiet=quiet)
+    summary = dataset_summary(data, patient_regex=patient_regex, skip_bad=skip_bad, quiet=quiet,
+                              labels=labels, uncertain=uncertain, blank=blank)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    t = Table(title=f"{data}")
-    t.add_column("split")
-    for c in summary["classes"]:
-        t.add_column(c, justify="right")
-    t.add_column("patients", justify="right")
-    for split, counts in summary["counts"].items():
-        t.add_row(split, *(str(counts.get(c, 0)) for c in summary["classes"]),
-                  str(summary["patients"].get(split, "–")))
-    out_console.print(t)
+    if summary.get("multilabel"):
+        _print_label_tables(f"{data}", summary, summary["patients"])
+    else:
+        _print_class_table(data, summary)
     if summary.get("patient_structure"):
         out_console.print(_patient_table(summary["patient_structure"]))
     out_console.print(f"image sizes: {summary['image_sizes']}")
@@ -207,6 +254,44 @@ def info(
         out_console.print(f"  {line}")
 
 
+def _print_class_table(data: str, summary: dict) -> None:
+    t = Table(title=f"{data}")
+    t.add_column("split")
+    for c in summary["classes"]:
+        t.add_column(c, justify="right")
+    t.add_column("patients", justify="right")
+    for split, counts in summary["counts"].items():
+        t.add_row(split, *(str(counts.get(c, 0)) for c in summary["classes"]),
+                  str(summary["patients"].get(split, "–")))
+    out_console.print(t)
+
+
+def _print_label_tables(title: str | None, summary: dict, patients: dict) -> None:
+    """Multi-label: positive / negative / unknown images of each label per split, then the
+    co-occurrence of positives (the legends in the first column: a title would wrap)."""
+    per_split = summary["label_counts"]
+    t = Table(title=title)
+    t.add_column("label: positive / negative / unknown")
+    for split in per_split:
+        t.add_column(split, justify="right")
+    for name in summary["classes"]:
+        t.add_row(name, *(f"{c[name]['positive']} / {c[name]['negative']} / "
+                          f"{c[name]['unknown']}" for c in per_split.values()))
+    t.add_row("images", *(str(sum(next(iter(c.values())).values())) if c else "0"
+                          for c in per_split.values()))
+    if patients:
+        t.add_row("patients", *(str(patients.get(s, "–")) for s in per_split))
+    out_console.print(t)
+    co = summary["cooccurrence"]
+    m = Table()
+    m.add_column(f"co-occurrence ({co['split']}): images with both")
+    for name in co["labels"]:
+        m.add_column(name, justify="right")
+    for name, row in zip(co["labels"], co["matrix"], strict=True):
+        m.add_row(name, *(str(v) for v in row))
+    out_console.print(m)
+
+
 @app.command()
 def check(
     data: Annotated[str, typer.Argument(help="Class folder, CSV manifest or MedMNIST .npz.")],
@@ -214,12 +299,16 @@ def check(
     near_threshold: Annotated[int, typer.Option(
         min=0, max=64, help="Most differing bits (of 256) between the perceptual hashes of "
                             "near-duplicate images (0-64).")] = 20,
+    labels: LabelColumns = None,
+    uncertain: Uncertain = "ignore",
+    blank: Blank = "unknown",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Find what would make results wrong: unreadable files, exact and near-duplicate images
     (within and across splits), patients in several splits; note class imbalance, mixed sizes
-    and formats, and the patient structure. Exit code 1 when a problem is found.
+    and formats, and the patient structure (multi-label: per-label counts and co-occurrence).
+    Exit code 1 when a problem is found.
 
     Example: [bold]medtl check data/chest_xray --patient-regex '(person\\d+|IM-\\d+)'[/bold]
     """
@@ -227,7 +316,8 @@ def check(
 
     # --json output is for scripts: no progress bar to mix into it.
     result = check_dataset(data, patient_regex=patient_regex, near_threshold=near_threshold,
-                           quiet=quiet or as_json)
+                           quiet=quiet or as_json, labels=labels, uncertain=uncertain,
+                           blank=blank)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -279,6 +369,8 @@ def _print_check(result: dict) -> None:
         out_console.print(t)
         for p in problems:
             out_console.print(f"{p['kind']}: {p['message']}", soft_wrap=True, highlight=False)
+    if summary.get("multilabel"):
+        _print_label_tables(None, summary, {})
     if summary["patients"]:
         out_console.print(_patient_table(summary["patients"]))
     for note in result["notes"]:
@@ -445,6 +537,9 @@ def train(
     align_weight: Annotated[float, typer.Option(
         metavar="W", help="--align: weight of the alignment loss added to the "
                           "classification loss.")] = 1.0,
+    labels: LabelColumns = None,
+    uncertain: Uncertain = "ignore",
+    blank: Blank = "unknown",
     paths: PathsOption = "relative",
     quiet: Quiet = False,
 ) -> None:
@@ -469,14 +564,15 @@ def train(
     run = run_train(data, options, target_sensitivity=target_sensitivity, out=out,
                     overwrite=overwrite, resume=resume, patient_regex=patient_regex,
                     val_fraction=val_fraction, window=window, slices=slices, mode=mode,
-                    folds=folds, positive_class=positive_class, paths=paths)
+                    folds=folds, positive_class=positive_class, paths=paths,
+                    labels=_label_list(labels), uncertain=uncertain, blank=blank)
     if os.environ.get("RANK", "0") != "0":
         return  # one DDP process prints the results: rank 0
     if folds is not None:
         out_console.print(_cv_table(f"{backbone} / {strategy}, {folds}-fold CV",
                                     run.metrics["cv"]))
     else:
-        out_console.print(_metrics_table(f"{backbone} / {strategy}", run.metrics))
+        out_console.print(_results_table(f"{backbone} / {strategy}", run.metrics))
         if points := _operating_points(run.metrics):
             out_console.print(points)
     if run.metrics.get("positive_class"):
@@ -484,6 +580,22 @@ def train(
                           "specificity and operating points refer to it)", markup=False,
                           highlight=False)
     out_console.print(f"run: {run.path}  (report: {run.path / 'report.html'})")
+
+
+def _label_list(labels: str | None) -> list[str] | None:
+    """--labels a,b,c as a list (None: every label of the manifest)."""
+    return [n.strip() for n in labels.split(",") if n.strip()] if labels else None
+
+
+def _load_options(labels: str | None, uncertain: str, blank: str) -> dict:
+    """The multi-label reading options that differ from the defaults (bench passes them to
+    each cell's train, which records them)."""
+    out: dict = {"labels": _label_list(labels)} if labels else {}
+    if uncertain != "ignore":
+        out["uncertain"] = uncertain
+    if blank != "unknown":
+        out["blank"] = blank
+    return out
 
 
 def _launch(devices: int, options, folds: int | None, data: str) -> int:
@@ -550,7 +662,7 @@ def evaluate(
     if as_json:
         print(json.dumps(result["metrics"], indent=2))
     else:
-        out_console.print(_metrics_table(f"{run}", {split: result["metrics"]}))
+        out_console.print(_results_table(f"{run}", {split: result["metrics"]}))
 
 
 @app.command()
@@ -839,6 +951,9 @@ def bench(
     = None,
     ensemble_method: Annotated[str, typer.Option(help="mean | vote | weighted | stack.")]
     = "mean",
+    labels: LabelColumns = None,
+    uncertain: Uncertain = "ignore",
+    blank: Blank = "unknown",
     quiet: Quiet = False,
 ) -> None:
     """Run backbones x strategies (x seeds): one run directory per cell, a leaderboard and a
@@ -855,7 +970,7 @@ def bench(
                      jobs=jobs, ray=ray, out=out, image_size=image_size, epochs=epochs,
                      patient_regex=patient_regex, folds=folds, threads=threads,
                      rank_by=rank_by, ensemble=ensemble, ensemble_method=ensemble_method,
-                     quiet=quiet)
+                     quiet=quiet, **_load_options(labels, uncertain, blank))
     _print_leaderboard(path, data, rank_by)
 
 

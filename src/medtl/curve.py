@@ -152,6 +152,9 @@ def curve(data: str | Path, *, out: str | Path, sizes: str | Sequence[int | str]
     if "test" not in ds.split_names():
         raise MedtlError(f"{data}: no test split; a learning curve scores every cell on the "
                          "same test images (add a test folder or a split column)")
+    if ds.multilabel:
+        raise MedtlError(f"{data}: multi-label data; learning curves draw budgets of images "
+                         "per class, which needs one class per image (single-label data)")
     positive = positive_index(ds.classes, positive_class)
     pool_idx = [i for i, r in enumerate(ds.records) if r.split in ("train", "val")]
     pool, test = ds.subset(pool_idx), ds.split("test")

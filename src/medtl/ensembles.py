@@ -89,6 +89,9 @@ def _check_compatible(members: list[Run]) -> dict[str, Any]:
         if cfg["kind"] != "single":
             raise MedtlError(f"{m.path}: a {cfg['kind']} run has no validation and test "
                              "predictions to combine; members are runs of `medtl train`")
+        if cfg.get("task") == "multilabel":
+            raise MedtlError(f"{m.path}: a multi-label run; ensembles combine single-label "
+                             "runs for now")
     ref = configs[0]
     fp = (ref.get("data") or {}).get("fingerprint")
     checks = (("classes", lambda c: list(c["classes"])),

@@ -41,6 +41,8 @@ def _throughput(model, data, n: int = 64) -> float | None:
 def _split_metrics(clf, data, split: str, positive: int | None, *,
                    thresholds: dict[str, Any] | None = None, seed: int = 0):
     """The metrics.json entry of one split, its predictions.csv rows and probabilities."""
+    if data.multilabel:
+        return _multilabel_split_metrics(clf, data, split, thresholds=thresholds, seed=seed)
     raw = clf.predict_proba(data, calibrated=False)
     proba = clf.model_.calibrate(raw)
     ok = np.isfinite(proba).all(axis=1)
@@ -74,6 +76,9 @@ def train(
     folds: int | None = None,
     positive_class: str | None = None,
     paths: str = "relative",
+    labels: Sequence[str] | None = None,
+    uncertain: str = "ignore",
+    blank: str = "unknown",
     **option_values: Any,
 ) -> Run:
     """Load DATA, fit a TransferClassifier, score val and test, write a run directory.
@@ -85,7 +90,9 @@ def train(
     (default: the last class in name order, with a warning when its name reads as a negative
     finding). ``resume`` refuses any change of request or data (:func:`_guard_resume`).
     ``paths``: how the data's paths appear in what the run writes (relative to the data root,
-    hashed, absolute: medtl.data.privacy.PathDisplay).
+    hashed, absolute: medtl.data.privacy.PathDisplay). ``labels``, ``uncertain``, ``blank``:
+    which columns of a multi-label manifest are the labels and what -1 and blank mean
+    (medtl.data.load_dataset).
     """
     from medtl.transfer.estimator import TransferClassifier
 
@@ -105,13 +112,31 @@ def train(
     request = {"data": data, "patient_regex": patient_regex, "val_fraction": val_fraction,
                "target_sensitivity": target_sensitivity, "positive_class": positive_class,
                "folds": folds, "view": {"window": window, "slices": slices, "mode": mode},
-               "paths": paths, "display": _path_display(paths, data, out)}
+               "paths": paths, "display": _path_display(paths, data, out),
+               "load": _load_options(labels, uncertain, blank)}
     t_start = time.perf_counter()
     if distributed.requested():
         return _train_distributed(clf, request, options, out, overwrite=overwrite,
                                   resume=resume, t_start=t_start)
     return _train_here(clf, request, options, out, overwrite=overwrite, resume=resume,
                        t_start=t_start)
+
+
+def _multilabel_split_metrics(clf, data, split: str, *, thresholds: dict[str, Any] | None,
+                              seed: int, proba: np.ndarray | None = None):
+    """_split_metrics of a multi-label split: per-label figures at the labels' thresholds
+    (chosen on val; 0.5 where none were chosen). ``proba``: already predicted."""
+    from medtl.evaluation.multilabel import multilabel_summary
+    from medtl.run import multilabel_prediction_rows
+
+    if proba is None:
+        proba = clf.predict_proba(data)
+    ok = np.isfinite(proba).all(axis=1)
+    metrics = multilabel_summary(data.labels[ok], proba[ok], clf.classes_, thresholds,
+                                 seed=seed)
+    rows = multilabel_prediction_rows(data.records, data.labels, proba, clf.classes_,
+                                      thresholds, split)
+    return metrics, rows, proba
 
 
 def _train_here(clf, request: dict[str, Any], options: TrainOptions, out: Path, *,
@@ -123,7 +148,7 @@ def _train_here(clf, request: dict[str, Any], options: TrainOptions, out: Path, 
             run_logging(draft.path, options.quiet, append=resume,
                         rewrite=request["display"].scrub):
         ds = _load(request, options)
-        request["positive"] = positive_index(ds.classes, request["positive_class"])
+        request["positive"] = _positive_of(ds, request["positive_class"])
         _guard_resume(draft, options, request, ds, resume=resume)  # before any training
         request["split_overlap"] = _split_overlap(ds)
         if folds is not None:
@@ -198,13 +223,27 @@ def _path_display(paths: str, data: str | Path, out: Path):
         out: out.name, bundle.partial_dir(out): out.name, cache_root(): "medtl-cache"})
 
 
+def _load_options(labels: Sequence[str] | None, uncertain: str, blank: str) -> dict[str, Any]:
+    """How a multi-label manifest is read, as load_dataset's keywords; empty when they are
+    the defaults, so that a single-label run records nothing new."""
+    out: dict[str, Any] = {}
+    if labels:
+        out["labels"] = list(labels)
+    if uncertain != "ignore":
+        out["uncertain"] = uncertain
+    if blank != "unknown":
+        out["blank"] = blank
+    return out
+
+
 def _load(request: dict[str, Any], options: TrainOptions):
     from medtl.data import load_dataset
 
     data = request["data"]
     ds = load_dataset(data, patient_regex=request["patient_regex"],
                       val_fraction=request["val_fraction"], seed=options.seed,
-                      skip_bad=options.skip_bad, **request["view"])
+                      skip_bad=options.skip_bad, **request["view"],
+                      **request.get("load", {}))
     for path, reason in ds.skipped:
         log.warning("skipped unreadable image %s: %s", path, reason)
     log.info("data %s: classes %s; %s", data, ds.classes,
@@ -254,6 +293,17 @@ def positive_index(classes: Sequence[str], requested: str | None) -> int | None:
     return 1
 
 
+def _positive_of(ds, requested: str | None) -> int | None:
+    """positive_index for a single-label dataset; a multi-label one has no positive class
+    (each label is its own positive), so --positive-class is refused there."""
+    if ds.multilabel:
+        if requested is not None:
+            raise MedtlError(f"--positive-class {requested}: a multi-label task scores each "
+                             f"label as its own positive ({', '.join(ds.classes)})")
+        return None
+    return positive_index(ds.classes, requested)
+
+
 def _resume_settings(options: TrainOptions, request: dict[str, Any], ds) -> dict[str, Any]:
     """What a run was asked to do, as ``{label: value}`` (labels as the user knows them):
     every option but those that say where and how verbosely it computes (``RESUME_EXEMPT``:
@@ -267,6 +317,7 @@ def _resume_settings(options: TrainOptions, request: dict[str, Any], ds) -> dict
               "folds"):
         settings[f"--{k.replace('_', '-')}"] = request[k]
     settings.update({f"--{k}": v for k, v in request["view"].items()})
+    settings.update({f"--{k}": v for k, v in request.get("load", {}).items()})
     # By content, not path: a moved copy of the same data resumes.
     settings["data images"] = len(ds)
     settings["data fingerprint"] = ds.fingerprint()
@@ -346,8 +397,11 @@ def write_fitted(clf, ds, out: Path, request: dict[str, Any], *, t_start: float,
     write_json(out / bundle.METRICS, metrics)
     write_csv(out / bundle.PREDICTIONS, rows)
     write_csv(out / bundle.HISTORY, clf.history_)
-    _write_report(clf, ds, out, config, metrics, probas[eval_splits[-1]], eval_splits[-1],
-                  positive, show=display.show)
+    if ds.multilabel:
+        _write_multilabel_report(clf, ds, out, config, metrics, probas, show=display.show)
+    else:
+        _write_report(clf, ds, out, config, metrics, probas[eval_splits[-1]], eval_splits[-1],
+                      positive, show=display.show)
     # config.json last: its presence marks a complete run that load_run may trust.
     bundle.write_config(out, {"kind": "single", **config})
 
@@ -376,6 +430,27 @@ def _write_report(clf, ds, out: Path, config: dict[str, Any], metrics: dict[str,
         log.warning("no report.html for this run: %s: %s", type(exc).__name__, exc)
 
 
+def _write_multilabel_report(clf, ds, out: Path, config: dict[str, Any],
+                            metrics: dict[str, Any], probas: dict[str, np.ndarray],
+                            show: Callable[[str], str] = str) -> None:
+    """report.html of a multi-label run: per-label tables, ROC grid and error co-occurrence of
+    each scored split; as _write_report, a failure costs the run its report only."""
+    from medtl.reporting.html import multilabel_run_figures, write_run_report
+
+    try:
+        figures = multilabel_run_figures(
+            classes=ds.classes, metrics=metrics, history=clf.history_,
+            splits={s: (ds.split(s).labels, p) for s, p in probas.items()})
+        split = list(probas)[-1]
+        gallery = _gallery(clf, ds.split(split), probas[split], ds.classes, None, ds.view.mode)
+        if gallery is not None:  # images named as --paths says, as in _write_report
+            gallery["entries"] = [{**e, "path": show(e["path"])} for e in gallery["entries"]]
+        write_run_report(out, {"task": "multilabel", **config}, metrics, figures=figures,
+                         explanations=gallery)
+    except Exception as exc:  # noqa: BLE001 - metrics, predictions and model are on disk
+        log.warning("no report.html for this run: %s: %s", type(exc).__name__, exc)
+
+
 def _score_splits(clf, ds, eval_splits: Sequence[str], positive: int | None,
                   request: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]],
                                                     dict[str, np.ndarray]]:
@@ -391,12 +466,19 @@ def _score_splits(clf, ds, eval_splits: Sequence[str], positive: int | None,
         if split == "val":
             # Operating points are chosen here and only applied to the splits after it.
             ok = np.isfinite(probas[split]).all(axis=1)
-            thresholds = choose_thresholds(ds.split(split).labels[ok], probas[split][ok],
-                                           positive, request["target_sensitivity"])
+            thresholds = _val_thresholds(ds.split(split), probas[split], ok, positive,
+                                         request["target_sensitivity"])
             if thresholds:
                 metrics["thresholds"] = thresholds
+            if ds.multilabel:  # val's rows and figures at the thresholds it chose
+                m, r, _ = _multilabel_split_metrics(clf, ds.split(split), split,
+                                                    thresholds=thresholds, seed=clf.seed,
+                                                    proba=probas[split])
         metrics[split] = m
         rows.extend(r)
+        if ds.multilabel:
+            _log_multilabel(split, m)
+            continue
         log.info("%s: AUC %s %s, accuracy %.3f, sensitivity %s, specificity %s (n=%d)",
                  split, _f(m["auc"]), _ci(m.get("auc_ci95")), m["accuracy"],
                  _f(m["sensitivity"]), _f(m["specificity"]), m["n"])
@@ -412,6 +494,27 @@ def _score_splits(clf, ds, eval_splits: Sequence[str], positive: int | None,
         log.warning("no test split in %s: only validation figures are reported",
                     request["data"])
     return metrics, rows, probas
+
+
+def _val_thresholds(val, proba: np.ndarray, ok: np.ndarray, positive: int | None,
+                    target_sensitivity: float) -> dict[str, Any] | None:
+    """The operating thresholds chosen on validation: Youden's and the target-sensitivity
+    point of a binary task, or one Youden threshold per label of a multi-label one."""
+    if val.multilabel:
+        from medtl.evaluation.multilabel import label_thresholds
+
+        return label_thresholds(val.labels[ok], proba[ok], val.classes)
+    return choose_thresholds(val.labels[ok], proba[ok], positive, target_sensitivity)
+
+
+def _log_multilabel(split: str, m: dict[str, Any]) -> None:
+    log.info("%s: macro AUC %s %s, micro AUC %s, mAP %s (n=%d)", split, _f(m["macro_auc"]),
+             _ci(m.get("macro_auc_ci95")), _f(m["micro_auc"]), _f(m["map"]), m["n"])
+    for name, lab in m["labels"].items():
+        log.info("%s %s: AUC %s %s, sensitivity %s, specificity %s at %.3f (%d known, %d "
+                 "positive)", split, name, _f(lab["auc"]), _ci(lab.get("auc_ci95")),
+                 _f(lab["sensitivity"]), _f(lab["specificity"]), lab["threshold"],
+                 lab["n_known"], lab["n_positive"])
 
 
 def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
@@ -435,6 +538,7 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
                                                      if k != "path"}},
         "preprocessing": model.preprocessing.to_dict(), "in_chans": options.in_chans,
         "view": ds.view.to_dict(),
+        **({"task": "multilabel"} if ds.multilabel else {}),
         "classes": ds.classes, "positive_class": None if positive is None
         else ds.classes[positive],
         "seed": options.seed, "epochs": options.epochs, "device": model.device,
@@ -444,7 +548,8 @@ def _run_config(clf, ds, request: dict[str, Any], positive: int | None,
         "data": {**_recorded_source(request, run_dir),
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
-                 "val_fraction": request["val_fraction"], "skipped": skipped},
+                 "val_fraction": request["val_fraction"], "skipped": skipped,
+                 **request.get("load", {})},
         **_align_record(clf, ds),
         "medtl_version": medtl.__version__,
         "environment": {"python": platform.python_version(), "torch": _torch_version(),
@@ -485,6 +590,7 @@ def _gallery(clf, data, proba, classes, positive, mode) -> dict[str, Any] | None
 
 
 CV_FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+MULTILABEL_CV_FIGURES = ("auc", "macro_auc", "micro_auc", "map")
 
 
 def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
@@ -507,6 +613,7 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
              "test split is not used", folds, sum(len(f.split("heldout")) for f in fold_sets),
              "patient" if any(ds.patients) else "image")
     per_fold, rows = [], []
+    figures = MULTILABEL_CV_FIGURES if ds.multilabel else CV_FIGURES
     for k, fold_ds in enumerate(fold_sets, 1):
         fold_dir = bundle.fold_path(out, k)
         if resume and (fold_dir / "config.json").is_file():
@@ -529,12 +636,12 @@ def _cross_validate(clf, ds, folds: int, out: Path, request: dict[str, Any], *,
                                eval_names=("val", "heldout"))
         fold_run = _load(fold_dir)
         m = fold_run.metrics["heldout"]
-        per_fold.append({"fold": k, **{f: m.get(f) for f in ("n", *CV_FIGURES)}})
+        per_fold.append({"fold": k, **{f: m.get(f) for f in ("n", *figures)}})
         rows.extend({"fold": k, **r} for r in fold_run.predictions() if r["split"] == "heldout")
-        log.info("fold %d/%d held out: AUC %s, accuracy %.3f", k, folds, _f(m["auc"]),
-                 m["accuracy"])
+        log.info("fold %d/%d held out: AUC %s, %s", k, folds, _f(m["auc"]),
+                 f"mAP {_f(m['map'])}" if ds.multilabel else f"accuracy {m['accuracy']:.3f}")
     summary = {"folds": folds, "per_fold": per_fold, "mean": {}, "sd": {}}
-    for f in CV_FIGURES:
+    for f in figures:
         values = [r[f] for r in per_fold if r[f] is not None]
         summary["mean"][f] = float(np.mean(values)) if values else None
         summary["sd"][f] = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -567,11 +674,11 @@ def _cv_config(clf, ds, folds: int, request: dict[str, Any], *,
         "kind": "cv", "backbone": o.backbone, "strategy": o.strategy, "head": o.head,
         "weights": {"requested": o.weights}, "in_chans": o.in_chans, "seed": o.seed,
         "epochs": o.epochs, "target_sensitivity": request["target_sensitivity"],
-        "view": request["view"],
+        "view": request["view"], **({"task": "multilabel"} if ds.multilabel else {}),
         "data": {**_recorded_source(request, run_dir),
                  "fingerprint": ds.fingerprint(), "counts": ds.counts(),
                  "patient_regex": request["patient_regex"],
-                 "val_fraction": request["val_fraction"]},
+                 "val_fraction": request["val_fraction"], **request.get("load", {})},
         "folds": folds, "classes": ds.classes,
         "positive_class": _positive_name(ds.classes, request),
         "options": o.to_dict(), "medtl_version": medtl.__version__,
@@ -641,9 +748,16 @@ def evaluate(run: str | Path | Run, data: str | Path | None = None, *, split: st
     used = _use_tta(clf, tta)
     ds = load_dataset(source, patient_regex=d.get("patient_regex"),
                       val_fraction=d.get("val_fraction", 0.2), seed=cfg.get("seed", 0),
-                      skip_bad=skip_bad, **cfg.get("view", {}))
+                      skip_bad=skip_bad, **cfg.get("view", {}),
+                      **{k: d[k] for k in ("labels", "uncertain", "blank") if k in d})
+    if ds.multilabel != (cfg.get("task") == "multilabel"):
+        task = "multi-label" if ds.multilabel else "single-label"
+        raise MedtlError(f"{source}: {task} data, and the run was trained on "
+                         f"{'single' if ds.multilabel else 'multi'}-label data")
     if list(ds.classes) != list(cfg["classes"]):
-        raise MedtlError(f"{source}: classes {ds.classes} differ from the run's {cfg['classes']}")
+        what = "labels" if ds.multilabel else "classes"
+        raise MedtlError(f"{source}: {what} {ds.classes} differ from the run's "
+                         f"{cfg['classes']}")
     if split not in ds.split_names():
         raise MedtlError(f"{source}: no '{split}' split (has: {', '.join(ds.split_names())})")
     positive = cfg["classes"].index(cfg["positive_class"]) if cfg.get("positive_class") else None
@@ -764,6 +878,8 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
         ds = exported.dataset(inputs)
         proba, scores = exported.predict_dataset_ood(ds, skip_bad=skip_bad)
         classes, ood = exported.classes, exported.ood
+        multilabel = exported.multilabel
+        thresholds = exported.thresholds
     else:
         run = run if isinstance(run, Run) else load_run(run)
         clf = run.load_model(device=device, quiet=quiet, skip_bad=skip_bad)
@@ -779,8 +895,16 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
         proba, scores = clf.model_.predict_proba_ood(ds)
         classes = clf.classes_
         ood = None if clf.model_.ood is None else clf.model_.ood.record()
-    rows = prediction_rows(ds.records, None, proba, classes, None, show=display.show)
-    if any(ds.volumes):
+        multilabel = run.config.get("task") == "multilabel"
+        thresholds = run.metrics.get("thresholds")
+    if multilabel:
+        from medtl.run import multilabel_prediction_rows
+
+        rows = multilabel_prediction_rows(ds.records, None, proba, classes, thresholds, None,
+                                          show=display.show)
+    else:
+        rows = prediction_rows(ds.records, None, proba, classes, None, show=display.show)
+    if any(ds.volumes) and not multilabel:
         rows = _with_volume_rows(rows, ds.volumes, proba, classes, show=display.show)
     rows = _with_ood_columns(rows, ds, scores, ood)
     if output is not None:
@@ -889,9 +1013,12 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], *, out: str | P
     clf = run.load_model(device=device, quiet=True, skip_bad=skip_bad)
     # An ensemble's map: the mean of its members' maps (medtl.explain.runs._EnsembleMaps)
     names = [m["name"] for m in run.config["members"]] if run.kind == "ensemble" else None
+    # Multi-label: each row's prediction lists the labels present at their val thresholds.
+    thresholds = (run.metrics.get("thresholds") if run.config.get("task") == "multilabel"
+                  else None)
     return explain_images(clf, inputs, out=out, view=run.config.get("view"), method=method,
                           target=target, sanity_check=sanity_check, skip_bad=skip_bad,
-                          quiet=quiet, paths=paths, member_names=names)
+                          quiet=quiet, paths=paths, member_names=names, thresholds=thresholds)
 
 
 def demo(out: str | Path = "runs/demo", *, quiet: bool = False) -> Run:

@@ -278,6 +278,9 @@ def _load(source: str | Path, plan: Plan):
 
     ds = load_dataset(source, patient_regex=plan.patient_regex, val_fraction=plan.val_fraction,
                       seed=plan.train_options.seed)
+    if ds.multilabel:
+        raise MedtlError(f"{source}: multi-label data; federated training is single-label "
+                         "for now (train it with medtl train)")
     for path, reason in ds.skipped:
         log.warning("skipped unreadable image %s: %s", path, reason)
     for split in ("train", "val"):

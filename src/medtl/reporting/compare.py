@@ -92,6 +92,10 @@ def compare_runs(entries: Sequence[Entry], *, split: str = "test", title: str | 
             continue
         if chosen is None:
             e["delong"] = e["mcnemar"] = "no run chosen (no validation figures)"
+        elif "multilabel" in (e["config"].get("task"), chosen["config"].get("task")):
+            # Paired tests compare one score per image; a multi-label run has one per label.
+            e["delong"] = e["mcnemar"] = ("multi-label: compared by macro AUC; per-label "
+                                          "figures are in each run's report")
         else:
             e["delong"], e["mcnemar"] = _delong_against(chosen, e), _mcnemar_against(chosen, e)
     figures = _roc_figures(entries, split)

@@ -164,8 +164,12 @@ def dataset_stats(ds) -> DataStats:
     from medtl.data.checks import _modality
 
     per_class = {c: 0 for c in ds.classes}
-    for label in ds.labels:
-        per_class[ds.classes[int(label)]] += 1
+    if ds.multilabel:  # images where each label is present
+        per_class = dict(zip(ds.classes, np.nansum(ds.labels, axis=0).astype(int).tolist(),
+                             strict=True))
+    else:
+        for label in ds.labels:
+            per_class[ds.classes[int(label)]] += 1
     patients = {p for p in ds.patients if p}
     step = max(1, len(ds) // 20)
     sides = [min(ds.read(i).shape[:2]) for i in range(0, len(ds), step)][:20]
