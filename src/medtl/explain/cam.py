@@ -14,6 +14,10 @@ integrated gradients from captum; medtl only builds the model each method needs:
 A map is an (S, S) array on the model's input grid: CAM methods give pytorch-grad-cam's
 rectified map scaled to [0, 1]; occlusion and integrated gradients give the signed attribution
 summed over colour channels (positive: evidence for the target class).
+
+A multi-label model (``model.multilabel``) is explained one label at a time: the target is a
+label index and the output explained is that label's own sigmoid, never a softmax over the
+labels, which would make one label's evidence count against the others'.
 """
 
 from __future__ import annotations
@@ -83,12 +87,36 @@ def _cam_layer(model: nn.Module, backbone: nn.Module) -> tuple[nn.Module, str]:
         return block, f"blocks.{top}"
 
 
+class LabelSigmoid:
+    """A pytorch-grad-cam target for a multi-label model: the sigmoid of one label's logit
+    (in float64, so that a confident label's gradient does not round to zero as soon)."""
+
+    def __init__(self, label: int) -> None:
+        self.label = int(label)
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        logit = output[self.label] if output.ndim == 1 else output[:, self.label]
+        return torch.sigmoid(logit.double())
+
+
+class _Sigmoid(nn.Module):
+    """A multi-label network's logits as per-label sigmoids (for captum's attributions)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(x))
+
+
 @dataclass
 class Explainer:
     """A model that maps normalised pixels to class scores, and how to explain it.
 
     ``model`` returns logits when ``differentiable``, else probabilities. ``note`` says why a
-    method was replaced, for the caller to show.
+    method was replaced, for the caller to show. ``multilabel``: the logits are per-label
+    (probabilities are their sigmoids, and a target is one label).
     """
 
     model: nn.Module
@@ -98,6 +126,7 @@ class Explainer:
     differentiable: bool
     reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
     why_not_differentiable: str | None = None
+    multilabel: bool = False
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -113,13 +142,14 @@ class Explainer:
         (pixels to logits), or a black box when it has none."""
         backbone = model.backbone
         module = model.torch_module()
+        multilabel = bool(getattr(model, "multilabel", False))
         if module is None:
             return cls(_FeaturesThenProba(backbone, model.head), backbone, None, None, False, None,
                        why_not_differentiable=f"the {model.options.head} head of this hybrid "
-                                              "run has no gradient")
+                                              "run has no gradient", multilabel=multilabel)
         layer, name = _cam_layer(backbone, backbone)
         reshape = _vit_tokens_to_map if backbone.spec.family == "vit" else None
-        return cls(module, backbone, layer, name, True, reshape)
+        return cls(module, backbone, layer, name, True, reshape, multilabel=multilabel)
 
     @classmethod
     def for_classifier(cls, clf) -> Explainer:
@@ -137,10 +167,22 @@ class Explainer:
 
     @torch.no_grad()
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, (N, n_classes), from the model being explained."""
+        """Class probabilities, (N, n_classes), from the model being explained (multi-label:
+        each label's sigmoid)."""
         self.model.eval()
-        out = self.model(pixels)
-        return torch.softmax(out, 1) if self.differentiable else out
+        return self._probabilities(self.model(pixels))
+
+    def _probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        if not self.differentiable:
+            return out
+        return torch.sigmoid(out) if self.multilabel else torch.softmax(out, 1)
+
+    def _target(self, index: int):
+        """What a CAM method differentiates for class (or label) ``index``: the class's logit,
+        or a multi-label model's label's own sigmoid."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        return LabelSigmoid(index) if self.multilabel else ClassifierOutputTarget(index)
 
     def maps(self, pixels: torch.Tensor, targets: Sequence[int], method: str = "gradcam",
              ) -> np.ndarray:
@@ -158,8 +200,6 @@ class Explainer:
 
     def _cam(self, pixels, targets, method) -> np.ndarray:
         lib = _require("pytorch_grad_cam", "grad-cam")
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
         kind = {"gradcam": lib.GradCAM, "gradcam++": lib.GradCAMPlusPlus,
                 "scorecam": lib.ScoreCAM}[method]
         # Gradients must reach the target layer even when every weight is frozen.
@@ -167,13 +207,13 @@ class Explainer:
         with _quiet_tqdm(), kind(self.model, [self.target_layer],
                                  reshape_transform=self.reshape) as cam:
             if method != "scorecam":
-                out = cam(pixels, targets=[ClassifierOutputTarget(t) for t in targets])
+                out = cam(pixels, targets=[self._target(t) for t in targets])
                 return np.asarray(out, dtype=np.float32)
             cam.batch_size = 32  # masked copies per forward pass (the library's default: 16)
             # Score-CAM builds one masked copy of the input per channel (1,280 for MobileNetV2,
             # 770 MB at 224 px) for every image it is given: one image at a time bounds memory.
             return np.concatenate([np.asarray(
-                cam(pixels[i:i + 1], targets=[ClassifierOutputTarget(targets[i])]),
+                cam(pixels[i:i + 1], targets=[self._target(targets[i])]),
                 dtype=np.float32) for i in range(len(pixels))])
 
     def _occlusion(self, pixels, targets) -> np.ndarray:
@@ -185,8 +225,7 @@ class Explainer:
 
         def proba(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                out = self.model(x)
-                return torch.softmax(out, 1) if self.differentiable else out
+                return self._probabilities(self.model(x))
 
         occlusion = captum.Occlusion(proba)
         out = occlusion.attribute(pixels.detach(), sliding_window_shapes=(c, window, window),
@@ -196,7 +235,8 @@ class Explainer:
 
     def _integrated_gradients(self, pixels, targets) -> np.ndarray:
         captum = _require("captum.attr", "captum")
-        ig = captum.IntegratedGradients(self.model)
+        # A multi-label model: each label's sigmoid, as Grad-CAM explains it
+        ig = captum.IntegratedGradients(_Sigmoid(self.model) if self.multilabel else self.model)
         out = ig.attribute(pixels.detach(), baselines=0.0, target=targets, n_steps=32,
                            internal_batch_size=32)
         return out.sum(1).detach().float().cpu().numpy()

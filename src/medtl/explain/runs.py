@@ -1,5 +1,9 @@
 """Explanations of a run's predictions: ``medtl explain``, the report's gallery, and the model
-randomisation check that tells whether a run's maps depend on what it learned."""
+randomisation check that tells whether a run's maps depend on what it learned.
+
+A multi-label run is explained one label at a time (medtl.explain.cam: that label's sigmoid):
+``--target LABEL`` maps one label for every image; by default each image is mapped for its
+most probable label (one map per image, as for a single-label run's predicted class)."""
 
 from __future__ import annotations
 
@@ -61,12 +65,14 @@ def _device(explainer: Explainer) -> torch.device:
     return next(explainer.model.parameters()).device
 
 
-def _target_index(target: str, classes: Sequence[str]) -> int | None:
+def _target_index(target: str, classes: Sequence[str], multilabel: bool = False) -> int | None:
     """None for 'predicted', else the class's index; an unknown class is the user's error."""
     if target == "predicted":
         return None
     if target not in classes:
-        raise MedtlError(f"--target {target}: not a class of this run; choose predicted or one "
+        what, default = (("a label", "predicted (each image's most probable label)")
+                         if multilabel else ("a class", "predicted"))
+        raise MedtlError(f"--target {target}: not {what} of this run; choose {default} or one "
                          f"of: {', '.join(classes)}")
     return list(classes).index(target)
 
@@ -106,7 +112,8 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
                    target: str = "predicted", sanity_check: bool = False,
                    skip_bad: bool = False, quiet: bool = False,
                    paths: str = "relative",
-                   member_names: Sequence[str] | None = None) -> dict[str, Any]:
+                   member_names: Sequence[str] | None = None,
+                   thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write an overlay PNG and the raw map (.npy) per input image to ``out``, for a fitted or
     loaded classifier (``view``: how its run reads DICOM and volumes).
 
@@ -116,6 +123,11 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
 
     ``paths``: how explanations.csv, the file names and the log name the inputs: relative to
     the folder given (a file by its name), hashed, or absolute (medtl.data.privacy).
+
+    A multi-label model (``clf.model_.multilabel``): ``target`` is a label, or ``predicted``
+    for each image's most probable label; each map is of that label's sigmoid. With the run's
+    ``thresholds`` (metrics.json's, one per label) a row's ``prediction`` lists the labels
+    present at them (``|``-separated, empty for none); without, the most probable label.
 
     Returns ``{"method": the method used, "rows": one dict per image, "sanity": the model
     randomisation check or None}`` and writes ``out/explanations.csv``.
@@ -128,7 +140,8 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
     check_choice("method", method, METHODS)
     display = PathDisplay.for_inputs(paths, inputs, aliases={out: Path(out).name})
     classes = list(clf.classes_)
-    fixed = _target_index(target, classes)
+    multilabel = bool(getattr(clf.model_, "multilabel", False))
+    fixed = _target_index(target, classes, multilabel)
     view = make_view(**(view or {}))
     ds = dataset_from_files(inputs, classes=classes, view=view)
     ensemble = isinstance(clf.model_, EnsembleModel)
@@ -140,7 +153,9 @@ def explain_images(clf, inputs: Sequence[str | Path], *, out: str | Path,
                   else _RunMaps(clf, Explainer.for_classifier(clf), method))
         return _explain(clf, ds, mapper, Path(out), method=method, fixed=fixed,
                         mode=view.mode, sanity_check=sanity_check, skip_bad=skip_bad,
-                        quiet=quiet, show=display.show)
+                        quiet=quiet, show=display.show,
+                        thresholds=thresholds if multilabel else None,
+                        multilabel=multilabel)
 
 
 class _RunMaps:
@@ -224,7 +239,8 @@ def resize_maps(maps: np.ndarray, size: int) -> np.ndarray:
 
 def _explain(clf, ds, mapper: _RunMaps | _EnsembleMaps, out: Path, *, method: str,
              fixed: int | None, mode: str, sanity_check: bool, skip_bad: bool, quiet: bool,
-             show: Callable[[str], str] = str) -> dict[str, Any]:
+             show: Callable[[str], str] = str, thresholds: dict[str, Any] | None = None,
+             multilabel: bool = False) -> dict[str, Any]:
     from medtl.console import progress_bar
     from medtl.files import atomic_open, atomic_write, write_csv, write_json
 
@@ -241,6 +257,7 @@ def _explain(clf, ds, mapper: _RunMaps | _EnsembleMaps, out: Path, *, method: st
                 advance(len(batch))
                 continue
             proba, pixels = mapper.proba(images)
+            # Multi-label: the most probable label (each label's own sigmoid)
             predicted = proba.argmax(1)
             targets = predicted if fixed is None else np.full(len(images), fixed)
             maps = mapper.maps(pixels, targets)
@@ -254,7 +271,9 @@ def _explain(clf, ds, mapper: _RunMaps | _EnsembleMaps, out: Path, *, method: st
                 atomic_write(out / f"{stem}.png", _png(picture))
                 rows.append({"path": show(record.path), **record.location(), "method": used,
                              "target": classes[targets[j]],
-                             "prediction": classes[predicted[j]],
+                             "prediction": (_present(proba[j], classes, thresholds)
+                                            if multilabel and thresholds
+                                            else classes[predicted[j]]),
                              "probability_target": float(proba[j, targets[j]]),
                              "overlay": f"{stem}.png", "map": f"{stem}.npy"})
             if sanity_check and sum(len(p) for p in kept_pixels) < SANITY_IMAGES:
@@ -278,6 +297,13 @@ def _explain(clf, ds, mapper: _RunMaps | _EnsembleMaps, out: Path, *, method: st
     return result
 
 
+def _present(proba: np.ndarray, labels: Sequence[str], thresholds: dict[str, Any]) -> str:
+    """The labels whose probability is at least their threshold, ``|``-separated (as
+    ChestX-ray14's Finding Labels); empty when none is."""
+    return "|".join(label for label, p in zip(labels, proba, strict=True)
+                    if p >= float(thresholds[label]))
+
+
 def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str, Any]],
                 show: Callable[[str], str] = str) -> tuple[list[np.ndarray], list[int]]:
     """The readable images of ``batch`` and their indices; an unreadable one is a row saying
@@ -294,6 +320,45 @@ def _read_batch(ds, batch: range, skip_bad: bool, used: str, rows: list[dict[str
             rows.append({"path": show(exc.path), "method": used, "target": "",
                          "prediction": "UNREADABLE"})
     return images, indices
+
+
+def _multilabel_gallery(clf, explainer: Explainer, used: str, data, proba: np.ndarray,
+                        ok: np.ndarray, labels: np.ndarray, classes: Sequence[str], *,
+                        size: int, mode: str, method: str) -> dict[str, Any]:
+    """:func:`gallery` of a multi-label split (see there); unknown targets are never chosen."""
+    from PIL import Image
+
+    burned = np.array([r.burned_in for r in data.records], dtype=bool)
+    chosen: list[tuple[str, int, int]] = []  # (kind, image, label)
+    for k, name in enumerate(classes):
+        for value, word in ((1.0, "present"), (0.0, "absent")):
+            idx = np.flatnonzero((labels[:, k] == value) & ok & ~burned)
+            idx = idx[np.argsort(-proba[idx, k], kind="stable")][:1]
+            chosen.extend((f"{name} {word}", int(i), k) for i in idx)
+    entries, picked, images = [], [], []
+    for kind, i, k in chosen:
+        try:
+            images.append(data.read(i))
+            picked.append((kind, i, k))
+        except DataReadError:
+            continue
+    if images:
+        pixels = model_input(clf.model_.preprocessing, images, _device(explainer))
+        targets = [k for _, _, k in picked]
+        maps = np.concatenate([explainer.maps(pixels[s:s + BATCH], targets[s:s + BATCH], used)
+                               for s in range(0, len(picked), BATCH)])
+        for (kind, i, k), image, raw in zip(picked, images, maps, strict=True):
+            thumb = Image.fromarray(display_image(image, mode))
+            thumb.thumbnail((size, size))
+            small = np.asarray(thumb.convert("RGB"))
+            p = float(proba[i, k])
+            entries.append({
+                "kind": kind, "path": data.records[i].path, "label": kind,
+                "prediction": classes[k], "target": classes[k], "probability": p,
+                "image": _png(small), "overlay": _png(overlay(small, display_map(raw, used, p)))})
+    return {"method": used, "entries": entries, "multilabel": True,
+            "note": explainer.why_not_differentiable if used != method else None,
+            "withheld": int(burned.sum())}
 
 
 def randomisation_check(explainer: Explainer, pixels: torch.Tensor, targets: Sequence[int],
@@ -334,7 +399,9 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
 
     Binary: every map is for the positive class, so the four kinds show where the model sees
     (or fails to see) the finding. Multi-class: correct and wrong predictions, each mapped for
-    its predicted class.
+    its predicted class. Multi-label (``data.labels`` (n, K)): per label, the image labelled
+    present and the one labelled absent with that label's highest probability, each mapped for
+    that label (kind ``"<label> present"`` / ``"<label> absent"``, ``target`` the label).
     """
     from PIL import Image
 
@@ -344,6 +411,9 @@ def gallery(clf, data, proba: np.ndarray, classes: Sequence[str], positive: int 
     ok = np.isfinite(proba).all(axis=1)
     pred = np.where(ok, np.nan_to_num(proba).argmax(axis=1), -1)
     labels = np.asarray(data.labels)
+    if labels.ndim == 2:
+        return _multilabel_gallery(clf, explainer, used, data, proba, ok, labels, classes,
+                                   size=size, mode=mode, method=method)
     if positive is not None:
         is_pos, said_pos = labels == positive, pred == positive
         kinds = {"true positive": is_pos & said_pos, "false positive": ~is_pos & said_pos,

@@ -185,8 +185,51 @@ def _check_preprocessing(d: Any) -> dict[str, Any]:
         raise MedtlError(f"input must be NCHW float32 scaled as {INPUT_SCALE!r}")
     names = [check_text(x.get(k, v), f"{k} name") for x, k, v in
              ((io[0], "name", "image"), (io[1], "name", "probabilities"))]
-    return {"preprocessing": pre, **labels, "temperature": temperature, "input_name": names[0],
-            "output_name": names[1], "ood": _check_ood(d.get("ood"))}
+    task = _check_task(d, labels)
+    if task["multilabel"] and temperature is not None:
+        raise MedtlError("a multi-label model has no temperature (its probabilities are "
+                         "per-label sigmoids)")
+    return {"preprocessing": pre, **labels, **task, "temperature": temperature,
+            "input_name": names[0], "output_name": names[1], "ood": _check_ood(d.get("ood"))}
+
+
+# Beside a multi-label bundle's per-label thresholds: what they were chosen on, by which rule
+# (text), and the labels that fell back to 0.5 (a list of labels)
+THRESHOLD_NOTES = ("chosen_on", "rule", "fallback")
+
+
+def _check_task(d: dict[str, Any], labels: dict[str, Any]) -> dict[str, Any]:
+    """preprocessing.json's task: absent (single-label), or ``multilabel`` with ``thresholds``
+    null or one number in [0, 1] per label (and what they were chosen on, by which rule)."""
+    from medtl.transfer.meta import check_text
+
+    task = d.get("task", "single")
+    if task == "single" and "thresholds" not in d:
+        return {"multilabel": False, "thresholds": None}
+    if task != "multilabel":
+        raise MedtlError(f"task {str(task)[:40]!r}: not 'multilabel' (a single-label bundle "
+                         "names no task and no per-label thresholds)")
+    if labels["positive_class"] is not None or labels["operating_points"]:
+        raise MedtlError("a multi-label model has per-label thresholds, no positive_class and "
+                         "no operating_points")
+    thresholds, classes = d.get("thresholds"), labels["classes"]
+    if thresholds is None:
+        return {"multilabel": True, "thresholds": None}
+    if not isinstance(thresholds, dict) or set(thresholds) - set(classes) - set(THRESHOLD_NOTES):
+        raise MedtlError("thresholds must map each label to a number in [0, 1] (besides "
+                         f"{', '.join(THRESHOLD_NOTES)})")
+    out: dict[str, Any] = {k: check_text(thresholds[k], f"thresholds {k}")
+                           for k in ("chosen_on", "rule") if k in thresholds and k not in classes}
+    if "fallback" in thresholds and "fallback" not in classes:
+        fallback = thresholds["fallback"]
+        if not isinstance(fallback, list) or not all(x in classes for x in fallback):
+            raise MedtlError("thresholds fallback must list labels of the model")
+        out["fallback"] = list(fallback)
+    for label in classes:
+        if label not in thresholds:
+            raise MedtlError(f"thresholds: none for the label {label[:60]!r}")
+        out[label] = _check_number(thresholds[label], f"threshold of {label[:60]!r}", 0, 1)
+    return {"multilabel": True, "thresholds": out}
 
 
 def _check_labels(d: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +378,11 @@ class ExportedModel(_Predicting):
     ood: dict[str, Any] | None = None
     card: dict[str, Any] | None = field(repr=False, default=None)  # model-card.json, if listed
     model_file: str = MODEL_FILE  # or TORCHSCRIPT_FILE: what error messages name
+    # A multi-label model: probabilities are one sigmoid per label (``classes`` names the
+    # labels), decided at ``thresholds`` ({"chosen_on": "val", "rule": ..., label: t}, as the
+    # run's metrics.json records them; None when the run recorded none).
+    multilabel: bool = False
+    thresholds: dict[str, Any] | None = None
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """The graph's input row (C, S, S) for one decoded (H, W, 3) uint8 image."""
@@ -676,6 +724,8 @@ class ExportedEnsemble(_Predicting):
     card: dict[str, Any] | None = field(repr=False, default=None)
     temperature: float | None = None  # members' probabilities are calibrated in their graphs
     model_file: str = ENSEMBLE_FILE
+    multilabel: bool = False  # ensembles combine single-label runs (medtl.ensembles)
+    thresholds: dict[str, Any] | None = None
 
     @property
     def preprocessing(self) -> _EnsembleInput:
@@ -750,6 +800,9 @@ def load_ensemble_bundle(path: str | os.PathLike[str]) -> ExportedEnsemble:
             raise MedtlError(f"{folder / TORCHSCRIPT_FILE}: an ensemble's members are ONNX "
                              "models; refused")
         member = _model_from_files(folder, own)
+        if member.multilabel:  # an ensemble combines single-label runs (medtl.ensembles)
+            raise MedtlError(f"{folder}: a multi-label member; an ensemble bundle combines "
+                             "single-label models; refused")
         if (member.classes, member.positive_class, member.view) != (
                 checked["classes"], checked["positive_class"], checked["view"]):
             raise MedtlError(f"{folder}: its classes, positive class or view differ from "

@@ -6,6 +6,10 @@ Every value is read from the run's config.json and metrics.json; what a run does
 said to be unrecorded, never guessed. The card names no file and no patient: the data appears
 only by its folder name and fingerprint (whatever ``--paths`` the run was trained with), and
 overlapping patients and skipped images only as counts.
+
+A multi-label run (config.json ``"task": "multilabel"``) gets the same sections with its own
+figures: per label AUC, average precision, and sensitivity and specificity at the label's
+threshold (chosen on validation), then macro and micro AUC and mean average precision.
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ _FIGURES = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity"
             "f1")
 _POINT_FIGURES = ("sensitivity", "specificity", "ppv", "npv")
 _NAMES = {"auc": "AUC", "balanced_accuracy": "balanced accuracy", "f1": "F1", "ppv": "PPV",
-          "npv": "NPV"}
+          "npv": "NPV", "macro_auc": "macro AUC", "micro_auc": "micro AUC",
+          "map": "mean average precision (mAP)"}
+# A multi-label split's summary figures (each with a 95 % CI), and each label's
+_MULTILABEL_FIGURES = ("macro_auc", "micro_auc", "map")
+_LABEL_FIGURES = ("auc", "sensitivity", "specificity")
+_LABEL_VALUES = ("n_known", "n_positive", "average_precision", "threshold", "precision", "f1")
+_RULES = {"youden": "Youden's J (sensitivity + specificity - 1, maximised)"}
+
+
+def _multilabel(cfg: dict[str, Any]) -> bool:
+    return cfg.get("task") == "multilabel"
 
 
 def model_card(run: Run, *, ood: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -41,10 +55,12 @@ def model_card(run: Run, *, ood: dict[str, Any] | None = None) -> dict[str, Any]
         "model_details": _details(cfg, metrics),
         "intended_use": _intended_use(cfg, data),
         "factors": _factors(cfg, metrics, scored),
-        "metrics": _metrics(metrics, scored),
-        "training_data": _data(data, metrics, ("train",)),
-        "evaluation_data": _data(data, metrics, ("val", "test")),
-        "quantitative_analyses": {s: _split_figures(metrics[s]) for s in ("val", "test")
+        "metrics": (_multilabel_metrics(metrics, scored) if _multilabel(cfg)
+                    else _metrics(metrics, scored)),
+        "training_data": _data(data, metrics, ("train",), _multilabel(cfg)),
+        "evaluation_data": _data(data, metrics, ("val", "test"), _multilabel(cfg)),
+        "quantitative_analyses": {s: (_multilabel_figures(metrics[s]) if _multilabel(cfg)
+                                      else _split_figures(metrics[s])) for s in ("val", "test")
                                   if isinstance(metrics.get(s), dict)},
         "calibration": _calibration(cfg, metrics, scored),
         "out_of_distribution": _ood(ood),
@@ -74,6 +90,9 @@ def _ensemble(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _task(cfg: dict[str, Any]) -> str:
     classes = [str(c) for c in cfg.get("classes", [])]
+    if _multilabel(cfg):
+        return (f"multi-label image classification: {len(classes)} labels, each present or "
+                f"absent ({', '.join(classes)})")
     kind = "binary" if len(classes) == 2 else f"{len(classes)}-class"
     return f"{kind} image classification: {' vs '.join(classes)}"
 
@@ -87,11 +106,14 @@ def _summary(cfg: dict[str, Any], metrics: dict[str, Any], scored: str | None) -
     """One line a web page can show, and its parts."""
     m = metrics.get(scored, {}) if scored else {}
     auc, ci = m.get("auc"), m.get("auc_ci95")
+    macro = "macro " if _multilabel(cfg) else ""  # a multi-label split's auc is its macro AUC
     if auc is None:
         perf = "no test figures recorded"
     else:
-        perf = f"{scored} AUC {auc:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") \
-            + f", n={m.get('n')}"
+        perf = f"{scored} {macro}AUC {auc:.3f}" \
+            + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "") \
+            + (f", micro AUC {_fmt(m.get('micro_auc'))}, mAP {_fmt(m.get('map'))}"
+               if macro else "") + f", n={m.get('n')}"
     return {"model": _model_name(cfg), "task": _task(cfg), "classes": list(cfg.get("classes", [])),
             "positive_class": cfg.get("positive_class"), "split": scored,
             "auc": auc, "auc_ci95": ci, "n": m.get("n"), "research_use": RESEARCH_USE,
@@ -167,8 +189,11 @@ def _intended_use(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
             f"Images of another modality, body part, projection or view than {source}.",
             "Patient populations other than the training data's (e.g. paediatric vs adult, "
             "other sites, scanners or countries): the run records none of these.",
-            f"Findings other than the classes it was trained on ({classes}); an image showing "
-            "none of them still gets one of them.",
+            (f"Findings other than the labels it was trained on ({classes}): an image is "
+             "never said to show anything else, and a label said absent does not mean a "
+             "normal image." if _multilabel(cfg) else
+             f"Findings other than the classes it was trained on ({classes}); an image "
+             "showing none of them still gets one of them."),
             *([f"3-D volumes: the model reads 2-D images ({view.get('slices')} slice of a "
                "volume)."] if view.get("mode") == "2d" else []),
         ],
@@ -178,7 +203,8 @@ def _intended_use(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 def _factors(cfg: dict[str, Any], metrics: dict[str, Any], scored: str | None) -> dict[str, Any]:
     m = metrics.get(scored, {}) if scored else {}
     return {
-        "evaluated": (["class"] + (["patient (mean probability per patient)"]
+        "evaluated": (["label" if _multilabel(cfg) else "class"]
+                      + (["patient (mean probability per patient)"]
                                    if "per_patient" in m else [])
                       + (["volume (mean over slices)"] if "per_volume" in m else [])),
         "not_recorded": ["age", "sex", "ethnicity", "site", "scanner or device",
@@ -210,6 +236,57 @@ def _metrics(metrics: dict[str, Any], scored: str | None) -> dict[str, Any]:
     }
 
 
+def _multilabel_metrics(metrics: dict[str, Any], scored: str | None) -> dict[str, Any]:
+    """The metrics section of a multi-label run: what is reported and each label's decision
+    threshold (where it was chosen, by which rule) with its figures on ``scored``."""
+    thresholds = metrics.get("thresholds") or {}
+    labels = (metrics.get(scored, {}) if scored else {}).get("labels") or {}
+    names = list(labels) or [k for k in thresholds if k not in ("chosen_on", "rule",
+                                                                "fallback")]
+    return {
+        "task": "multi-label",
+        "reported": ["per-label AUC", "per-label average precision",
+                     "per-label sensitivity and specificity at the label's threshold",
+                     "macro AUC", "micro AUC", "mean average precision (mAP)",
+                     "co-occurrence of errors"],
+        "confidence_intervals": "per-label AUC by DeLong, sensitivity and specificity by "
+                                "Wilson; macro and micro AUC and mAP by a percentile bootstrap "
+                                "over images; labels unknown for an image are left out",
+        "split": scored,
+        "decision_thresholds": {
+            "chosen_on": thresholds.get("chosen_on"), "rule": thresholds.get("rule"),
+            "fell_back_to_0.5": list(thresholds.get("fallback") or []),
+            "per_label": {name: {"threshold": thresholds.get(name),
+                                 **{f"{scored}_{k}": labels[name].get(k)
+                                    for k in ("sensitivity", "specificity")
+                                    if name in labels and k in labels[name]}}
+                          for name in names},
+        },
+        "positive_class": None,
+    }
+
+
+def _multilabel_figures(m: dict[str, Any]) -> dict[str, Any]:
+    """One multi-label split's figures: macro and micro AUC and mAP with their 95 % CIs, then
+    per label (AUC, sensitivity and specificity with CIs; counts, AP, threshold, ...)."""
+    out: dict[str, Any] = {"n": m.get("n")}
+    for name in _MULTILABEL_FIGURES:
+        if name in m:
+            out[name] = {"value": m[name], "ci95": m.get(f"{name}_ci95")}
+    labels = m.get("labels") if isinstance(m.get("labels"), dict) else {}
+    out["labels"] = {}
+    for label, lab in labels.items():
+        if not isinstance(lab, dict):
+            continue
+        out["labels"][label] = {
+            **{k: lab[k] for k in _LABEL_VALUES if k in lab},
+            **{k: {"value": lab[k], "ci95": lab.get(f"{k}_ci95")} for k in _LABEL_FIGURES
+               if k in lab}}
+    if "error_cooccurrence" in m:
+        out["error_cooccurrence"] = m["error_cooccurrence"]
+    return out
+
+
 def _split_figures(m: dict[str, Any]) -> dict[str, Any]:
     """One split's figures: each with its 95 % CI, per class and per patient where recorded."""
     out: dict[str, Any] = {"n": m.get("n")}
@@ -227,15 +304,20 @@ def _split_figures(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _data(data: dict[str, Any], metrics: dict[str, Any], splits: tuple[str, ...]) -> dict:
+def _data(data: dict[str, Any], metrics: dict[str, Any], splits: tuple[str, ...],
+          multilabel: bool = False) -> dict:
     counts = data.get("counts") if isinstance(data.get("counts"), dict) else {}
     out: dict[str, Any] = {"dataset": _data_name(data), "fingerprint": data.get("fingerprint"),
                            "splits": {}}
     for split in splits:
         if split not in counts:
             continue
-        per = metrics.get(split, {}).get("per_patient") if isinstance(metrics.get(split),
-                                                                        dict) else None
+        m = metrics.get(split) if isinstance(metrics.get(split), dict) else {}
+        per = m.get("per_patient")
+        if multilabel:  # counts are each label's positives; an image may have several
+            out["splits"][split] = {"images": m.get("n"), "positives_per_label": counts[split],
+                                    "patients": None}
+            continue
         out["splits"][split] = {"images": sum(counts[split].values()),
                                 "per_class": counts[split],
                                 "patients": per.get("n") if isinstance(per, dict) else None}
@@ -312,10 +394,17 @@ def _caveats(cfg: dict[str, Any], metrics: dict[str, Any], data: dict[str, Any],
     if data and not data.get("patient_regex"):
         out.append("Patients were not identified: images of one patient may lie in more than "
                    "one split.")
-    if cfg.get("calibration") is None and cfg.get("kind") != "ensemble":  # members calibrate
+    if _multilabel(cfg):
+        out.append("Each label's probability is its own sigmoid, not calibrated (temperature "
+                   "scaling is not applied to multi-label runs), and the labels' probabilities "
+                   "do not sum to 1.")
+    elif cfg.get("calibration") is None and cfg.get("kind") != "ensemble":  # members calibrate
         out.append("No temperature calibration: probabilities may be over- or under-confident "
                    "(see the calibration error).")
-    if metrics.get("thresholds"):
+    if metrics.get("thresholds") and _multilabel(cfg):
+        out.append("Each label's decision threshold was chosen on validation; re-check them on "
+                   "local data before any use, as prevalence and image acquisition change them.")
+    elif metrics.get("thresholds"):
         out.append("Operating-point thresholds were chosen on validation; re-check them on "
                    "local data before any use, as prevalence and image acquisition change them.")
     return out
@@ -327,7 +416,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     w = d["weights"]
     lines = [f"# Model card: {s['model']}", "", f"> **{RESEARCH_USE}**", "",
              f"*{s['line']}*", "", "## Model details", "",
-             f"- Task: {s['task']}; positive class: {_fmt(s['positive_class'])}",
+             (f"- Task: {s['task']}; one decision threshold per label"
+              if card["metrics"].get("task") == "multi-label"
+              else f"- Task: {s['task']}; positive class: {_fmt(s['positive_class'])}"),
              f"- Backbone: {d['backbone']}; strategy: {d['strategy']}; head: {_fmt(d['head'])}",
              f"- Starting weights: {_fmt(w['kind'])} from {_fmt(w['source'])} "
              f"(sha256 {_fmt(w['sha256'])})",
@@ -341,12 +432,15 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"- Not recorded: {', '.join(card['factors']['not_recorded'])}. "
              f"{card['factors']['note']}", "", "## Training and evaluation data", ""]
     train, ev = card["training_data"], card["evaluation_data"]
+    multilabel = card["metrics"].get("task") == "multi-label"
     lines += [f"Data set: {_fmt(train['dataset'])} (fingerprint {_fmt(train['fingerprint'])})",
-              "", "| split | images | per class | patients |", "|---|---|---|---|"]
+              "", f"| split | images | {'positives per label' if multilabel else 'per class'} "
+              "| patients |", "|---|---|---|---|"]
     for split, c in {**train["splits"], **ev["splits"]}.items():
-        per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
-        lines.append(f"| {split} | {c['images']} | {per} | {_fmt(c['patients'])} |")
-    lines += ["", *_metrics_markdown(card)]
+        per = ", ".join(f"{k} {v}" for k, v in
+                        c["positives_per_label" if multilabel else "per_class"].items())
+        lines.append(f"| {split} | {_fmt(c['images'])} | {per} | {_fmt(c['patients'])} |")
+    lines += ["", *(_multilabel_markdown(card) if multilabel else _metrics_markdown(card))]
     return "\n".join(lines + _closing_markdown(card))
 
 
@@ -381,6 +475,34 @@ def _metrics_markdown(card: dict[str, Any]) -> list[str]:
                   + ", ".join(f"{_NAMES.get(f, f)} {_fmt(p[f'{split}_{f}'])}"
                               for f in _POINT_FIGURES if f"{split}_{f}" in p)
                   + " |" for name, p in points.items()]
+        lines.append("")
+    return lines
+
+
+def _multilabel_markdown(card: dict[str, Any]) -> list[str]:
+    metrics = card["metrics"]
+    th = metrics["decision_thresholds"]
+    fell = th.get("fell_back_to_0.5") or []
+    lines = ["## Metrics", "", f"Confidence intervals: {metrics['confidence_intervals']}.", "",
+             f"Decision thresholds: one per label, chosen on {_fmt(th['chosen_on'])} by "
+             f"{_RULES.get(th['rule'], _fmt(th['rule']))}"
+             + (f"; 0.5 for {', '.join(fell)} (validation lacked a positive or a negative)"
+                if fell else "") + ". A label is called present when its probability is at "
+             "least its threshold.", ""]
+    for split, figs in card["quantitative_analyses"].items():
+        lines += [f"### {split} (n = {figs['n']})", "", "| metric | value (95 % CI) |",
+                  "|---|---|", *[f"| {_NAMES.get(k, k)} | {_ci(figs[k])} |"
+                                 for k in _MULTILABEL_FIGURES if k in figs], "",
+                  "| label | known (positive) | AUC (95 % CI) | AP | threshold | "
+                  "sensitivity (95 % CI) | specificity (95 % CI) |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, lab in figs["labels"].items():
+            lines.append(
+                f"| {label} | {_fmt(lab.get('n_known'))} ({_fmt(lab.get('n_positive'))}) | "
+                + " | ".join([_ci(lab["auc"]) if "auc" in lab else "not recorded",
+                              _fmt(lab.get("average_precision")), _fmt(lab.get("threshold")),
+                              *[_ci(lab[k]) if k in lab else "not recorded"
+                                for k in ("sensitivity", "specificity")]]) + " |")
         lines.append("")
     return lines
 

@@ -6,7 +6,9 @@ One ONNX input contract for every kind of run, the one medtl's own prediction pa
 ``image`` float32 (N, C, S, S), RGB uint8 pixels resized to S, divided by 255, averaged to one
 channel for a grey model (C = 1), then ``(x - mean) / std``; normalisation is never inside the
 graph, for frozen and network models alike (``Preprocessing.normalise``). The output
-``probabilities`` (N, K) is what ``clf.predict_proba`` returns, calibration included.
+``probabilities`` (N, K) is what ``clf.predict_proba`` returns, calibration included: a
+softmax over the classes, or for a multi-label model (``model.multilabel``) one sigmoid per
+label, rows not summing to 1, with the labels' decision thresholds in preprocessing.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtl.data.tta import TTAModel
 from medtl.errors import MedtlError
 from medtl.export.bundle import OOD_OUTPUT
 from medtl.files import fsync_dir
@@ -41,18 +44,42 @@ _CLIP = 1e-12
 
 class _Probabilities(nn.Module):
     """Logits to probabilities exactly as FittedModel.calibrate computes them: softmax, then
-    with a temperature softmax(log(clip(p)) / T)."""
+    with a temperature softmax(log(clip(p)) / T); for a multi-label model one sigmoid per
+    label (a softmax would make the labels compete; no temperature: multi-label runs are not
+    calibrated)."""
 
-    def __init__(self, module: nn.Module, temperature: float | None) -> None:
+    def __init__(self, module: nn.Module, temperature: float | None,
+                 multilabel: bool = False) -> None:
         super().__init__()
         self.module = module
         self.temperature = temperature
+        self.multilabel = multilabel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return torch.sigmoid(self.module(x))
         p = torch.softmax(self.module(x), dim=1)
         if self.temperature is None:
             return p
         return torch.softmax(torch.log(p.clamp(_CLIP, 1.0)) / self.temperature, dim=1)
+
+
+def is_multilabel(model) -> bool:
+    """Whether ``model`` (a FittedModel) predicts one independent sigmoid per label."""
+    return bool(getattr(model, "multilabel", False))
+
+
+def _check_multilabel(run: Run, model) -> None:
+    """A multi-label run is exported as one only from a model that predicts sigmoids, with no
+    temperature (which is a softmax calibration): anything else is an inconsistent run."""
+    said = run.config.get("task") == "multilabel"
+    if said != is_multilabel(model):
+        raise MedtlError(f"{run.path}: config.json says the task is "
+                         f"{'multi-label' if said else 'single-label'} but its model is "
+                         f"{'multi-label' if is_multilabel(model) else 'single-label'}; refused")
+    if said and model.temperature is not None:
+        raise MedtlError(f"{run.path}: a multi-label model with a temperature; refused (its "
+                         "probabilities are per-label sigmoids, never temperature-scaled)")
 
 
 def export_run(run: Run, out: str | Path, *, format: str = "onnx",
@@ -76,6 +103,8 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
     _check_out(out, overwrite)
     # An ensemble's load checks every member's files against the sha256 the ensemble recorded
     clf = run.load_model(quiet=True)
+    if run.kind != "ensemble":
+        _check_multilabel(run, clf.model_)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.tmp")
     tmp.mkdir()
@@ -202,14 +231,14 @@ def _torchscript_module(model) -> tuple[nn.Module, tuple[str, ...]]:
     if (tta := _tta_module(model, logits)) is not None:
         return tta, ((OUTPUT,) if model.ood is None else (OUTPUT, OOD_OUTPUT))
     if getattr(model, "ood", None) is None:
-        return _Probabilities(logits, model.temperature), (OUTPUT,)
+        return _Probabilities(logits, model.temperature, is_multilabel(model)), (OUTPUT,)
     # The OOD score from the same pooled features, as write_onnx builds it
     if isinstance(model, NetworkModel):
         features, head = PooledFeatures(model.network), model.network.classifier
     else:
         features, head = PooledFeatures(model.backbone), logits.head
-    return (_WithOod(features, head.eval(), model.temperature, model.ood),
-            (OUTPUT, OOD_OUTPUT))
+    return (_WithOod(features, head.eval(), model.temperature, model.ood,
+                     is_multilabel(model)), (OUTPUT, OOD_OUTPUT))
 
 
 def preprocessing_record(run: Run, model) -> dict[str, Any]:
@@ -218,22 +247,29 @@ def preprocessing_record(run: Run, model) -> dict[str, Any]:
 
     cfg, metrics = run.config, run.metrics
     thresholds = metrics.get("thresholds") or {}
+    multilabel = is_multilabel(model)
     return {
         "format": PREPROCESSING_FORMAT,
         **model.preprocessing.to_dict(),
         "view": cfg.get("view"),
         "classes": list(model.classes),
+        # Only a multi-label bundle says its task: a single-label one stays as it was
+        **({"task": "multilabel",
+            "thresholds": _label_thresholds(thresholds, model.classes)} if multilabel else {}),
         "positive_class": cfg.get("positive_class"),
-        # choose_thresholds records its thresholds beside what they were chosen for
-        "operating_points": {k: v for k, v in thresholds.items()
-                             if k not in ("chosen_on", "target_sensitivity")},
+        # choose_thresholds records its thresholds beside what they were chosen for; a
+        # multi-label run's are per label ("thresholds" above), not operating points
+        "operating_points": {} if multilabel else {
+            k: v for k, v in thresholds.items() if k not in ("chosen_on", "target_sensitivity")},
         "temperature": model.temperature,
         "input": {"name": INPUT, "layout": "NCHW", "dtype": "float32",
                   "channels": model.preprocessing.channels,
                   "scale": "pixels / 255 then (x - mean) / std"
                            + (" (grey: RGB averaged first)" if model.preprocessing.channels == 1
                               else "")},
-        "output": {"name": OUTPUT},
+        "output": {"name": OUTPUT, **({"probabilities": "one sigmoid per label, in the order "
+                                                         "of classes (rows do not sum to 1)"}
+                                      if multilabel else {})},
         "medtl_version": medtl.__version__,
         "run": {k: cfg.get(k) for k in ("backbone", "strategy", "head", "weights")},
         # The graph's OOD_OUTPUT is flagged above this threshold (None: no detector, no output)
@@ -242,20 +278,38 @@ def preprocessing_record(run: Run, model) -> dict[str, Any]:
     }
 
 
+def _label_thresholds(thresholds: dict[str, Any], labels: list[str]) -> dict[str, Any] | None:
+    """A multi-label run's decision thresholds as metrics.json records them (what they were
+    chosen on and by which rule, then one per label), or None when the run recorded none."""
+    if not any(label in thresholds for label in labels):
+        return None
+    missing = [label for label in labels if label not in thresholds]
+    if missing:
+        raise MedtlError(f"metrics.json: no decision threshold for the label(s) "
+                         f"{', '.join(missing)}; refused")
+    # What they were chosen on, by which rule, and the labels that fell back to 0.5
+    # (medtl.evaluation.multilabel.label_thresholds)
+    return {**{k: thresholds[k] for k in ("chosen_on", "rule", "fallback")
+               if k in thresholds and k not in labels},
+            **{label: float(thresholds[label]) for label in labels}}
+
+
 def _tta_record(model) -> dict[str, Any]:
     """preprocessing.json's "tta": what the graph does inside (it averages the views itself;
     a client sends the one image, normalised as ``input`` says)."""
     views = model.tta_views()
     return {"mode": model.tta,
             "views": ["identity"] if views is None else list(views.names),
-            "averaged": "softmax probabilities of the views, before the temperature",
+            "averaged": ("sigmoid probabilities of the views, per label" if is_multilabel(model)
+                         else "softmax probabilities of the views, before the temperature"),
             "ood_from": "identity"}
 
 
 class _TtaOutputs(nn.Module):
-    """medtl.data.tta's TTAModel (views, pooled features, head, mean of the views' softmax),
-    then the temperature as FittedModel.calibrate applies it to that mean, and, with a
-    detector, the unaugmented view's Mahalanobis distance."""
+    """medtl.data.tta's TTAModel (views, pooled features, head, mean of the views' softmax;
+    :class:`_SigmoidTTA` for a multi-label model: of the views' sigmoids), then the
+    temperature as FittedModel.calibrate applies it to that mean, and, with a detector, the
+    unaugmented view's Mahalanobis distance."""
 
     def __init__(self, tta: nn.Module, temperature: float | None, detector) -> None:
         super().__init__()
@@ -278,8 +332,6 @@ class _TtaOutputs(nn.Module):
 
 def _tta_module(model, head_module: nn.Module | None) -> nn.Module | None:
     """The whole TTA model as one torch module (None with TTA off, or no torch head)."""
-    from medtl.data.tta import TTAModel
-
     views = model.tta_views()
     if views is None or head_module is None:
         return None
@@ -287,8 +339,21 @@ def _tta_module(model, head_module: nn.Module | None) -> nn.Module | None:
         features, head = PooledFeatures(model.network), model.network.classifier
     else:
         features, head = PooledFeatures(model.backbone), head_module.head
-    return _TtaOutputs(TTAModel(views.cpu(), features, head.eval()), model.temperature,
+    kind = _SigmoidTTA if is_multilabel(model) else TTAModel
+    return _TtaOutputs(kind(views.cpu(), features, head.eval()), model.temperature,
                        model.ood).eval()
+
+
+class _SigmoidTTA(TTAModel):
+    """TTAModel for a multi-label model: the mean over the views of each label's sigmoid (as
+    FittedModel's TTA averages a multi-label model's per-view probabilities)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.views.n_views
+        f = self.features(self.views(x))
+        p = torch.sigmoid(self.head(f).float())
+        p = p.reshape(v, -1, p.shape[1]).mean(dim=0)
+        return p, f.reshape(v, -1, f.shape[1])[0]
 
 
 def write_onnx(model, path: Path) -> Path:
@@ -302,6 +367,10 @@ def write_onnx(model, path: Path) -> Path:
         if isinstance(head, SklearnHead):
             head = head.as_linear()
             if head is None:
+                if is_multilabel(model):  # skl2onnx's graphs give one softmax over classes
+                    raise MedtlError(f"cannot export the multi-label {model.head.head!r} head "
+                                     "to ONNX: only a linear head (feature-extractor, hybrid "
+                                     "logreg) or a network is exported per label")
                 return _sklearn_to_onnx(model, path)
     else:
         raise MedtlError(f"cannot export a {type(model).__name__}")
@@ -311,8 +380,10 @@ def write_onnx(model, path: Path) -> Path:
                               outputs=(OUTPUT,) if model.ood is None else (OUTPUT, OOD_OUTPUT))
     if model.ood is None:  # a run saved before the guard: probabilities alone
         module = FeaturesThenHead(features.backbone, head.eval())
-        return _torch_to_onnx(_Probabilities(module, model.temperature), model, path)
-    return _torch_to_onnx(_WithOod(features, head.eval(), model.temperature, model.ood),
+        return _torch_to_onnx(_Probabilities(module, model.temperature, is_multilabel(model)),
+                              model, path)
+    return _torch_to_onnx(_WithOod(features, head.eval(), model.temperature, model.ood,
+                                   is_multilabel(model)),
                           model, path, outputs=(OUTPUT, OOD_OUTPUT))
 
 
@@ -321,10 +392,10 @@ class _WithOod(nn.Module):
     Mahalanobis distance ``||(f - location) @ whitener||`` (medtl.transfer.ood)."""
 
     def __init__(self, features: nn.Module, head: nn.Module, temperature: float | None,
-                 detector) -> None:
+                 detector, multilabel: bool = False) -> None:
         super().__init__()
         self.features = features
-        self.probabilities = _Probabilities(head, temperature)
+        self.probabilities = _Probabilities(head, temperature, multilabel)
         self.register_buffer("location", torch.from_numpy(detector.location_.copy()))
         self.register_buffer("whitener", torch.from_numpy(detector.whitener_.copy()))
 
@@ -594,4 +665,4 @@ def _knn_graph(pipeline):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-__all__ = ["export_run", "preprocessing_record", "write_onnx"]
+__all__ = ["export_run", "is_multilabel", "preprocessing_record", "write_onnx"]

@@ -442,7 +442,8 @@ def _gallery_html(gallery: Mapping[str, Any], split: str) -> str:
     binary = entries[0]["kind"] in ("true positive", "false positive", "false negative",
                                     "true negative")
     target = (f"every map is for the positive class <b>{_e(entries[0]['target'])}</b>"
-              if binary else "each map is for the predicted class")
+              if binary else "each map is for the label it is shown under"
+              if gallery.get("multilabel") else "each map is for the predicted class")
     note = (f"<p class=note>The most confident images of each kind; {target}. Method: "
             f"{_e(_GALLERY_NOTES.get(method, method))}."
             + (f" {_e(gallery['note'])}, so occlusion replaces Grad-CAM." if gallery.get("note")

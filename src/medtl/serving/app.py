@@ -202,16 +202,19 @@ def _public_routes(app: FastAPI, state: _State) -> None:
 
 
 def _model_routes(app: FastAPI, state: _State) -> None:
-    @app.get("/v1/model", summary="The model: classes, operating points, OOD guard, card")
+    @app.get("/v1/model", summary="The model: classes (multi-label: labels and their "
+                                  "thresholds), operating points, OOD guard, card")
     async def model() -> dict[str, Any]:
         served = state.require()
         m = served.model
         return {"id": served.id, "sha256": m.sha256, "classes": m.classes,
+                **(_task(m) if getattr(m, "multilabel", False) else {}),
                 "positive_class": m.positive_class, "operating_points": m.operating_points,
                 "input": {"size": m.preprocessing.size, "channels": m.preprocessing.channels},
                 "ood": m.ood, "card": m.card, "explain": served.explain_method}
 
-    @app.post("/v1/predict", summary="Probabilities, decisions and OOD flag per uploaded file")
+    @app.post("/v1/predict", summary="Probabilities, decisions (multi-label: per label at its "
+                                     "threshold) and OOD flag per uploaded file")
     async def predict(request: Request, files: Annotated[list[UploadFile], File(
             description="PNG, JPEG, TIFF or DICOM files (judged by content)")]) -> dict:
         served = state.require()
@@ -237,13 +240,16 @@ def _image_routes(app: FastAPI, state: _State) -> None:
               responses={200: {"content": {"image/png": {}}}})
     async def explain(request: Request, file: Annotated[UploadFile, File()],
                       target: Annotated[str | None, Form(
-                          description="A class name; default: the predicted class")] = None
+                          description="A class name; default: the predicted class (a "
+                                      "multi-label model: a label; default: the most "
+                                      "probable label)")] = None
                       ) -> Response:
         served = state.require()
         setattr(request.state, FILES_KEY, 1)
         classes = served.model.classes
         if target not in (None, "", "predicted") and target not in classes:
-            raise HTTPException(422, f"target {target[:80]!r}: not a class of this model "
+            what = "label" if getattr(served.model, "multilabel", False) else "class"
+            raise HTTPException(422, f"target {target[:80]!r}: not a {what} of this model "
                                      f"({', '.join(classes)})")
         index = classes.index(target) if target in classes else None
         data = await file.read()
@@ -300,9 +306,44 @@ def _prepare(state: _State, served: Served, data: bytes, filename: str | None, i
     return upload, image, x, kind
 
 
+def label_thresholds(model) -> dict[str, float]:
+    """A multi-label model's decision threshold per label: the bundle's, chosen on validation;
+    0.5 for every label when the run recorded none (as ``medtl predict`` decides then)."""
+    from medtl.evaluation.multilabel import DEFAULT_THRESHOLD
+
+    th = model.thresholds
+    return {c: DEFAULT_THRESHOLD if th is None else float(th[c]) for c in model.classes}
+
+
+def _task(model) -> dict[str, Any]:
+    """/v1/model's entries for a multi-label model: the task, each label's decision threshold
+    and where they were chosen, by which rule (and the labels that fell back to 0.5)."""
+    th = model.thresholds
+    chosen = ({k: th[k] for k in ("chosen_on", "rule", "fallback")
+               if k in th and k not in model.classes} if th is not None
+              else {"chosen_on": None, "rule": "0.5 for every label: the run recorded none"})
+    return {"task": "multilabel", "thresholds": label_thresholds(model),
+            "thresholds_chosen": chosen}
+
+
+def label_decisions(model, proba: np.ndarray) -> dict[str, dict[str, Any]]:
+    """A multi-label model's call on each label: present when its probability is at least the
+    label's threshold (as medtl's predictions.csv decides)."""
+    return {label: {"probability": float(p), "threshold": t, "present": bool(p >= t)}
+            for (label, t), p in zip(label_thresholds(model).items(), proba, strict=True)}
+
+
 def _result(served: Served, name: str, proba: np.ndarray, score: float | None,
             kind: tuple[str | None, str | None] | None, latency_ms: float) -> dict[str, Any]:
     m = served.model
+    if getattr(m, "multilabel", False):  # no arg-max: each label is decided on its own
+        labels = label_decisions(m, proba)
+        return {"file": name, "task": "multilabel",
+                "probabilities": {c: float(p) for c, p in zip(m.classes, proba, strict=True)},
+                "labels": labels,
+                "present": [c for c, d in labels.items() if d["present"]],
+                "ood": _ood(m.ood, score, kind), "model": {"id": served.id, "sha256": m.sha256},
+                "latency_ms": round(latency_ms, 2)}
     k = int(np.argmax(proba))
     return {"file": name,
             "probabilities": {c: float(p) for c, p in zip(m.classes, proba, strict=True)},

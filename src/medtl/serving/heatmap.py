@@ -1,5 +1,9 @@
 """Heat maps for /v1/explain: occlusion on the ONNX model (NumPy only), or Grad-CAM with a
-served run's torch model; and the overlay PNG, drawn with NumPy and Pillow."""
+served run's torch model; and the overlay PNG, drawn with NumPy and Pillow.
+
+A multi-label model is explained for one label (``target``; None: the most probable label):
+occlusion follows that label's own sigmoid probability, Grad-CAM differentiates it
+(medtl.explain.cam.LabelSigmoid)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ MAX_SIDE = 1024  # overlays and previews are drawn at most this large
 
 
 def occlusion_map(model, image: np.ndarray, target: int | None) -> tuple[np.ndarray, int, float]:
-    """How much the probability of ``target`` (None: the predicted class) falls when each of
+    """How much the probability of ``target`` (None: the predicted class, or a multi-label
+    model's most probable label) falls when each of
     GRID x GRID patches of ``image`` (the decoded (H, W, 3) uint8) is greyed: a (GRID, GRID)
     map in [0, 1] of that drop, the target and its probability. One graph run for the image
     and its GRID**2 occluded copies (``model``: an ExportedModel)."""
@@ -37,7 +42,8 @@ def occlusion_map(model, image: np.ndarray, target: int | None) -> tuple[np.ndar
 
 def gradcam_map(served, image: np.ndarray, target: int | None) -> tuple[np.ndarray, int, float]:
     """Grad-CAM of the served run's torch model: (S, S) map in [0, 1], the target (None: the
-    predicted class) and its probability, as ``medtl explain`` computes them."""
+    predicted class, or a multi-label model's most probable label) and its probability, as
+    ``medtl explain`` computes them."""
     import torch
 
     pre = served.model.preprocessing

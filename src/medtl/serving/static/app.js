@@ -17,6 +17,8 @@
 
   const fmt = (x) => (typeof x === "number" ? x.toFixed(3) : "–");
   const methodName = (m) => METHODS[m] || m || "heat map";
+  // A multi-label model (v1/model "task"): each label has its own probability and threshold.
+  const isMultilabel = () => Boolean(model && model.task === "multilabel");
 
   function element(tag, className, text) {
     const el = document.createElement(tag);
@@ -122,13 +124,21 @@
       const text = describe(value);
       if (text) list.append(element("dt", "", term), element("dd", "", text));
     };
+    const multilabel = m.task === "multilabel";
     add("Model", s.model);
     add("Task", s.task);
-    add("Classes", m.classes);
+    add(multilabel ? "Labels" : "Classes", m.classes);
     add("Positive class", m.positive_class);
-    add(`${s.split === "val" ? "Validation" : "Test"} AUC`, performance(s));
+    add(`${s.split === "val" ? "Validation" : "Test"} ${multilabel ? "macro " : ""}AUC`,
+      performance(s));
     add("Operating points", Object.entries(m.operating_points || {})
       .map(([name, threshold]) => `${name} (threshold ${fmt(threshold)})`));
+    if (multilabel) {
+      const chosen = m.thresholds_chosen || {};
+      add("Thresholds", Object.entries(m.thresholds || {})
+        .map(([label, threshold]) => `${label} ${fmt(threshold)}`).join(", ")
+        + (chosen.chosen_on ? ` (chosen on ${chosen.chosen_on})` : ` (${chosen.rule || ""})`));
+    }
     for (const [key, value] of Object.entries(s)) if (!SHOWN.includes(key)) add(humanize(key), value);
     add("Heat map", methodName(m.explain));
     add("Bundle", m.id);
@@ -202,7 +212,48 @@
     return `; ${words}`;
   }
 
+  // A multi-label result: one row per label (probability, its threshold, present or not).
+  function renderLabels(card, labels) {
+    const body = $(".labels tbody", card);
+    const order = model && model.classes ? model.classes : Object.keys(labels);
+    for (const name of order.filter((c) => c in labels)) {
+      const d = labels[name];
+      const present = d.present === true;
+      const row = element("tr", present ? "present" : "absent");
+      row.dataset.label = name;
+      row.dataset.probability = String(d.probability);
+      const head = element("th", "", name);
+      head.scope = "row";
+      row.append(head, element("td", "probability", fmt(d.probability)),
+        element("td", "threshold", fmt(d.threshold)),
+        element("td", "decision", present ? "present" : "absent"));
+      body.append(row);
+    }
+  }
+
   function renderResult(card, r) {
+    if (r.task === "multilabel") {
+      $(".predicted", card).hidden = true;
+      $(".single-label", card).hidden = true;
+      $(".multi-label", card).hidden = false;
+      const present = $(".present", card);
+      $(".present-labels", card).textContent = Array.isArray(r.present) && r.present.length
+        ? r.present.join(", ") : "none";
+      present.hidden = false;
+      renderLabels(card, r.labels || {});
+    } else {
+      renderSingle(card, r);
+    }
+    const ood = renderOod(card, r.ood);
+    const sha = r.model && r.model.sha256 ? ` (sha256 ${r.model.sha256.slice(0, 12)}…)` : "";
+    const latency = typeof r.latency_ms === "number" ? `${r.latency_ms.toFixed(0)} ms` : "";
+    $(".meta", card).textContent = `Model ${(r.model && r.model.id) || ""}${sha}, ${latency}${ood}`;
+    $(".prediction", card).hidden = false;
+    $(".status", card).hidden = true;
+    card.dataset.state = "done";
+  }
+
+  function renderSingle(card, r) {
     const cls = $(".predicted-class", card);
     cls.textContent = r.predicted_class;
     cls.dataset.class = r.predicted_class;
@@ -211,13 +262,6 @@
     prob.dataset.probability = String(r.probability);
     renderBars(card, r.probabilities, r.predicted_class);
     renderDecisions(card, r.decisions);
-    const ood = renderOod(card, r.ood);
-    const sha = r.model && r.model.sha256 ? ` (sha256 ${r.model.sha256.slice(0, 12)}…)` : "";
-    const latency = typeof r.latency_ms === "number" ? `${r.latency_ms.toFixed(0)} ms` : "";
-    $(".meta", card).textContent = `Model ${(r.model && r.model.id) || ""}${sha}, ${latency}${ood}`;
-    $(".prediction", card).hidden = false;
-    $(".status", card).hidden = true;
-    card.dataset.state = "done";
   }
 
   function setupHeatmap(card, file) {
@@ -234,15 +278,38 @@
         : "The image as the model reads it";
     };
     label(false);
+    // A multi-label model: the heat map is for one label (the server's default: the most
+    // probable); choosing another label computes a new map.
+    const choice = $(".heatmap-target", card);
+    if (isMultilabel()) {
+      for (const name of model.classes || []) {
+        const option = element("option", "", name);
+        option.value = name;
+        choice.append(option);
+      }
+      $(".heatmap-target-label", card).hidden = false;
+      choice.addEventListener("change", () => {
+        if (overlay) URL.revokeObjectURL(overlay);
+        overlay = null;
+        if (img.dataset.view === "heatmap") {
+          img.src = img.dataset.preview || "";
+          img.dataset.view = "preview";
+          img.dataset.method = "";
+        }
+        label(false);
+      });
+    }
     button.addEventListener("click", async () => {
       if (!overlay) {
         button.disabled = true;
         button.textContent = "Computing the heat map…";
         try {
-          const response = await call("v1/explain", upload("file", file));
+          const form = upload("file", file);
+          if (isMultilabel() && choice.value) form.append("target", choice.value);
+          const response = await call("v1/explain", form);
           method = response.headers.get("X-Medtl-Explain-Method") || method;
           const cls = response.headers.get("X-Medtl-Target");
-          target = cls ? ` for class ${cls}` : "";
+          target = cls ? ` for ${isMultilabel() ? "label" : "class"} ${cls}` : "";
           overlay = URL.createObjectURL(await response.blob());
         } catch (err) {
           $(".status", card).hidden = false;
