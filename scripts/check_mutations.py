@@ -121,6 +121,31 @@ MUTATIONS = (
              "make_pipeline(StandardScaler(), PrototypeClassifier())",
              "make_pipeline(PrototypeClassifier())",
              ("tests/transfer/test_prototype.py",)),
+    # issue 21: multi-label
+    Mutation("multi-label loss reads unknown targets as absent", "src/medtl/training/loop.py",
+             "    return torch.where(known, each, torch.zeros_like(each)).sum(), known.sum()\n",
+             "    return each.sum(), torch.tensor(each.numel())\n",
+             ("tests/transfer/test_multilabel_training.py",)),
+    Mutation("multi-label one-vs-rest head fitted on unknown targets as absent",
+             "src/medtl/transfer/heads.py",
+             "            known = ~np.isnan(y[:, k])\n            t = y[known, k]",
+             "            known = np.ones(len(y), dtype=bool)\n"
+             "            t = np.nan_to_num(y[known, k])",
+             ("tests/transfer/test_multilabel_training.py",)),
+    Mutation("multi-label thresholds chosen on test", "src/medtl/workflow.py",
+             "        if split == \"val\":\n            # Operating points are chosen here",
+             "        if split == \"test\":\n            # Operating points are chosen here",
+             ("tests/test_multilabel_run.py",)),
+    Mutation("multi-label uncertain labels read as absent under --uncertain ones",
+             "src/medtl/data/sources.py",
+             '_UNCERTAIN_VALUE = {"ignore": math.nan, "zeros": 0.0, "ones": 1.0}',
+             '_UNCERTAIN_VALUE = {"ignore": math.nan, "zeros": 0.0, "ones": 0.0}',
+             ("tests/data/test_multilabel_data.py",)),
+    Mutation("multi-label bundle exported with a softmax over labels",
+             "src/medtl/export/writer.py",
+             "            return torch.sigmoid(self.module(x))\n",
+             "            return torch.softmax(self.module(x), dim=1)\n",
+             ("tests/export/test_multilabel_export.py",)),
 )
 
 
