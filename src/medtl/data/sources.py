@@ -139,9 +139,9 @@ def load_dataset(
     regex = compile_patient_regex(patient_regex) if patient_regex else None
     view = make_view(window, slices, mode)
     wanted = parse_label_names(labels)
-    policy = _LabelPolicy(wanted, _UNCERTAIN_VALUE[check_choice("uncertain", uncertain,
+    policy = _LabelPolicy(wanted, _UNCERTAIN_VALUE[check_choice("--uncertain", uncertain,
                                                                   UNCERTAIN_CHOICES)],
-                          _BLANK_VALUE[check_choice("blank", blank, BLANK_CHOICES)])
+                          _BLANK_VALUE[check_choice("--blank", blank, BLANK_CHOICES)])
     records, classes, arrays = _read_source(path, source, regex, policy)
     multilabel = any(r.targets is not None for r in records)
     skipped: list[tuple[str, str]] = []
