@@ -165,13 +165,40 @@ def test_positive_class_is_refused_for_multi_label_data(ml_run, tmp_path):
                     **FAST)
 
 
-def test_report_compares_multi_label_runs_by_macro_auc(ml_run, tmp_path):
-    manifest, run = ml_run
-    from medtl.workflow import report
+def test_report_compares_multi_label_runs_per_label_with_holm_adjusted_delong(ml_run,
+                                                                              tmp_path):
+    from medtl.evaluation.stats import delong_test
+    from medtl.reporting.compare import holm, multilabel_delong
+    from medtl.workflow import _report_entry, report
 
-    page = report([run.path, run.path], tmp_path / "cmp.html")
-    html = Path(page).read_text()
-    assert "multi-label: compared by macro AUC" in html
+    manifest, run = ml_run
+    other = medtl.train(manifest, strategy="feature-extractor", epochs=3,
+                        out=tmp_path / "fe", **FAST)
+    a, b = _report_entry(run.path, "test"), _report_entry(other.path, "test")
+    line = multilabel_delong(a, b)
+    p_raw = []
+    for name in LABELS:
+        known = sorted(r["path"] for r in a["rows"] if r[name] != "")
+        pa = {r["path"]: float(r[f"prob_{name}"]) for r in a["rows"]}
+        pb = {r["path"]: float(r[f"prob_{name}"]) for r in b["rows"]}
+        truth = {r["path"]: int(r[name]) for r in a["rows"] if r[name] != ""}
+        d = delong_test([truth[p] for p in known], [pa[p] for p in known],
+                        [pb[p] for p in known])
+        assert f"{name} {-d['difference']:+.3f}" in line
+        p_raw.append(d["p_value"])
+    for p in holm(p_raw):
+        assert f"(p {p:.3g})" in line
+    html = Path(report([run.path, other.path], tmp_path / "cmp.html")).read_text()
+    assert "DeLong per label, Holm-adjusted" in html
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    from medtl.reporting.compare import holm
+
+    p = [0.01, 0.04, 0.03, 0.2, 0.001]
+    assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]))
 
 
 def test_cross_validation_of_multi_label_data_keeps_patients_and_reports_macro_auc(ml_run,
@@ -186,3 +213,9 @@ def test_cross_validation_of_multi_label_data_keeps_patients_and_reports_macro_a
     for r in run.predictions():
         held.setdefault(r["fold"], set()).add(r["path"])
     assert len(held) == 2 and not (held["1"] & held["2"])
+    # medtl report takes the cross-validated run too (its out-of-fold rows, scored per label)
+    from medtl.workflow import report
+
+    html = Path(report([run.path, ml_run[1].path], tmp_path / "cmp.html")).read_text()
+    # out-of-fold train + val images against test images: no paired test, and it says so
+    assert "different test images" in html and "cv mean" in html

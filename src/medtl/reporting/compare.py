@@ -93,9 +93,9 @@ def compare_runs(entries: Sequence[Entry], *, split: str = "test", title: str | 
         if chosen is None:
             e["delong"] = e["mcnemar"] = "no run chosen (no validation figures)"
         elif "multilabel" in (e["config"].get("task"), chosen["config"].get("task")):
-            # Paired tests compare one score per image; a multi-label run has one per label.
-            e["delong"] = e["mcnemar"] = ("multi-label: compared by macro AUC; per-label "
-                                          "figures are in each run's report")
+            # One score per image and label: DeLong per label, Holm-adjusted across labels.
+            e["delong"] = multilabel_delong(chosen, e)
+            e["mcnemar"] = "multi-label: per-label DeLong only"
         else:
             e["delong"], e["mcnemar"] = _delong_against(chosen, e), _mcnemar_against(chosen, e)
     figures = _roc_figures(entries, split)
@@ -142,6 +142,8 @@ def cv_entry(name: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, s
     """
     cfg = dict(config)
     classes = cfg["classes"]
+    if cfg.get("task") == "multilabel":
+        return _multilabel_cv_entry(name, cfg, rows, fold_metrics, split, cv)
     positive = len(classes) - 1 if len(classes) == 2 else None
     cfg.setdefault("positive_class", classes[positive] if positive is not None else None)
     cfg.setdefault("strategy", cfg.get("options", {}).get("strategy"))
@@ -152,6 +154,28 @@ def cv_entry(name: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, s
     params = fold_metrics[0].get("params", {}) if fold_metrics else {}
     metrics = {split: split_summary(y, proba, classes=classes, positive=positive),
                "timing": timing, "params": params}
+    if cv is not None:
+        metrics["cv"] = cv
+    return {"name": name, "config": cfg, "metrics": metrics,
+            "rows": [{**r, "split": split} for r in ok]}
+
+
+def _multilabel_cv_entry(name: str, cfg: dict[str, Any], rows: Sequence[Mapping[str, str]],
+                         fold_metrics: Sequence[Mapping[str, Any]], split: str,
+                         cv: Mapping[str, Any] | None) -> Entry:
+    """cv_entry of a multi-label cross-validation run: its out-of-fold rows scored per label
+    (at 0.5: each fold chose its own thresholds, which the pooled rows do not share)."""
+    from medtl.evaluation.multilabel import multilabel_summary
+    from medtl.reporting.html import multilabel_arrays
+
+    classes = cfg["classes"]
+    ok = [r for r in rows if all(r.get(f"prob_{c}") not in (None, "") for c in classes)]
+    y, proba = multilabel_arrays([{**r, "split": split} for r in ok], classes).get(
+        split, (np.zeros((0, len(classes))), np.zeros((0, len(classes)))))
+    metrics = {split: multilabel_summary(y, proba, classes, None),
+               "timing": {"train_s": sum(m.get("timing", {}).get("train_s") or 0
+                                         for m in fold_metrics)},
+               "params": fold_metrics[0].get("params", {}) if fold_metrics else {}}
     if cv is not None:
         metrics["cv"] = cv
     return {"name": name, "config": cfg, "metrics": metrics,
@@ -222,6 +246,53 @@ def _delong_against(best: Entry, other: Entry) -> dict[str, Any] | str:
                          [b[1][p] for p in paths])
     # Sign as "this run minus the chosen one", which is what a leaderboard row reads.
     return {**result, "difference": -result["difference"]}
+
+
+def multilabel_delong(best: Entry, other: Entry) -> str:
+    """DeLong's paired test per label of two multi-label runs on the same images, as one line:
+    each label's AUC difference (``other`` minus ``best``) and its p-value adjusted by Holm's
+    step-down method across the labels (one test per label, so some p < 0.05 by chance alone
+    otherwise). Rows whose truth for a label is unknown are left out of that label's test."""
+    classes = list(best["config"].get("classes") or [])
+    if ("multilabel", classes) != (other["config"].get("task"),
+                                   list(other["config"].get("classes") or [])):
+        return "not both multi-label runs with the same labels"
+    rows_a, rows_b = ({_image(r): r for r in e["rows"]} for e in (best, other))
+    if set(rows_a) != set(rows_b):
+        return "different test images"
+    tests = []
+    for name in classes:
+        images = sorted(i for i in rows_a if rows_a[i].get(name) not in (None, "")
+                        and rows_a[i].get(f"prob_{name}") not in (None, "")
+                        and rows_b[i].get(f"prob_{name}") not in (None, ""))
+        truth = [int(float(rows_a[i][name])) for i in images]
+        if any(str(rows_b[i].get(name)) != str(rows_a[i][name]) for i in images):
+            return f"label {name}: the runs' truths differ"
+        if len(set(truth)) < 2:
+            tests.append((name, None, None))
+            continue
+        result = delong_test(truth, [float(rows_a[i][f"prob_{name}"]) for i in images],
+                             [float(rows_b[i][f"prob_{name}"]) for i in images])
+        tests.append((name, -result["difference"], result["p_value"]))
+    adjusted = holm([p for _, _, p in tests if p is not None])
+    parts, k = [], 0
+    for name, diff, p in tests:
+        if p is None:
+            parts.append(f"{name}: one class")
+            continue
+        parts.append(f"{name} {diff:+.3f} (p {adjusted[k]:.3g})")
+        k += 1
+    return "DeLong per label, Holm-adjusted: " + "; ".join(parts)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (family-wise error), in their order."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = (len(p) - np.arange(len(p))) * p[order]
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted.tolist()
 
 
 def _mcnemar_against(chosen: Entry, other: Entry) -> dict[str, Any] | str:
