@@ -219,3 +219,24 @@ def test_cross_validation_of_multi_label_data_keeps_patients_and_reports_macro_a
     html = Path(report([run.path, ml_run[1].path], tmp_path / "cmp.html")).read_text()
     # out-of-fold train + val images against test images: no paired test, and it says so
     assert "different test images" in html and "cv mean" in html
+
+
+def test_a_multi_label_npz_trains_like_medmnist_chestmnist(tmp_path):
+    """MedMNIST's multi-label layout: labels (n, K) of 0/1, named by --labels."""
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 30), ("test", 30)):
+        y = rng.integers(0, 2, (n, 2)).astype(np.uint8)
+        arrays[f"{split}_images"] = np.stack([shapes_image(rng, bool(d), bool(b))
+                                              for d, b in y])
+        arrays[f"{split}_labels"] = y
+    np.savez(tmp_path / "shapes.npz", **arrays)
+    run = medtl.train(tmp_path / "shapes.npz", strategy="hybrid", head="logreg",
+                      labels=list(LABELS), out=tmp_path / "run", **FAST)
+    assert run.config["classes"] == list(LABELS) and run.config["data"]["labels"] == list(LABELS)
+    assert run.metrics["test"]["macro_auc"] > 0.8
+    rows = _rows(run, "test")
+    assert {"key", "index", "prob_disc", "pred_bar"} <= set(rows[0])
+    assert [int(r["disc"]) for r in rows] == arrays["test_labels"][:, 0].tolist()
+    assert medtl.evaluate(run.path)["metrics"]["macro_auc"] == pytest.approx(
+        run.metrics["test"]["macro_auc"])

@@ -286,14 +286,42 @@ def test_npz_images_without_labels(tmp_path: Path) -> None:
     one_line_error(info, "half.npz", "'train_labels'")
 
 
-def test_npz_multilabel_rejected(tmp_path: Path) -> None:
-    path = save_npz(
-        tmp_path / "ml.npz",
-        train_images=np.zeros((2, 3, 3), np.uint8),
-        train_labels=np.zeros((2, 4), np.int64),
-    )
-    with pytest.raises(MedtlError, match="multi-label"):
-        load_dataset(path)
+def _chestmnist_like(path: Path, rng: np.random.Generator, k: int = 3) -> Path:
+    """MedMNIST's multi-label layout (ChestMNIST): labels (n, K) of 0/1."""
+    arrays = {}
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, k)).astype(np.uint8)
+    return save_npz(path, **arrays)
+
+
+def test_npz_with_label_columns_is_multi_label(tmp_path: Path) -> None:
+    path = _chestmnist_like(tmp_path / "chest.npz", np.random.default_rng(0))
+    ds = load_dataset(path)
+    assert ds.multilabel and ds.classes == ["0", "1", "2"]
+    with np.load(path) as raw:
+        np.testing.assert_array_equal(ds.split("test").labels, raw["test_labels"])
+    named = load_dataset(path, labels="effusion,edema,mass")
+    assert named.classes == ["effusion", "edema", "mass"]
+    np.testing.assert_array_equal(named.labels, ds.labels)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(val_labels=a["val_labels"][:, :2]), "differ in width"),
+    (lambda a: a["train_labels"].__setitem__((0, 0), 2), "holds 2"),
+    (lambda a: a.update(test_labels=a["test_labels"][:5]), "5 label rows for 10 images"),
+])
+def test_npz_multi_label_mistakes_are_one_line(tmp_path: Path, change, message) -> None:
+    good = _chestmnist_like(tmp_path / "g.npz", np.random.default_rng(1))
+    with np.load(good) as raw:
+        arrays = {k: raw[k].copy() for k in raw.files}
+    change(arrays)
+    bad = save_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(MedtlError) as info:
+        load_dataset(bad)
+    one_line_error(info, "bad.npz", message)
+    with pytest.raises(MedtlError, match="names 2 labels, and the .npz has 3"):
+        load_dataset(good, labels="a,b")
 
 
 def test_label_in_test_not_in_train(tree) -> None:

@@ -192,10 +192,12 @@ def _read_source(
     """Records, classes and arrays of a folder, a manifest or an .npz, as the source has them
     (no files probed, no volumes expanded, no splits added)."""
     policy = policy or _LabelPolicy(None, math.nan, math.nan)
-    if policy.labels is not None and not (path.is_file() and path.suffix.lower() == ".csv"):
+    if policy.labels is not None and not (
+            path.is_file() and path.suffix.lower() in (".csv", ".npz")):
         kind = "a class folder" if path.is_dir() else f"a '{path.suffix}' file"
         raise MedtlError(f"{source}: --labels picks the label columns of a multi-label CSV "
-                         f"manifest; this is {kind}, with one class per image")
+                         f"manifest (or names those of an .npz); this is {kind}, with one "
+                         "class per image")
     if path.is_dir():
         return _from_folder(path, regex)
     if path.suffix.lower() == ".csv":
@@ -205,7 +207,7 @@ def _read_source(
             raise MedtlError(
                 f"{source}: a patient regex needs file names; images in an .npz have none"
             )
-        return _from_npz(path)
+        return _from_npz(path, policy.labels)
     raise MedtlError(
         f"{source}: not a folder, a .csv manifest or an .npz file (suffix '{path.suffix}')"
     )
@@ -649,7 +651,9 @@ def _column_targets(manifest: Path, names: list[str], header: list[str],
 MAX_NPZ_CLASSES = 10_000
 
 
-def _from_npz(path: Path) -> _Raw:
+def _from_npz(path: Path, names: list[str] | None = None) -> _Raw:
+    """MedMNIST's layout; label arrays of shape (n, K > 1) are multi-label (ChestMNIST: 14
+    findings, 0/1), their labels named by ``names`` (``--labels``, in column order) or "0".."K-1"."""
     abs_path = os.path.abspath(path)
     if not zipfile.is_zipfile(abs_path):
         raise MedtlError(f"{path}: not an .npz archive (a single array, .npy?)")
@@ -671,7 +675,28 @@ def _from_npz(path: Path) -> _Raw:
                 raise MedtlError(f"{path}: has '{split}_*' arrays but no '{key}'")
         images = _check_npz_images(path, img_key, found[img_key])
         arrays[(abs_path, split)] = images
-        labels_by_split[split] = _check_npz_labels(path, lab_key, found[lab_key], len(images))
+        labels = found[lab_key]
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            labels_by_split[split] = _check_npz_targets(path, lab_key, labels, len(images))
+        else:
+            labels_by_split[split] = _check_npz_labels(path, lab_key, labels, len(images))
+    widths = {ys.shape[1] if ys.ndim == 2 else 1 for ys in labels_by_split.values()}
+    if len(widths) > 1:
+        raise MedtlError(f"{path}: its label arrays differ in width ({sorted(widths)}): every "
+                         "split needs the same labels")
+    if max(widths) > 1:
+        k = widths.pop()
+        classes = list(names) if names else [str(i) for i in range(k)]
+        if len(classes) != k:
+            raise MedtlError(f"{path}: --labels names {len(classes)} labels, and the .npz has "
+                             f"{k} label columns")
+        records = [Record(abs_path, 0, split, None, key=split, index=i,
+                          targets=tuple(float(v) for v in row))
+                   for split, ys in labels_by_split.items() for i, row in enumerate(ys)]
+        return records, classes, arrays
+    if names:
+        raise MedtlError(f"{path}: --labels names the columns of a multi-label .npz; this one "
+                         "has one class per image")
     classes = _npz_classes(path, labels_by_split)
     records = [
         Record(abs_path, int(y), split, None, key=split, index=i)
@@ -692,8 +717,24 @@ def _check_npz_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
     return images
 
 
+def _check_npz_targets(path: Path, key: str, labels: np.ndarray, n_images: int) -> np.ndarray:
+    """(n, K) multi-label targets: 0 and 1, NaN for unknown (float arrays only)."""
+    if len(labels) != n_images:
+        raise MedtlError(f"{path}: '{key}' has {len(labels)} label rows for {n_images} images")
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)
+            or labels.dtype == np.bool_):
+        raise MedtlError(f"{path}: '{key}' has dtype {labels.dtype}; expected 0/1 numbers")
+    values = labels.astype(np.float64)
+    known = ~np.isnan(values)
+    bad = known & (values != 0) & (values != 1)
+    if bad.any():
+        raise MedtlError(f"{path}: '{key}' holds {values[bad][0]:g}; multi-label targets are "
+                         "0, 1 (or NaN for unknown)")
+    return values
+
+
 def _check_npz_labels(path: Path, key: str, labels: np.ndarray, n_images: int) -> np.ndarray:
-    # MedMNIST stores labels as (n, 1); (n, k > 1) would be multi-label, which medtl does not do.
+    # MedMNIST stores labels as (n, 1); (n, k > 1) is multi-label (_check_npz_targets).
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
