@@ -653,7 +653,8 @@ MAX_NPZ_CLASSES = 10_000
 
 def _from_npz(path: Path, names: list[str] | None = None) -> _Raw:
     """MedMNIST's layout; label arrays of shape (n, K > 1) are multi-label (ChestMNIST: 14
-    findings, 0/1), their labels named by ``names`` (``--labels``, in column order) or "0".."K-1"."""
+    findings, 0/1), their labels named by ``names`` (``--labels``, in column order) or
+    "0".."K-1"."""
     abs_path = os.path.abspath(path)
     if not zipfile.is_zipfile(abs_path):
         raise MedtlError(f"{path}: not an .npz archive (a single array, .npy?)")
