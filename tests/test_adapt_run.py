@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def _run(args, capsys):
 
 
 def test_adapt_writes_a_run_whose_model_differs_only_in_batchnorm_statistics(
-        trained, tmp_path, capsys):
+        trained, tmp_path, capsys, caplog):
     run, data, target = trained
     _run(["adapt", run.path, target, "--out", tmp_path / "adapted", "--quiet"], capsys)
     adapted = load_run(tmp_path / "adapted")
@@ -75,8 +76,13 @@ def test_adapt_writes_a_run_whose_model_differs_only_in_batchnorm_statistics(
     # predict --adapt-bn: the same adaptation for one prediction, the run left as it was
     _run(["predict", run.path, target, "--adapt-bn", target, "--output", tmp_path / "p.csv",
           "--quiet"], capsys)
-    rows_once = medtl.predict(run.path, [target], adapt_bn=[target], quiet=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medtl"):
+        rows_once = medtl.predict(run.path, [target], adapt_bn=[target], quiet=True)
     assert np.allclose(p_run, [float(r[col]) for r in rows_once], atol=1e-5)
+    # the guard is off for the adapted prediction, and the log says why (not "saved before")
+    assert "fitted on the unadapted features" in caplog.text
+    assert "saved before" not in caplog.text
     with pytest.raises(medtl.MedtlError, match="medtl adapt"):
         medtl.predict(tmp_path / "bundle", [target], adapt_bn=[target], quiet=True)
 

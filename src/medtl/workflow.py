@@ -906,7 +906,8 @@ def predict(run: str | Path | Run, inputs: Sequence[str | Path], *,
         rows = prediction_rows(ds.records, None, proba, classes, None, show=display.show)
     if any(ds.volumes) and not multilabel:
         rows = _with_volume_rows(rows, ds.volumes, proba, classes, show=display.show)
-    rows = _with_ood_columns(rows, ds, scores, ood)
+    adapted = bool(adapt_bn) or (isinstance(run, Run) and "adapted_bn" in run.config)
+    rows = _with_ood_columns(rows, ds, scores, ood, adapted=adapted)
     if output is not None:
         write_csv(Path(output), rows)
     return rows
@@ -955,14 +956,18 @@ def _report_entry(path: Path, split: str) -> dict[str, Any]:
 
 
 def _with_ood_columns(rows: list[dict[str, Any]], ds, scores: np.ndarray | None,
-                      ood: dict[str, Any] | None) -> list[dict[str, Any]]:
+                      ood: dict[str, Any] | None, *, adapted: bool = False
+                      ) -> list[dict[str, Any]]:
     """``ood_score``, ``ood`` and ``ood_reason`` on every row (medtl.transfer.ood): the image
     rows first, then a volume row flagged when any of its slices is, with their highest score.
     A model without a detector (saved before the guard) says so once; then only a DICOM's
     tags could flag, and no training tags are known, so ``ood`` is empty."""
     from medtl.transfer.ood import ood_columns
 
-    if ood is None:
+    if ood is None and adapted:
+        log.warning("AdaBN: the out-of-distribution detector was fitted on the unadapted "
+                    "features, so it is off for these predictions: the ood columns are empty")
+    elif ood is None:
         log.warning("this model has no out-of-distribution detector (saved before medtl had "
                     "one): the ood columns are empty; train or export it again to have them")
     cols = ood_columns(scores, None if ood is None else ood["threshold"], ds.paths,
