@@ -240,3 +240,22 @@ def test_a_multi_label_npz_trains_like_medmnist_chestmnist(tmp_path):
     assert [int(r["disc"]) for r in rows] == arrays["test_labels"][:, 0].tolist()
     assert medtl.evaluate(run.path)["metrics"]["macro_auc"] == pytest.approx(
         run.metrics["test"]["macro_auc"])
+
+
+@pytest.mark.parametrize("head", ["svm", "rf", "knn"])
+def test_a_one_vs_rest_head_without_a_linear_form_exports_per_label(ml_run, tmp_path, head):
+    """auto may end with any hybrid head: each label's binary estimator is converted and the
+    graph gives the run's per-label probabilities."""
+    from medtl.export.writer import export_run
+    from medtl.run import load_run
+
+    manifest, _ = ml_run
+    run = medtl.train(manifest, strategy="hybrid", head=head, out=tmp_path / "run", **FAST)
+    bundle = export_run(load_run(run.path), tmp_path / "bundle")
+    saved = {Path(r["path"]).name: r for r in _rows(run, "test")}
+    images = [str(Path(manifest).parent / n) for n in sorted(saved)[:8]]
+    rows = medtl.predict(bundle, images)
+    for r in rows:
+        for n in LABELS:
+            assert float(r[f"prob_{n}"]) == pytest.approx(
+                float(saved[Path(r["path"]).name][f"prob_{n}"]), abs=1e-4)

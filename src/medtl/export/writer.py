@@ -367,10 +367,6 @@ def write_onnx(model, path: Path) -> Path:
         if isinstance(head, SklearnHead):
             head = head.as_linear()
             if head is None:
-                if is_multilabel(model):  # skl2onnx's graphs give one softmax over classes
-                    raise MedtlError(f"cannot export the multi-label {model.head.head!r} head "
-                                     "to ONNX: only a linear head (feature-extractor, hybrid "
-                                     "logreg) or a network is exported per label")
                 return _sklearn_to_onnx(model, path)
     else:
         raise MedtlError(f"cannot export a {type(model).__name__}")
@@ -433,7 +429,9 @@ def _sklearn_to_onnx(model: FrozenModel, path: Path) -> Path:
     _torch_to_onnx(feats_module, model, feats_path, outputs=("features",))
     features = onnx.load(str(feats_path))
     feats_path.unlink()
-    head = _sklearn_graph(model.head, int(model.backbone.num_features))
+    dim = int(model.backbone.num_features)
+    head = (_multilabel_sklearn_graph(model.head, dim) if is_multilabel(model)
+            else _sklearn_graph(model.head, dim))
     head.ir_version = features.ir_version  # merge_models wants one IR version
     head = compose.add_prefix(head, prefix="head_")
     merged = compose.merge_models(features, head, io_map=[("features", "head_features")])
@@ -500,14 +498,48 @@ def _ood_nodes(graph, detector, features: str = "features"):
     return helper.make_tensor_value_info(OOD_OUTPUT, onnx.TensorProto.FLOAT, ["batch"])
 
 
-def _sklearn_graph(head: SklearnHead, dim: int):
-    """The fitted estimator as ONNX: ``features`` (N, dim) float32 -> ``probabilities``."""
+def _multilabel_sklearn_graph(head: SklearnHead, dim: int):
+    """A one-vs-rest head (heads.MaskedOneVsRest) as ONNX: each label's binary estimator as
+    :func:`_sklearn_graph` converts it, on the shared ``features``; the column of class 1 of
+    each, side by side -> ``probabilities`` (N, K), as MaskedOneVsRest.predict_proba."""
+    import onnx
+    from onnx import compose, helper, numpy_helper
+
+    nodes, inits, columns, opsets = [], [], [], {}
+    for k, est in enumerate(head.estimator_.estimators_):
+        part = compose.add_prefix(_sklearn_graph(head, dim, est), prefix=f"l{k}_")
+        g = part.graph
+        # One input for every label: the prefixed copies read the shared features.
+        for node in g.node:
+            node.input[:] = ["features" if i == f"l{k}_features" else i for i in node.input]
+        proba = next(o.name for o in g.output if o.name.endswith("probabilities"))
+        positive = list(est.classes_).index(1)
+        inits.extend(g.initializer)
+        inits.append(numpy_helper.from_array(np.array([positive], np.int64), f"l{k}_col"))
+        nodes.extend(g.node)
+        nodes.append(helper.make_node("Gather", [proba, f"l{k}_col"], [f"l{k}_present"],
+                                      axis=1))
+        columns.append(f"l{k}_present")
+        for o in part.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    nodes.append(helper.make_node("Concat", columns, ["probabilities"], axis=1))
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "multilabel_head", [helper.make_tensor_value_info("features", f32, [None, dim])],
+        [helper.make_tensor_value_info("probabilities", f32, [None, len(columns)])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                   for d, v in opsets.items()])
+
+
+def _sklearn_graph(head: SklearnHead, dim: int, est=None):
+    """The fitted estimator (``head``'s, or ``est``, one label's of a one-vs-rest head) as
+    ONNX: ``features`` (N, dim) float32 -> ``probabilities``."""
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.neighbors import KNeighborsClassifier
 
-    est = head.estimator_
+    est = head.estimator_ if est is None else est
     inputs = [("features", FloatTensorType([None, dim]))]
     opset = {"": OPSET, "ai.onnx.ml": 3}
     try:
