@@ -259,3 +259,46 @@ def test_a_one_vs_rest_head_without_a_linear_form_exports_per_label(ml_run, tmp_
         for n in LABELS:
             assert float(r[f"prob_{n}"]) == pytest.approx(
                 float(saved[Path(r["path"]).name][f"prob_{n}"]), abs=1e-4)
+
+
+def test_a_mean_ensemble_of_multi_label_runs_is_a_multi_label_run(ml_run, tmp_path):
+    """medtl ensemble --method mean: per-label probabilities averaged, thresholds re-chosen on
+    validation; evaluate and predict take the ensemble like a run; other methods refused."""
+    from medtl.ensembles import ensemble
+    from medtl.evaluation.multilabel import label_thresholds
+
+    manifest, run = ml_run
+    other = medtl.train(manifest, strategy="feature-extractor", epochs=3,
+                        out=tmp_path / "fe", **FAST)
+    ens = ensemble([run.path, other.path], method="mean", out=tmp_path / "ens", quiet=True)
+    assert ens.config["task"] == "multilabel"
+    members = [{Path(r["path"]).name: r for r in m.predictions()} for m in (run, other)]
+    val_y, val_p = [], []
+    for r in ens.predictions():
+        name = Path(r["path"]).name
+        for n in LABELS:
+            mean = np.mean([float(m[name][f"prob_{n}"]) for m in members])
+            assert float(r[f"prob_{n}"]) == pytest.approx(mean, abs=1e-9)
+        if r["split"] == "val":
+            val_y.append([float(r[n]) if r[n] != "" else np.nan for n in LABELS])
+            val_p.append([float(r[f"prob_{n}"]) for n in LABELS])
+    chosen = label_thresholds(np.array(val_y), np.array(val_p), list(LABELS))
+    assert all(ens.metrics["thresholds"][n] == pytest.approx(chosen[n]) for n in LABELS)
+    assert medtl.evaluate(ens.path)["metrics"]["macro_auc"] == pytest.approx(
+        ens.metrics["test"]["macro_auc"])
+    image = str(Path(manifest).parent / Path(ens.predictions()[0]["path"]).name)
+    row = medtl.predict(ens.path, [image])[0]
+    assert float(row["prob_disc"]) == pytest.approx(float(ens.predictions()[0]["prob_disc"]),
+                                                    abs=1e-5)
+    with pytest.raises(MedtlError, match="--method mean"):
+        ensemble([run.path, other.path], method="stack", out=tmp_path / "stack", quiet=True)
+    from medtl.export.writer import export_run
+
+    with pytest.raises(MedtlError, match="multi-label ensemble is not exported"):
+        export_run(ens, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    # explain maps a label of the ensemble (the members' label maps, combined)
+    from medtl.workflow import explain
+
+    result = explain(ens.path, [image], out=tmp_path / "maps", target="bar", quiet=True)
+    assert [r["target"] for r in result["rows"]] == ["bar"]

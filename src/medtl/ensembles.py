@@ -54,7 +54,12 @@ def ensemble(runs: Sequence[str | Path], *, method: str = "mean", out: str | Pat
         raise MedtlError(f"--folds {folds}: cross-fitting takes 2 to 20 folds")
     members = [load_run(r) for r in runs]
     ref = _check_compatible(members)
-    keys, labels, probas = _aligned_rows(members, ref["classes"])
+    multilabel = ref.get("task") == "multilabel"
+    if multilabel and method != "mean":
+        raise MedtlError(f"--method {method}: a multi-label ensemble takes the mean of its "
+                         "members' per-label probabilities (--method mean); vote, weighted and "
+                         "stack combine one class per image")
+    keys, labels, probas = _aligned_rows(members, ref["classes"], multilabel)
     out = Path(out)
     with bundle.writing_run(out, overwrite=overwrite) as draft, \
             run_logging(draft.path, quiet):
@@ -67,11 +72,16 @@ def ensemble(runs: Sequence[str | Path], *, method: str = "mean", out: str | Pat
         (draft.path / bundle.MODEL_DIR).mkdir()
         write_json(draft.path / bundle.MODEL_DIR / comb.COMBINER,
                    {"format": 1, "method": method, "params": params})
-        metrics = _score(combined, labels, keys, ref)
         config = _config(ref, members, records, method, params, fit_info, out)
+        if multilabel:
+            metrics, rows = _score_multilabel(combined, labels, keys, ref)
+            _report_multilabel(draft.path, config, metrics, combined, labels, ref)
+        else:
+            metrics = _score(combined, labels, keys, ref)
+            rows = _rows(keys, labels, combined, ref["classes"])
+            _report(draft.path, config, metrics, combined, labels, ref)
         write_json(draft.path / bundle.METRICS, metrics)
-        write_csv(draft.path / bundle.PREDICTIONS, _rows(keys, labels, combined, ref["classes"]))
-        _report(draft.path, config, metrics, combined, labels, ref)
+        write_csv(draft.path / bundle.PREDICTIONS, rows)
         bundle.write_config(draft.path, config)
     log.info("ensemble run written to %s", out)
     return Run(out)
@@ -89,12 +99,10 @@ def _check_compatible(members: list[Run]) -> dict[str, Any]:
         if cfg["kind"] != "single":
             raise MedtlError(f"{m.path}: a {cfg['kind']} run has no validation and test "
                              "predictions to combine; members are runs of `medtl train`")
-        if cfg.get("task") == "multilabel":
-            raise MedtlError(f"{m.path}: a multi-label run; ensembles combine single-label "
-                             "runs for now")
     ref = configs[0]
     fp = (ref.get("data") or {}).get("fingerprint")
-    checks = (("classes", lambda c: list(c["classes"])),
+    checks = (("task", lambda c: c.get("task") or "single-label"),
+              ("classes", lambda c: list(c["classes"])),
               ("positive class", lambda c: c.get("positive_class")),
               ("data fingerprint", lambda c: (c.get("data") or {}).get("fingerprint")),
               ("view", lambda c: c.get("view") or {}))
@@ -119,10 +127,13 @@ def _row_key(row: dict[str, str]) -> tuple[str, ...]:
     return tuple(row.get(c, "") for c in ("split", *_ID_COLUMNS))
 
 
-def _aligned_rows(members: list[Run], classes: list[str]):
-    """Per split: the rows' identifying columns, labels (class indices) and each member's
-    probabilities (m, n, k), in the first member's order; refused when a member's rows name
-    other images, or the same image with another label."""
+def _aligned_rows(members: list[Run], classes: list[str], multilabel: bool = False):
+    """Per split: the rows' identifying columns, labels (class indices; multi-label: (n, K)
+    targets with NaN unknown) and each member's probabilities (m, n, k), in the first member's
+    order; refused when a member's rows name other images, or the same image with another
+    label."""
+    truth = ((lambda r: [r.get(c, "") for c in classes]) if multilabel
+             else (lambda r: r["label"]))
     keys: dict[str, list[dict[str, str]]] = {}
     labels: dict[str, np.ndarray] = {}
     probas: dict[str, np.ndarray] = {}
@@ -147,12 +158,15 @@ def _aligned_rows(members: list[Run], classes: list[str]):
         if not order:
             continue
         for m, table in zip(members, tables, strict=True):
-            if [table[k]["label"] for k in order] != [tables[0][k]["label"] for k in order]:
+            if [truth(table[k]) for k in order] != [truth(tables[0][k]) for k in order]:
                 raise MedtlError(f"{m.path}: its {split} labels differ from "
                                  f"{members[0].path}'s")
         keys[split] = [{c: tables[0][k].get(c, "") for c in ("split", *_ID_COLUMNS)
                         if c in tables[0][k]} for k in order]
-        labels[split] = np.array([_class_index(tables[0][k]["label"], classes) for k in order])
+        labels[split] = (np.array([[float(v) if v != "" else np.nan for v in truth(tables[0][k])]
+                                   for k in order], dtype=np.float64) if multilabel else
+                         np.array([_class_index(tables[0][k]["label"], classes)
+                                   for k in order]))
         probas[split] = np.stack([[[_number(table[k].get(f"prob_{c}", "")) for c in classes]
                                    for k in order] for table in tables])
     return keys, labels, probas
@@ -283,6 +297,52 @@ def _score(combined: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     return metrics
 
 
+def _score_multilabel(combined: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                      keys: dict[str, list[dict[str, str]]], ref: dict[str, Any]
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """metrics.json and predictions.csv rows of a multi-label ensemble: each label's threshold
+    chosen on validation (Youden), the figures of every split at those thresholds (as a
+    trained multi-label run's, medtl.workflow)."""
+    from medtl.evaluation.multilabel import label_thresholds, multilabel_summary
+    from medtl.run import multilabel_prediction_rows
+
+    classes = list(ref["classes"])
+    seed = int(ref.get("seed", 0))
+    ok = {s: np.isfinite(p).all(axis=1) for s, p in combined.items()}
+    thresholds = label_thresholds(labels["val"][ok["val"]], combined["val"][ok["val"]],
+                                  classes)
+    metrics: dict[str, Any] = {"positive_class": None, "thresholds": thresholds}
+    rows: list[dict[str, Any]] = []
+    for split in SPLITS:
+        if split not in combined:
+            continue
+        p, y, good = combined[split], labels[split], ok[split]
+        m = multilabel_summary(y[good], p[good], classes, thresholds, seed=seed)
+        metrics[split] = m
+        for k, row in zip(keys[split], multilabel_prediction_rows(
+                [r["path"] for r in keys[split]], y, p, classes, thresholds, split),
+                strict=True):
+            rows.append({**k, **{c: v for c, v in row.items() if c != "path"}})
+        log.info("%s: macro AUC %s, mAP %s (n=%d)", split,
+                 "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.3f}",
+                 "n/a" if m["map"] is None else f"{m['map']:.3f}", m["n"])
+    return metrics, rows
+
+
+def _report_multilabel(out: Path, config: dict[str, Any], metrics: dict[str, Any],
+                       combined: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                       ref: dict[str, Any]) -> None:
+    """report.html of a multi-label ensemble (figures only); a failure costs the report."""
+    from medtl.reporting.html import multilabel_run_figures, write_run_report
+
+    try:
+        figures = multilabel_run_figures(classes=list(ref["classes"]), metrics=metrics,
+                                         splits={s: (labels[s], combined[s]) for s in combined})
+        write_run_report(out, config, metrics, figures=figures)
+    except Exception as exc:  # noqa: BLE001 - metrics, predictions and members are on disk
+        log.warning("no report.html for this ensemble: %s: %s", type(exc).__name__, exc)
+
+
 def _rows(keys: dict[str, list[dict[str, str]]], labels: dict[str, np.ndarray],
           combined: dict[str, np.ndarray], classes: list[str]) -> list[dict[str, Any]]:
     """predictions.csv: the members' identifying columns, label, the ensemble's probabilities
@@ -308,8 +368,9 @@ def _config(ref: dict[str, Any], members: list[Run], records: list[dict[str, Any
         "kind": "ensemble", "backbone": "ensemble", "strategy": "ensemble", "head": method,
         "method": method, "combiner": params, "fit": fit_info,
         "weights": {"kind": "ensemble", "source": f"{bundle.MEMBERS}/"},
-        "seed": ref.get("seed", 0), "classes": ref["classes"],
-        "positive_class": ref.get("positive_class"),
+        "seed": ref.get("seed", 0),
+        **({"task": "multilabel"} if ref.get("task") == "multilabel" else {}),
+        "classes": ref["classes"], "positive_class": ref.get("positive_class"),
         "target_sensitivity": ref.get("target_sensitivity"),
         "view": ref.get("view") or {}, "data": _data_record(ref, members[0], out),
         "members": records, "medtl_version": medtl.__version__,

@@ -96,6 +96,10 @@ def export_run(run: Run, out: str | Path, *, format: str = "onnx",
     """
     if format not in FORMATS:
         raise MedtlError(f"export format {format!r} is not one of {', '.join(FORMATS)}")
+    if run.kind == "ensemble" and run.config.get("task") == "multilabel":
+        raise MedtlError(f"{run.path}: a multi-label ensemble is not exported (or served) as "
+                         "one bundle yet; export or serve a member (members/NAME), or predict "
+                         "and evaluate with the ensemble run itself")
     if run.kind == "ensemble" and format != "onnx":
         raise MedtlError(f"{run.path}: an ensemble is exported with --format onnx only (each "
                          "member becomes a model.onnx of its own, combined without PyTorch)")

@@ -230,6 +230,11 @@ class EnsembleModel:
             [o.record() for o in oods])
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the members (and so the mean of their probabilities) are multi-label."""
+        return bool(getattr(self.members[0].model_, "multilabel", False))
+
+    @property
     def tta(self) -> str:
         """The members' test-time augmentation: each applies the one it recorded."""
         own = {getattr(m.model_, "tta", "none") for m in self.members}
