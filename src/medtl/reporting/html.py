@@ -221,16 +221,7 @@ def render_run_report(config: Mapping[str, Any], metrics: Mapping[str, Any], *,
              _config_html(config),
              _positive_html(config),
              _metrics_html(metrics, splits, classes)]
-    if figures:
-        parts.append(_figures_html(figures))
-    if errors is not None:
-        parts.append(_errors_html(errors, splits[-1] if splits else "test"))
-    if explanations is not None:
-        parts.append(_gallery_html(explanations, splits[-1] if splits else "test"))
-    parts.append(_cost_html(metrics))
-    parts.append(f"<p class=note>medtl {_e(config.get('medtl_version'))}, "
-                 f"{_e(config.get('created', ''))}</p>")
-    return _page(f"medtl run: {config.get('backbone', '')}", "".join(parts))
+    return _run_page(parts, config, metrics, splits, figures, errors, explanations)
 
 
 def _positive_html(config: Mapping[str, Any]) -> str:
@@ -552,6 +543,13 @@ def render_multilabel_report(config: Mapping[str, Any], metrics: Mapping[str, An
              _multilabel_data_html(config.get("data", {}), classes),
              _config_html(config),
              _multilabel_metrics_html(metrics, splits)]
+    return _run_page(parts, config, metrics, splits, figures, errors, explanations)
+
+
+def _run_page(parts: list[str], config: Mapping[str, Any], metrics: Mapping[str, Any],
+              splits: Sequence[str], figures, errors, explanations) -> str:
+    """A run report's page: ``parts`` (heading, summary, data, metrics), then the figures,
+    errors, explanation gallery and cost every report shares."""
     if figures:
         parts.append(_figures_html(figures))
     if errors is not None:

@@ -926,11 +926,10 @@ def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor
               batch_size: int, device: torch.device, *, multilabel: bool = False,
               ) -> tuple[np.ndarray, float | None]:
     """Probabilities (softmax; multi-label: sigmoids) and the mean validation loss: plain
-    cross-entropy, or multi-label the unweighted binary cross-entropy over known entries."""
+    cross-entropy per image, or multi-label the unweighted binary cross-entropy per known
+    entry."""
     model.eval()
-    if multilabel:
-        return _evaluate_multilabel(model, inputs, x, y, batch_size, device)
-    probas, loss_sum = [], 0.0
+    probas, loss_sum, counted = [], 0.0, 0
     for idx, images in load_batches(x, index_batches(len(x), batch_size)):
         xb = inputs.eval_batch(images, device)
         with _autocast(device):
@@ -938,28 +937,18 @@ def _evaluate(model: nn.Module, inputs: Inputs, x: torch.Tensor, y: torch.Tensor
         logits = logits.float()
         if y is not None:
             yb = y[idx].to(device)
-            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        probas.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-    proba = np.concatenate(probas)
-    return proba, (loss_sum / len(x) if y is not None else None)
-
-
-def _evaluate_multilabel(model: nn.Module, inputs: Inputs, x: torch.Tensor,
-                         y: torch.Tensor | None, batch_size: int, device: torch.device,
-                         ) -> tuple[np.ndarray, float | None]:
-    probas, loss_sum, known = [], 0.0, 0
-    for idx, images in load_batches(x, index_batches(len(x), batch_size)):
-        xb = inputs.eval_batch(images, device)
-        with _autocast(device):
-            logits = model(xb)
-        logits = logits.float()
-        if y is not None:
-            total, count = masked_bce_parts(logits, y[idx].to(device))
+            if multilabel:
+                total, count = masked_bce_parts(logits, yb)
+            else:
+                total = nn.functional.cross_entropy(logits, yb, reduction="sum")
+                count = len(idx)
             loss_sum += float(total)
-            known += int(count)
-        probas.append(torch.sigmoid(logits.double()).cpu().numpy())
+            counted += int(count)
+        p = torch.sigmoid(logits.double()) if multilabel else torch.softmax(logits.double(),
+                                                                               dim=1)
+        probas.append(p.cpu().numpy())
     proba = np.concatenate(probas)
-    return proba, (loss_sum / max(known, 1) if y is not None else None)
+    return proba, (loss_sum / max(counted, 1) if y is not None else None)
 
 
 def _global_mean(criterion: nn.Module, group) -> Callable:
